@@ -1,0 +1,195 @@
+"""Forward+backward time of cadk's gated layers against masked-dense and compact-dense baselines.
+
+For each layer and keep ratio (kept fraction of input AND output channels, as between two pruned
+layers) it times, in one run and round-robin so drift hits all variants alike:
+  gated[<backend>]  the cadk op (ReLU + gate sampled from theta) on each backend for the device;
+  masked            the full-size dense op, then a 0/1 output-channel mask (what pruning by masks,
+                    e.g. torch.nn.utils.prune, costs);
+  floor             the plain dense op on the compacted shapes (small weights, no gate): the floor.
+and prints medians with the ratios gated/floor and gated/masked.
+
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--small] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cadk.kernels as kernels
+
+KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
+BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def layer_specs(small: bool) -> dict:
+    if small:
+        return {"linear": dict(batch=128, c_in=256, c_out=256),
+                "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16)}
+    return {"linear": dict(batch=512, c_in=1024, c_out=1024),
+            "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32)}
+
+
+def alive_subset(full: int, keep: float, gen: torch.Generator) -> torch.Tensor:
+    count = max(1, round(keep * full))
+    return torch.randperm(full, generator=gen)[:count].sort().values
+
+
+class Layer:
+    """Tensors of one (layer, keep) point and a forward+backward closure per variant."""
+
+    def __init__(self, kind: str, spec: dict, keep: float, device, dtype, fmt, gen):
+        self.kind, self.fmt = kind, fmt
+        c_in, c_out, n = spec["c_in"], spec["c_out"], spec["batch"]
+        self.alive_in = alive_subset(c_in, keep, gen).to(device)
+        self.alive_out = alive_subset(c_out, keep, gen).to(device)
+        spatial = (spec["hw"], spec["hw"]) if kind.startswith("conv") else ()
+        taps = (3, 3) if spatial else ()
+        opts = dict(device=device, dtype=dtype)
+        self.weight = torch.randn(c_out, c_in, *taps, **opts) * (c_in * (9 if taps else 1)) ** -0.5
+        self.bias = torch.randn(c_out, **opts) * 0.1
+        self.theta = torch.full((c_out,), 0.5, device=device)
+        self.seed = torch.tensor(12345, dtype=torch.int64)
+        self.x_full = self._format(torch.randn(n, c_in, *spatial, **opts))
+        self.mask_out = torch.zeros(c_out, **opts)
+        self.mask_out[self.alive_out] = 1
+        self.x_full[:, torch.ones(c_in, dtype=torch.bool, device=device).index_fill_(0, self.alive_in, False)] = 0
+        self.x = self._format(self.x_full.index_select(1, self.alive_in))
+        self.w_compact = self._format(self.weight[self.alive_out][:, self.alive_in].contiguous())
+        self.b_compact = self.bias[self.alive_out].contiguous()
+        self.weight = self._format(self.weight)
+        out_spatial = spatial  # stride 1, padding 1
+        self.grad_y = self._format(torch.randn(n, len(self.alive_out), *out_spatial, **opts))
+        self.grad_full = self._format(torch.randn(n, c_out, *out_spatial, **opts))
+
+    def _format(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=self.fmt) if t.dim() == 4 else t
+
+    def _dense(self, x, w, b):
+        return F.conv2d(x, w, b, padding=1) if self.kind.startswith("conv") else F.linear(x, w, b)
+
+    def gated(self, backend: str):
+        module = backend_module(backend)
+        leaves = [self.x, self.weight, self.bias, self.theta]
+
+        def step():
+            x, w, b, th = leaves
+            if self.kind.startswith("conv"):
+                y = module.gated_conv2d(x, w, b, th, self.alive_in, self.alive_out, self.seed, (1, 1), (1, 1),
+                                        (1, 1), "relu", True)
+            else:
+                y = module.gated_linear(x, w, b, th, self.alive_in, self.alive_out, self.seed, "relu", True)
+            y.backward(self.grad_y)
+        return _with_leaves(leaves, step)
+
+    def masked(self):
+        leaves = [self.x_full, self.weight, self.bias]
+        shape = (1, -1) + (1,) * (self.x_full.dim() - 2)
+
+        def step():
+            y = F.relu(self._dense(*leaves)) * self.mask_out.view(shape)
+            y.backward(self.grad_full)
+        return _with_leaves(leaves, step)
+
+    def floor(self):
+        leaves = [self.x, self.w_compact, self.b_compact]
+
+        def step():
+            F.relu(self._dense(*leaves)).backward(self.grad_y)
+        return _with_leaves(leaves, step)
+
+
+def _with_leaves(tensors, step):
+    """Make `tensors` fresh leaves in place and return a step that clears their grads first."""
+    for i, t in enumerate(tensors):
+        tensors[i] = t.detach().requires_grad_(True)
+
+    def run():
+        for t in tensors:
+            t.grad = None
+        step()
+    return run
+
+
+def time_round_robin(steps: dict, device, warmup: int, repeats: int) -> dict:
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def backend_module(name: str):
+    return importlib.import_module("cadk.kernels." + (name if name == "reference" else f"{name}_backend"))
+
+
+def backends_for(device: str) -> list[str]:
+    dev = torch.device(device)
+    registered = kernels.available_backends()
+    return [name for name in BACKENDS[dev.type]
+            if name in registered and getattr(backend_module(name), "supports", lambda d: True)(dev)]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--small", action="store_true", help="small shapes for a quick run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
+                   help="layout of conv activations and weights")
+    p.add_argument("--layers", default="linear,conv3x3")
+    p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    p.add_argument("--backends", default=None, help="comma list (default: all available for the device)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="default 15 (7 for conv on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json", default=None, help="write the results to this path")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    backends = args.backends.split(",") if args.backends else backends_for(args.device)
+    specs = layer_specs(args.small)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"format={args.memory_format} backends={backends}")
+    print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
+    for kind in args.layers.split(","):
+        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and not args.small else 15)
+        for keep in map(float, args.keeps.split(",")):
+            layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
+            steps = {f"gated[{b}]": layer.gated(b) for b in backends}
+            steps.update(masked=layer.masked(), floor=layer.floor())
+            ms = time_round_robin(steps, args.device, args.warmup, repeats)
+            for name, t in ms.items():
+                gated = name.startswith("gated")
+                row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
+                           threads=torch.get_num_threads(), shape=specs[kind],
+                           vs_floor=t / ms["floor"] if gated else None,
+                           vs_masked=t / ms["masked"] if gated else None)
+                results.append(row)
+                ratios = f"{row['vs_floor']:7.2f} {row['vs_masked']:8.2f}" if gated else ""
+                print(f"{kind:8} {keep:5.2f} {name:16} {t:9.3f} {ratios}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine (torch with CUDA and triton installed, no network needed):
+# builds cadk's extension in place, prints the environment, runs the test suite (whose kernel tests
+# then cover the CUDA and Triton backends) and the kernel benchmarks on CUDA and, for comparison,
+# CPU.
+#
+#   benchmarks/gpu_check.sh                 # logs and JSON under ${OUT:-/tmp/cadk_gpu}
+#
+# Every step runs even if an earlier one failed; the exit status is non-zero if any step failed.
+# The steps share a time budget (BUDGET_S, default 540 s) so the whole run stays under 10 minutes;
+# a step that would exceed it is cut off and counted as failed. Env: PYTHON (python3),
+# MAX_JOBS (parallel compile jobs, default: all cores), TORCH_CUDA_ARCH_LIST (default: this GPU's).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/cadk_gpu}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-540}"
+START=$(date +%s)
+FAILED=()
+SUMMARY=()
+
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log (tail echoed).
+step() {
+  local name="$1" cap="$2" left t0 rc
+  shift 2
+  left=$(( BUDGET_S - ($(date +%s) - START) ))
+  (( cap > left )) && cap=$left
+  if (( cap <= 0 )); then
+    echo "=== $name: skipped, time budget spent"
+    FAILED+=("$name"); SUMMARY+=("SKIP  $name (budget spent)")
+    return
+  fi
+  echo "=== $name (limit ${cap}s): $*"
+  t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$cap" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$OUT/$name.log"
+  if (( rc == 0 )); then
+    SUMMARY+=("OK    $name ($(( $(date +%s) - t0 ))s)")
+  else
+    (( rc == 124 )) && echo "--- $name: cut off after ${cap}s"
+    FAILED+=("$name"); SUMMARY+=("FAIL  $name (exit $rc, $(( $(date +%s) - t0 ))s, log $OUT/$name.log)")
+  fi
+}
+
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # compile for this GPU only: a much shorter build
+  TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null) &&
+    export TORCH_CUDA_ARCH_LIST
+fi
+
+step env 30 bash -c 'nvidia-smi; "$0" -c "import torch, triton
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
+print(\"gpu\", torch.cuda.get_device_name())"' "$PYTHON"
+# Editable install without network; an in-place build_ext if pip cannot do it.
+step build 300 bash -c '"$0" -m pip install --no-deps --no-build-isolation --no-index -e . ||
+  { echo "pip install -e . failed; trying setup.py build_ext --inplace"; "$0" setup.py build_ext --inplace; }' "$PYTHON"
+step info 60 "$PYTHON" -m cadk info
+step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/
+step bench_cuda 150 "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_kernels_cuda.json"
+step bench_cpu 90 "$PYTHON" benchmarks/bench_kernels.py --device cpu --json "$OUT/bench_kernels_cpu.json"
+
+echo "=== summary ($(( $(date +%s) - START ))s, logs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+if (( ${#FAILED[@]} > 0 )); then
+  echo "failed: ${FAILED[*]}"
+  exit 1
+fi

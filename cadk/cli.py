@@ -1,0 +1,86 @@
+"""Command line: `cadk train ...` (the main job) and `cadk info`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, kernels
+
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "not installed"
+    print(f"cadk {__version__} | python {platform.python_version()} | torch {torch.__version__} | triton {triton_v}")
+    print(f"CUDA available: {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    print(f"backends registered: {', '.join(kernels.available_backends())}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for d in devices:
+        print(f"  {d.type}: active backend {kernels.backend_for(d)}")
+    return 0
+
+
+def _train_parser(sub) -> None:
+    from .training import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train + prune + compact a gated model on real data, with a report")
+    p.add_argument("--model", default=d.model, help="resnet20/32/44/56/110, resnet18/34/50, vgg11/16, mlp")
+    p.add_argument("--data", default=d.data, choices=["fashion-mnist", "cifar10", "cifar100"])
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lam", type=float, default=d.lam, help="accuracy vs complexity (initial value with a target)")
+    p.add_argument("--target-flops", type=float, default=None, help="FLOPs budget as a fraction of dense; adapts lam")
+    p.add_argument("--target-params", type=float, default=None, help="params budget as a fraction of dense")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="layer vs unit pruning (scales layer gates' price)")
+    p.add_argument("--beta", type=float, default=d.beta, help="FLOPs (1) vs parameters (0) in the cost")
+    p.add_argument("--lam-lr", type=float, default=d.lam_lr, help="dual-ascent step for lam in target mode")
+    p.add_argument("--theta-optimizer", choices=["sgd", "adam"], default=d.theta_optimizer)
+    p.add_argument("--theta-lr", type=float, default=d.theta_lr)
+    p.add_argument("--prune-eps", type=float, default=d.prune_eps)
+    p.add_argument("--patience", type=int, default=d.patience, help="steps at theta=0 before pruning")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--prune-every", type=int, default=d.prune_every)
+    p.add_argument("--dense", action="store_true", help="train the same architecture without gates")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cadk", description="complexity-aware training for PyTorch")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions and active kernel backends")
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return _info()
+    from .data import DatasetError
+    from .training import CheckpointError, TrainConfig, train
+
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and v is not None})
+    if args.out_dir is None:
+        cfg.out_dir = f"runs/{cfg.model}-{cfg.data}-{'dense' if cfg.dense else 'cadk'}-s{cfg.seed}"
+    try:
+        train(cfg)
+    except (DatasetError, CheckpointError, ValueError) as e:
+        print(f"cadk: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

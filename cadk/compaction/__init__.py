@@ -1,0 +1,79 @@
+"""Compaction: a trained gated network becomes a plain PyTorch network (Conv2d, Linear, BatchNorm2d, ...)
+with pruned units, filters and blocks physically removed and the surviving theta folded into weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..nn import GatedLayer, UnitGate
+from ..utils import atomic_write
+
+
+def compact_module(module: nn.Module) -> nn.Module:
+    """The plain equivalent of `module`: its own compact() if it has one, else a copy with children compacted."""
+    if hasattr(module, "compact"):
+        return module.compact()
+    if isinstance(module, UnitGate):
+        raise TypeError("a UnitGate cannot be compacted on its own; compact the model that uses it")
+    out = copy.copy(module)
+    out._modules = {name: compact_module(child) for name, child in module._modules.items()}
+    return out
+
+
+@torch.no_grad()
+def compact(model: nn.Module) -> nn.Module:
+    """Return a plain, smaller model whose eval outputs equal `model.eval()`'s.
+
+    Raises a clear error if the model holds gated layers that no enclosing module knows how to compact."""
+    was_training = model.training
+    model.eval()
+    try:
+        plain = compact_module(model).eval()
+    finally:
+        model.train(was_training)
+    leftovers = [n for n, m in plain.named_modules() if isinstance(m, (GatedLayer, UnitGate))]
+    if leftovers:
+        raise TypeError(f"compaction left gated modules at {leftovers[:5]}: their parent has no compact(); "
+                        "build the model from cadk.nn blocks or give the parent a compact() method")
+    return plain
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flop_count(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward on `example` as torch.utils.flop_counter counts them (2 per multiply-add)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()
+
+
+def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> dict[str, str]:
+    """Write the compacted model three ways:
+    - `.pt2`: torch.export program (`torch.export.load(p).module()`), loads without cadk;
+    - `.ts`: TorchScript (`torch.jit.load(p)`), loads without cadk;
+    - `.pt`: standard checkpoint {"model": module, "state_dict": ...}; unpickling the module of a residual
+      net needs cadk importable (for cadk.nn.Residual), its state_dict does not."""
+    model = model.eval()
+    paths = {"checkpoint": f"{path_prefix}.pt", "torchscript": f"{path_prefix}.ts", "exported": f"{path_prefix}.pt2"}
+    example = torch.cat([example[:1]] * 2)  # batch 2: a batch of 1 would be specialised as a constant
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        scripted = torch.jit.trace(model, example, check_trace=False)
+    atomic_write(paths["exported"], lambda f: torch.export.save(exported, f))
+    atomic_write(paths["torchscript"], lambda f: torch.jit.save(scripted, f))
+    atomic_write(paths["checkpoint"], lambda f: torch.save({"model": model, "state_dict": model.state_dict()}, f))
+    return paths
+
+
+__all__ = ["compact", "compact_module", "param_count", "flop_count", "save_compact"]

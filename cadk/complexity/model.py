@@ -1,0 +1,146 @@
+"""Expected FLOPs and parameters as closed-form, differentiable polynomials in every theta.
+
+Shapes are recorded on one example forward. With independent gates, a conv/linear layer with
+expected n_in live inputs and n_out live outputs inside a block with layer gate theta_B costs
+
+    FLOPs  = 2 * k_h * k_w * H_out * W_out * n_in * n_out * theta_B      (2 per multiply-add, as
+                                                                       torch.utils.flop_counter counts)
+    Params = (k_h * k_w * n_in * n_out + [bias] n_out + [BN] 2 n_out) * theta_B
+
+with n = sum of theta over alive units of the gate (or the fixed width for ungated sides). At theta in
+{0, 1} this is exactly the count of the compacted network; for fractional theta it is the mean over
+structures sampled from the gates (the polynomial is multilinear: no gate multiplies itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn import GatedConv2d, GatedLayer, GatedLinear, UnitGate
+
+
+@dataclass
+class LayerTerm:
+    name: str
+    layer: GatedLayer
+    macs_per_pair: int        # multiply-adds per (input channel, output channel) pair for one example
+    weights_per_pair: int     # k_h * k_w (1 for Linear)
+    extra_per_out: int        # bias + BN affine parameters per output channel
+
+    def _n(self, gate: UnitGate | None, full: int, theta: dict | None):
+        if gate is None:
+            return full
+        if theta is None:
+            return gate.expected_alive().double()
+        return (theta[gate] * gate.alive_mask).sum().double()
+
+    def expected(self, theta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[FLOPs], E[params]); `theta` optionally maps gates to substitute theta vectors."""
+        n_in = self._n(self.layer.in_gate, self.layer.in_units, theta)
+        n_out = self._n(self.layer.out_gate, self.layer.out_units, theta)
+        block = 1.0 if self.layer.block_gate is None else self._n(self.layer.block_gate, 1, theta)
+        flops = 2 * self.macs_per_pair * n_in * n_out * block
+        params = (self.weights_per_pair * n_in * n_out + self.extra_per_out * n_out) * block
+        return torch.as_tensor(flops, dtype=torch.float64), torch.as_tensor(params, dtype=torch.float64)
+
+    def dense_params(self) -> int:
+        return self.weights_per_pair * self.layer.in_units * self.layer.out_units + self.extra_per_out * self.layer.out_units
+
+
+class ComplexityModel:
+    """Records every gated layer's output size on one example, then evaluates E[FLOPs] and E[params]."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.model = model
+        self.terms = _record_terms(model, example)
+        if not self.terms:
+            raise ValueError("ComplexityModel found no cadk gated layers in the model")
+        # Parameters outside gated layers (and not thetas) are a constant the compacted model keeps.
+        gate_params = sum(g.theta.numel() for g in model.modules() if isinstance(g, UnitGate))
+        self.fixed_params = (sum(p.numel() for p in model.parameters()) - gate_params
+                             - sum(t.dense_params() for t in self.terms))
+        with torch.no_grad():
+            dense = {g: torch.ones_like(g.theta) for g in self.gates()}
+            saved = {g: g.alive_mask.clone() for g in dense}
+            for g in dense:
+                g.alive_mask.fill_(True)
+            self.dense_flops, self.dense_params = (float(v) for v in self.expected(dense))
+            for g, m in saved.items():
+                g.alive_mask.copy_(m)
+
+    def gates(self) -> list[UnitGate]:
+        seen = {}
+        for t in self.terms:
+            for g in (t.layer.in_gate, t.layer.out_gate, t.layer.block_gate):
+                if g is not None:
+                    seen[id(g)] = g
+        return list(seen.values())
+
+    def expected(self, theta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        flops = torch.zeros((), dtype=torch.float64)
+        params = torch.zeros((), dtype=torch.float64)
+        for t in self.terms:
+            f, p = t.expected(theta)
+            flops = flops + f
+            params = params + p
+        return flops, params + self.fixed_params
+
+    def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[FLOPs] / dense FLOPs and E[params] / dense params (differentiable in theta)."""
+        flops, params = self.expected()
+        return flops / self.dense_flops, params / self.dense_params
+
+    def per_layer(self) -> list[dict]:
+        """Alive/total width of every gated layer's output, for logs and plots."""
+        rows = []
+        for t in self.terms:
+            g = t.layer.out_gate
+            if g is None:
+                continue
+            blk = t.layer.block_gate
+            alive = 0 if (blk is not None and blk.is_pruned) else g.num_alive
+            rows.append({"layer": t.name, "alive": alive, "total": g.num_units})
+        return rows
+
+
+def _record_terms(model: nn.Module, example: torch.Tensor) -> list[LayerTerm]:
+    out_sizes: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, GatedLayer):
+            hooks.append(m.register_forward_hook(_size_hook(name, out_sizes)))
+    was_training = model.training
+    saved = {g: g.alive_mask.clone() for g in model.modules() if isinstance(g, UnitGate)}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for g in saved:  # record on the full network: pruned blocks still have shapes
+                g.alive_mask.fill_(True)
+                g.refresh()
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for g, m in saved.items():
+                g.alive_mask.copy_(m)
+                g.refresh()
+        model.train(was_training)
+    terms = []
+    for name, m in model.named_modules():
+        if not isinstance(m, GatedLayer):
+            continue
+        if name not in out_sizes:
+            raise RuntimeError(f"gated layer {name} did not run on the example input; cadk cannot count its cost")
+        k = m.weight[0, 0].numel()
+        extra = (m.bias is not None) + (2 if getattr(m, "bn", None) is not None else 0)
+        terms.append(LayerTerm(name, m, k * out_sizes[name], k, extra))
+    return terms
+
+
+def _size_hook(name, out_sizes):
+    def hook(module, inputs, output):
+        out_sizes[name] = output[0, 0].numel()  # positions per output channel (1 for Linear)
+    return hook

@@ -1,0 +1,171 @@
+"""Datasets read from their standard on-disk formats into memory (uint8 images, int64 labels).
+
+- fashion-mnist: IDX files (optionally .gz), by default from the Debian package dataset-fashion-mnist.
+- cifar10 / cifar100: the "python version" pickle batches (data_batch_1..5 + test_batch; train + test).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HELP = ("install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu, "
+                      f"puts the IDX files in {FASHION_MNIST_DIR}) or pass --data-dir with train-images-idx3-ubyte"
+                      "[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]")
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing or malformed; the message says how to fix it."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+
+# ---- IDX (MNIST family) -------------------------------------------------------------------------------
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (gzip or raw): magic 0x0000 <dtype 0x08=uint8> <ndim>, big-endian dims, data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"cannot read IDX file {path}: {e}; the file is missing or corrupt") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetError(f"{path} is not a uint8 IDX file (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def _find(folder: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    raise DatasetError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}: {FASHION_MNIST_HELP}")
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
+    folder = data_dir or FASHION_MNIST_DIR
+    if not os.path.isdir(folder):
+        raise DatasetError(f"Fashion-MNIST folder {folder} does not exist: {FASHION_MNIST_HELP}")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+        y = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DatasetError(f"Fashion-MNIST {split} files disagree: images {x.shape}, labels {y.shape}")
+        parts[split] = (torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+    return Dataset("fashion-mnist", *parts["train"], *parts["test"], 10, (0.2860,), (0.3530,))
+
+
+# ---- CIFAR python pickles -------------------------------------------------------------------------------
+def _unpickle(path: str) -> dict:
+    if not os.path.exists(path):
+        raise DatasetError(f"CIFAR batch {path} not found: download the CIFAR 'python version' archive, "
+                           "extract it, and pass its folder with --data-dir")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # pickle raises many types on corrupt input
+        raise DatasetError(f"CIFAR batch {path} is corrupt or not a CIFAR pickle: {e}") from e
+
+
+def _cifar_part(paths: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for p in paths:
+        d = _unpickle(p)
+        if b"data" not in d or label_key not in d:
+            raise DatasetError(f"{p} lacks the keys b'data' and {label_key!r}: not a CIFAR batch of this kind")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(d[label_key]) != len(data):
+            raise DatasetError(f"{p}: expected data [N, 3072] and N labels, got {data.shape}")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _cifar_folder(data_dir: str | None, sub: str) -> str:
+    if data_dir is None:
+        raise DatasetError("CIFAR cannot be downloaded here: pass --data-dir pointing at the extracted "
+                           f"'python version' folder ({sub})")
+    nested = os.path.join(data_dir, sub)
+    return nested if os.path.isdir(nested) else data_dir
+
+
+def load_cifar10(data_dir: str | None) -> Dataset:
+    folder = _cifar_folder(data_dir, "cifar-10-batches-py")
+    train = _cifar_part([os.path.join(folder, f"data_batch_{i}") for i in range(1, 6)], b"labels")
+    test = _cifar_part([os.path.join(folder, "test_batch")], b"labels")
+    return Dataset("cifar10", *train, *test, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def load_cifar100(data_dir: str | None) -> Dataset:
+    folder = _cifar_folder(data_dir, "cifar-100-python")
+    train = _cifar_part([os.path.join(folder, "train")], b"fine_labels")
+    test = _cifar_part([os.path.join(folder, "test")], b"fine_labels")
+    return Dataset("cifar100", *train, *test, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "cifar100": load_cifar100}
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    if name not in LOADERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)}")
+    return LOADERS[name](data_dir)
+
+
+# ---- batching -----------------------------------------------------------------------------------------
+def normalize(x: torch.Tensor, ds: Dataset) -> torch.Tensor:
+    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per example, on a uint8 batch."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]
+    out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # [n, h, w, c]
+    return out.permute(0, 3, 1, 2)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+    idx = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        j = idx[i:i + batch_size]
+        yield x[j], y[j]

@@ -1,0 +1,90 @@
+"""cadk's ops and their one dispatch point.
+
+Layers call the functions below; `backend_for(device)` picks the implementation per device:
+"reference" (pure PyTorch, always available), "cpp" (C++ CPU extension), "cuda", "triton".
+`CADK_BACKEND=<name>` forces one (tests use this); `auto` (default) takes the fastest backend that
+is available for the device.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+_BACKENDS = {"reference": reference}
+OP_NAMES = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
+
+
+def register_backend(name: str, module) -> None:
+    """Make `module` (which defines the functions in OP_NAMES) selectable as backend `name`."""
+    missing = [op for op in OP_NAMES if not hasattr(module, op)]
+    if missing:
+        raise TypeError(f"cadk backend {name!r} lacks ops {missing}")
+    _BACKENDS[name] = module
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def _auto(device: torch.device) -> str:
+    order = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    for name in order:
+        mod = _BACKENDS.get(name)
+        if mod is not None and getattr(mod, "supports", lambda d: True)(device):
+            return name
+    return "reference"
+
+
+def backend_for(device: torch.device) -> str:
+    forced = os.environ.get("CADK_BACKEND", "auto")
+    if forced == "auto":
+        return _auto(device)
+    if forced not in _BACKENDS:
+        raise RuntimeError(
+            f"CADK_BACKEND={forced!r} is not available here (available: {available_backends()}); "
+            "build the extension with `pip install -e .` or unset CADK_BACKEND")
+    return forced
+
+
+def _impl(op: str, device: torch.device):
+    return getattr(_BACKENDS[backend_for(device)], op)
+
+
+def gate_apply(pre, theta, alive, seed, training: bool):
+    return _impl("gate_apply", pre.device)(pre, theta, alive, seed, training)
+
+
+def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation="none", training=True):
+    return _impl("gated_linear", x.device)(x, weight, bias, theta, alive_in, alive_out, seed,
+                                           activation, training)
+
+
+def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1), activation="none", training=True):
+    return _impl("gated_conv2d", x.device)(x, weight, bias, theta, alive_in, alive_out, seed, stride,
+                                           padding, dilation, activation, training)
+
+
+def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum=0.1, eps=1e-5,
+                activation="relu", training=True):
+    return _impl("bn_gate_act", x.device)(x, weight, bias, running_mean, running_var, theta, alive, seed,
+                                          momentum, eps, activation, training)
+
+
+def _load_optional_backends() -> None:
+    """Register the compiled and Triton backends that import here; the reference always stays."""
+    import importlib
+
+    for name, module in (("cpp", "cpp_backend"), ("cuda", "cuda_backend"), ("triton", "triton_backend")):
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ImportError:
+            continue
+        if getattr(mod, "AVAILABLE", False):
+            register_backend(name, mod)
+
+
+_load_optional_backends()

@@ -1,0 +1,303 @@
+"""Compiled backend: cadk's ops as torch.ops.cadk.* from the extension cadk._C.
+
+Importing cadk._C registers the op schemas (csrc/cadk_ops.cpp) and their CPU (csrc/cpu) and, in CUDA
+builds, CUDA (csrc/cuda) kernels. This module adds what PyTorch needs around them: fake kernels
+(shapes, dtypes and memory formats for torch.compile and meta tensors) and autograd formulas whose
+backward is itself an op, so forward and backward both compile without graph breaks. The four
+functions below have the signatures of reference.py; cuda_backend.py re-exports them for CUDA.
+
+Output conventions shared by every kernel of these ops (the fake kernels below state them):
+- forward ops return `pre` (the pre-gate, post-activation output) only when theta is given; without
+  a gate `pre` equals `y`, so the op returns an empty tensor and autograd saves `y` in its place;
+- activations keep the input's memory format: channels-last in, channels-last out (for conv: when x
+  or the weight is channels-last); parameter gradients have the parameter's memory format;
+- gradients of absent optional inputs (bias, theta) are empty tensors of x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import check_activation
+
+try:
+    from cadk import _C  # noqa: F401  (loading the library registers torch.ops.cadk.*)
+
+    AVAILABLE = True
+except (ImportError, OSError):  # not built (pure-Python install) or built against another torch
+    AVAILABLE = False
+
+_OPS = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """Whether the extension registered kernels for `dispatch_key` ("CPU", "CUDA")."""
+    return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated_linear_fwd", dispatch_key)
+
+
+def supports(device) -> bool:
+    return torch.device(device).type == "cpu" and has_kernel("CPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops with the reference signatures
+
+
+def _seed(seed) -> torch.Tensor:
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+
+
+def gate_apply(pre, theta, alive, seed, training: bool):
+    return torch.ops.cadk.gate_apply_fwd(pre, theta, alive, _seed(seed), training)
+
+
+def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
+                 training: bool = True):
+    check_activation(activation)
+    y, _ = torch.ops.cadk.gated_linear_fwd(x, weight, bias, theta, alive_in, alive_out, _seed(seed),
+                                           activation, training)
+    return y
+
+
+def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1), activation: str = "none", training: bool = True):
+    check_activation(activation)
+    y, _ = torch.ops.cadk.gated_conv2d_fwd(x, weight, bias, theta, alive_in, alive_out, _seed(seed),
+                                           _pair(stride), _pair(padding), _pair(dilation), activation, training)
+    return y
+
+
+def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum: float = 0.1,
+                eps: float = 1e-5, activation: str = "relu", training: bool = True):
+    """BatchNorm over the alive channels, act, gate; updates the running statistics at the alive
+    entries in training, as nn.BatchNorm2d does (the op itself is functional)."""
+    check_activation(activation)
+    units = running_mean.shape[0]
+    if weight is None:
+        weight = torch.ones(units, dtype=running_mean.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(units, dtype=running_mean.dtype, device=x.device)
+    y, _, mean, var = torch.ops.cadk.bn_gate_act_fwd(x, weight, bias, running_mean, running_var, theta, alive,
+                                                     _seed(seed), eps, activation, training)
+    if training:
+        _update_running_stats(running_mean, running_var, alive, mean, var, x, momentum)
+    return y
+
+
+def _update_running_stats(running_mean, running_var, alive, mean, var, x, momentum):
+    values = x.shape[0]  # per channel: N * H * W (the op checked that it exceeds 1)
+    for size in x.shape[2:]:
+        values = values * size
+    unbiased = var * (values / (values - 1))
+    with torch.no_grad():
+        rm = running_mean.index_select(0, alive)
+        rv = running_var.index_select(0, alive)
+        running_mean.index_copy_(0, alive, torch.lerp(rm, mean.to(rm.dtype), momentum))
+        running_var.index_copy_(0, alive, torch.lerp(rv, unbiased.to(rv.dtype), momentum))
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: output metadata from input metadata only, and the input checks torch.compile sees.
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Mirror of format_of in csrc/cpu/common.cpp."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _format(*ts: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if any(_is_channels_last(t) for t in ts) else torch.contiguous_format
+
+
+def _empty(shape, like: torch.Tensor, fmt=torch.contiguous_format, dtype=None) -> torch.Tensor:
+    if len(shape) != 4:
+        fmt = torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def _no_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def _check_alive(alive: torch.Tensor, count, name: str) -> None:
+    torch._check(alive.dtype == torch.int64,
+                 lambda: f"cadk: {name} must be an int64 index tensor, got {alive.dtype}")
+    torch._check(alive.dim() == 1, lambda: f"cadk: {name} must be 1-D, got shape {tuple(alive.shape)}")
+    torch._check(alive.shape[0] == count,
+                 lambda: f"cadk: {name} lists {alive.shape[0]} channels but the activation has {count} (dim 1)")
+
+
+def _check_same_dtype(t: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if t is not None:
+        torch._check(t.dtype == x.dtype, lambda: f"cadk: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+
+
+def _check_vector(t: torch.Tensor | None, units, name: str) -> None:
+    if t is not None:
+        torch._check(t.dim() == 1 and t.shape[0] == units,
+                     lambda: f"cadk: {name} must have shape [{units}], got {tuple(t.shape)}")
+
+
+def _check_seed(seed: torch.Tensor) -> None:
+    torch._check(seed.dim() == 0 and seed.dtype == torch.int64,
+                 lambda: f"cadk: seed must be a 0-dim int64 tensor, got {tuple(seed.shape)} {seed.dtype}")
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _conv_out_shape(x, weight, stride, padding, dilation):
+    torch._check(x.dim() == 4, lambda: f"cadk gated_conv2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    torch._check(weight.dim() == 4,
+                 lambda: f"cadk gated_conv2d: weight must be [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
+    h, w = ((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
+            for d in range(2))
+    return h, w
+
+
+def _check_layer(x, weight, bias, theta, alive_in, alive_out, seed):
+    _check_same_dtype(weight, x, "weight")
+    _check_same_dtype(bias, x, "bias")
+    _check_vector(bias, weight.shape[0], "bias")
+    _check_vector(theta, weight.shape[0], "theta")
+    _check_alive(alive_in, x.shape[1], "alive_in")
+    _check_alive(alive_out, alive_out.shape[0], "alive_out")
+    _check_seed(seed)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("cadk::gate_apply_fwd")
+    def _(pre, theta, alive, seed, training):
+        torch._check(pre.dim() >= 2, lambda: f"cadk gate_apply: pre must be [N, units, ...], got {tuple(pre.shape)}")
+        _check_alive(alive, pre.shape[1], "alive")
+        _check_seed(seed)
+        return _empty(pre.shape, pre, _format(pre))
+
+    @torch.library.register_fake("cadk::gate_apply_bwd")
+    def _(grad_y, pre, theta, alive, seed, training):
+        return _empty(pre.shape, pre, _format(pre)), _empty(theta.shape, theta)
+
+    @torch.library.register_fake("cadk::gated_linear_fwd")
+    def _(x, weight, bias, theta, alive_in, alive_out, seed, activation, training):
+        torch._check(x.dim() == 2, lambda: f"cadk gated_linear: x must be [N, in], got shape {tuple(x.shape)}")
+        _check_layer(x, weight, bias, theta, alive_in, alive_out, seed)
+        shape = (x.shape[0], alive_out.shape[0])
+        return _empty(shape, x), (_empty(shape, x) if theta is not None else _no_grad(x))
+
+    @torch.library.register_fake("cadk::gated_linear_bwd")
+    def _(grad_y, x, weight, pre, theta, alive_in, alive_out, seed, activation, training, has_bias):
+        units = weight.shape[0]
+        return (_empty(x.shape, x), _empty(weight.shape, weight),
+                _empty((units,), x) if has_bias else _no_grad(x),
+                _empty((units,), theta) if theta is not None else _no_grad(x))
+
+    @torch.library.register_fake("cadk::gated_conv2d_fwd")
+    def _(x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation, activation, training):
+        _check_layer(x, weight, bias, theta, alive_in, alive_out, seed)
+        shape = (x.shape[0], alive_out.shape[0], *_conv_out_shape(x, weight, stride, padding, dilation))
+        fmt = _format(x, weight)
+        return _empty(shape, x, fmt), (_empty(shape, x, fmt) if theta is not None else _no_grad(x))
+
+    @torch.library.register_fake("cadk::gated_conv2d_bwd")
+    def _(grad_y, x, weight, pre, theta, alive_in, alive_out, seed, stride, padding, dilation, activation,
+          training, has_bias):
+        units = weight.shape[0]
+        return (_empty(x.shape, x, _format(x, weight)), _empty(weight.shape, weight, _format(weight)),
+                _empty((units,), x) if has_bias else _no_grad(x),
+                _empty((units,), theta) if theta is not None else _no_grad(x))
+
+    @torch.library.register_fake("cadk::bn_gate_act_fwd")
+    def _(x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training):
+        torch._check(x.dim() >= 2, lambda: f"cadk bn_gate_act: x must be [N, C, ...], got {tuple(x.shape)}")
+        for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
+                        (running_var, "running_var"), (theta, "theta")):
+            _check_vector(t, weight.shape[0], name)
+        _check_alive(alive, x.shape[1], "alive")
+        _check_seed(seed)
+        fmt = _format(x)
+        stat = _empty((alive.shape[0],), x, dtype=_opmath(x.dtype))
+        pre = _empty(x.shape, x, fmt) if theta is not None else _no_grad(x)
+        return _empty(x.shape, x, fmt), pre, stat, torch.empty_like(stat)
+
+    @torch.library.register_fake("cadk::bn_gate_act_bwd")
+    def _(grad_y, x, weight, pre, mean, var, theta, alive, seed, eps, activation, training):
+        units = weight.shape[0]
+        return (_empty(x.shape, x, _format(x)), _empty((units,), weight), _empty((units,), weight),
+                _empty((units,), theta) if theta is not None else _no_grad(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: each forward op's backward is the matching *_bwd op. Without a gate `pre` is empty
+# and `y` (equal to it) is saved instead.
+
+
+def _pre_or_y(theta, y, pre):
+    return pre if theta is not None else y
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, theta, alive_in, alive_out, seed, activation, training = inputs
+    ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
+    ctx.args = (activation, training, bias is not None)
+
+
+def _linear_backward(ctx, grad_y, _grad_pre):
+    x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
+    gx, gw, gb, gt = torch.ops.cadk.gated_linear_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
+                                                     *ctx.args)
+    return (gx, gw, gb if ctx.args[2] else None, gt if theta is not None else None) + (None,) * 5
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation, activation, training = inputs
+    ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
+    ctx.args = (stride, padding, dilation, activation, training, bias is not None)
+
+
+def _conv_backward(ctx, grad_y, _grad_pre):
+    x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
+    gx, gw, gb, gt = torch.ops.cadk.gated_conv2d_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
+                                                     *ctx.args)
+    return (gx, gw, gb if ctx.args[-1] else None, gt if theta is not None else None) + (None,) * 8
+
+
+def _gate_setup(ctx, inputs, output):
+    pre, theta, alive, seed, training = inputs
+    ctx.save_for_backward(pre, theta, alive, seed)
+    ctx.training = training
+
+
+def _gate_backward(ctx, grad_y):
+    pre, theta, alive, seed = ctx.saved_tensors
+    gp, gt = torch.ops.cadk.gate_apply_bwd(grad_y, pre, theta, alive, seed, ctx.training)
+    return gp, gt, None, None, None
+
+
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training = inputs
+    y, pre, mean, var = output
+    ctx.save_for_backward(x, weight, _pre_or_y(theta, y, pre), mean, var, theta, alive, seed)
+    ctx.args = (eps, activation, training)
+
+
+def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
+    x, weight, pre, mean, var, theta, alive, seed = ctx.saved_tensors
+    gx, gw, gb, gt = torch.ops.cadk.bn_gate_act_bwd(grad_y, x, weight, pre, mean, var, theta, alive, seed,
+                                                    *ctx.args)
+    return (gx, gw, gb, None, None, gt if theta is not None else None) + (None,) * 5
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd("cadk::gate_apply_fwd", _gate_backward, setup_context=_gate_setup)
+    torch.library.register_autograd("cadk::gated_linear_fwd", _linear_backward, setup_context=_linear_setup)
+    torch.library.register_autograd("cadk::gated_conv2d_fwd", _conv_backward, setup_context=_conv_setup)
+    torch.library.register_autograd("cadk::bn_gate_act_fwd", _bn_backward, setup_context=_bn_setup)
+
+
+if AVAILABLE:
+    _register_fakes()
+    _register_autograd()

@@ -1,0 +1,11 @@
+"""CUDA backend: the compiled ops of cpp_backend, served by the CUDA kernels of a CUDA build."""
+import torch
+
+from . import cpp_backend
+from .cpp_backend import bn_gate_act, gate_apply, gated_conv2d, gated_linear  # noqa: F401
+
+AVAILABLE = cpp_backend.AVAILABLE
+
+
+def supports(device) -> bool:
+    return torch.device(device).type == "cuda" and cpp_backend.has_kernel("CUDA")

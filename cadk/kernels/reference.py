@@ -1,0 +1,118 @@
+"""Pure-PyTorch reference of cadk's ops: the definition every kernel backend is tested against.
+
+Conventions shared by all backends:
+- Parameters keep their full size ([C_out, C_in, ...]); activations hold alive channels only.
+  `alive_in` / `alive_out` are sorted int64 index tensors into the full channel range.
+- Gradients of full-size tensors (weight, bias, theta, BN affine) are full-size, zero outside the
+  alive rows/columns, so optimizer state and DDP buckets never change shape.
+- `theta` is the full-size gate probability vector of the output units, or None for no gate.
+  Training: xi[n, j'] = philox_gate(seed, n*C + alive_out[j']) (see philox.py); eval: xi = theta.
+- theta's gradient is the estimator of METHOD.md: sum over examples and positions of
+  dy * (pre-gate output), evaluated at the sampled gates.
+- `activation` is "relu" or "none"; the gate acts after it: y = xi * act(z).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .philox import sample_gates
+
+ACTIVATIONS = ("relu", "none")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"cadk: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.relu(z) if activation == "relu" else z
+
+
+def gate_values(theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor, n: int,
+                training: bool) -> torch.Tensor:
+    """xi as an [n, A] (training) or [1, A] (eval) tensor in theta's dtype."""
+    if training:
+        return sample_gates(seed, n, theta, alive)
+    return theta.detach()[alive][None, :]
+
+
+class _Gate(torch.autograd.Function):
+    """y = xi * pre with theta's gradient estimated as sum(dy * pre) (METHOD.md)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, alive, seed, training):
+        xi = gate_values(theta, alive, seed, pre.shape[0], training).to(pre.dtype)
+        xi = xi.reshape(xi.shape + (1,) * (pre.dim() - 2))
+        ctx.save_for_backward(pre, xi, alive)
+        ctx.theta_shape = theta.shape
+        ctx.theta_dtype = theta.dtype
+        return pre * xi
+
+    @staticmethod
+    def backward(ctx, dy):
+        pre, xi, alive = ctx.saved_tensors
+        grad_pre = dy * xi if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            dims = [0] + list(range(2, pre.dim()))
+            per_unit = (dy.float() * pre.float()).sum(dim=dims)
+            grad_theta = torch.zeros(ctx.theta_shape, dtype=torch.float32, device=dy.device)
+            grad_theta = grad_theta.index_add(0, alive, per_unit).to(ctx.theta_dtype)
+        return grad_pre, grad_theta, None, None, None
+
+
+def gate_apply(pre: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor,
+               training: bool) -> torch.Tensor:
+    """y[n, j', ...] = xi[n, j'] * pre[n, j', ...]; pre holds the alive units only (dim 1)."""
+    return _Gate.apply(pre, theta, alive, seed, training)
+
+
+def gather_weight(weight: torch.Tensor, alive_in: torch.Tensor, alive_out: torch.Tensor) -> torch.Tensor:
+    """W[alive_out][:, alive_in]; its gradient lands in a zero full-size tensor."""
+    w = weight if alive_out.numel() == weight.shape[0] else weight.index_select(0, alive_out)
+    return w if alive_in.numel() == weight.shape[1] else w.index_select(1, alive_in)
+
+
+def _gather_bias(bias, alive_out):
+    if bias is None or alive_out.numel() == bias.shape[0]:
+        return bias
+    return bias.index_select(0, alive_out)
+
+
+def _epilogue(z, theta, alive_out, seed, activation, training):
+    pre = _act(z, activation)
+    return pre if theta is None else gate_apply(pre, theta, alive_out, seed, training)
+
+
+def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
+                 training: bool = True):
+    """y[n, j'] = xi[n, j] * act(sum_i' W[j, alive_in[i']] x[n, i'] + b[j]), j = alive_out[j']."""
+    z = F.linear(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out))
+    return _epilogue(z, theta, alive_out, seed, activation, training)
+
+
+def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1), activation: str = "none", training: bool = True):
+    """Conv2d over alive input channels and alive output filters, then act and gate."""
+    z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out),
+                 stride, padding, dilation)
+    return _epilogue(z, theta, alive_out, seed, activation, training)
+
+
+def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum: float = 0.1,
+                eps: float = 1e-5, activation: str = "relu", training: bool = True):
+    """BatchNorm over the alive channels of x ([N, A, H, W]), then act and gate.
+
+    Training uses batch statistics and updates running_mean/var in place at the alive entries only,
+    so a pruned channel's statistics stay as they were."""
+    rm = running_mean.index_select(0, alive)
+    rv = running_var.index_select(0, alive)
+    z = F.batch_norm(x, rm, rv, _gather_bias(weight, alive), _gather_bias(bias, alive), training,
+                     momentum, eps)
+    if training:
+        with torch.no_grad():
+            running_mean.index_copy_(0, alive, rm)
+            running_var.index_copy_(0, alive, rv)
+    return _epilogue(z, theta, alive, seed, activation, training)

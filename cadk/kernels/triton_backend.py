@@ -1,0 +1,634 @@
+"""Triton backend of cadk's ops (see reference.py for their semantics).
+
+Each op is a `torch.library.triton_op` ("cadk::triton_<op>_fwd" / "..._bwd") whose kernels are
+launched through `wrap_triton`, so torch.compile traces into them; the forward ops carry an autograd
+formula that calls the backward ops. The op bodies double as fake kernels: output shapes come from
+input shapes only, never from tensor values.
+
+- gated_linear: one fused gather-GEMM (output rows gathered through alive_out inside the kernel,
+  W's alive input columns gathered once by index_select), bias, activation and gate in its
+  epilogue. Backward: a channel-wise Triton prologue (gate, ReLU mask, theta and bias sums), then
+  cuBLAS GEMMs on the compact shapes and a scatter into the full-size weight gradient.
+- gated_conv2d: compact weights, F.conv2d / aten.convolution_backward on compact shapes (cuDNN on
+  GPU), with the same channel-wise epilogue / prologue kernels.
+- bn_gate_act: Triton batch statistics, BN-apply + act + gate in one pass, BN backward fused with the
+  gate/act prologue. Running statistics are updated here in Python; the ops stay functional.
+- gate_apply: the channel-wise kernels alone.
+
+Any layout whose trailing (spatial) dims merge into one strided dim runs without copies (NCHW and
+channels_last included); others are made contiguous first. Forward ops return (y, pre) with pre the
+pre-gate output; without a gate y is pre and pre comes back empty (no second copy is written).
+
+Runs on CUDA devices, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is
+how the tests exercise it without a GPU; the dispatcher only picks it by itself for CUDA.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .philox import MAX_OFFSET
+from .reference import check_activation, gather_weight
+
+try:
+    import triton
+
+    from .triton_kernels import (
+        bn_grad_input_kernel,
+        channel_bwd_kernel,
+        channel_fwd_kernel,
+        channel_stats_kernel,
+        gated_linear_fwd_kernel,
+        philox_uniform_kernel,
+    )
+except ImportError as err:  # the backend is simply not offered
+    triton = None
+    UNAVAILABLE_REASON: Optional[str] = f"triton does not import ({err})"
+else:
+    UNAVAILABLE_REASON = None
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        UNAVAILABLE_REASON = f"torch {torch.__version__} lacks torch.library.triton_op; cadk needs torch>=2.6"
+
+AVAILABLE = UNAVAILABLE_REASON is None
+# TRITON_INTERPRET=1 at import makes @triton.jit build interpreter functions that run on CPU tensors.
+INTERPRETED = AVAILABLE and not isinstance(channel_fwd_kernel, triton.runtime.JITFunction)
+
+_TILE = 2048             # elements per channel-wise step (16 fp32 per thread at 4 warps)
+_TARGET_PROGRAMS = 1024  # enough programs to fill a large GPU several times over
+
+
+def supports(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return AVAILABLE and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
+
+
+def _op(name: str):
+    """Register the decorated function as the op cadk::triton_<name> (when available).
+
+    Compiled kernels: a triton_op, so torch.compile traces into the kernels. Interpreted kernels
+    cannot be traced, so the op is an opaque custom op whose fake kernel is the same function with
+    the launches skipped (see wrap_triton below)."""
+    if not AVAILABLE:
+        return lambda fn: fn
+    if not INTERPRETED:
+        return torch.library.triton_op(f"cadk::triton_{name}", mutates_args=())
+
+    def register(fn):
+        op = torch.library.custom_op(f"cadk::triton_{name}", mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton for compiled kernels; for interpreted ones a launcher that runs
+    them on real tensors and does nothing on fake ones (shapes come from the op body)."""
+    if not INTERPRETED:
+        return torch.library.wrap_triton(kernel)
+    return _InterpretedLaunch(kernel)
+
+
+class _InterpretedLaunch:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from torch._subclasses.fake_tensor import is_fake
+
+            if not any(isinstance(a, Tensor) and is_fake(a) for a in (*args, *kwargs.values())):
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and small helpers
+# ----------------------------------------------------------------------------------------------
+
+def _check(cond: bool, msg) -> None:
+    """torch._check (works on symbolic shapes too) with the message built only on failure."""
+    torch._check(cond, lambda: f"cadk triton backend: {msg()}")
+
+
+def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
+    _check(seed.dim() == 0 and seed.dtype == torch.int64,
+           lambda: f"seed must be a 0-dim int64 tensor, got shape {tuple(seed.shape)} and {seed.dtype}")
+    return seed.to(device)  # kernels load it: it must live on their device (no-op when it does)
+
+
+def _check_channels(t: Tensor, alive: Tensor, what: str) -> None:
+    _check(t.dim() >= 2 and t.shape[1] == alive.numel(),
+           lambda: f"input of shape {tuple(t.shape)} should have {alive.numel()} channels (dim 1), "
+                   f"one per entry of {what}")
+
+
+def _check_alive(alive: Tensor, size: int, what: str, device: torch.device) -> None:
+    _check(alive.dim() == 1 and alive.dtype in (torch.int64, torch.int32),
+           lambda: f"{what} must be a 1-D int64 index tensor, got shape {tuple(alive.shape)} and {alive.dtype}")
+    _check(alive.numel() <= size, lambda: f"{what} has {alive.numel()} entries for only {size} units")
+    _check(alive.device == device, lambda: f"{what} is on {alive.device} but the input is on {device}; move it")
+
+
+def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.device) -> None:
+    if theta is None:
+        return
+    _check(theta.dim() == 1 and theta.numel() == units and theta.is_floating_point(),
+           lambda: f"theta must be a float vector of the {units} output units, got shape "
+                   f"{tuple(theta.shape)} and {theta.dtype}")
+    _check(theta.device == device, lambda: f"theta is on {theta.device} but the input is on {device}; move it")
+    _check(n * units <= MAX_OFFSET,
+           lambda: f"batch {n} x {units} units exceeds the 2^31 Philox offset range; split the batch")
+
+
+def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor, theta: Optional[Tensor],
+                 dims: int, what: str) -> None:
+    """Checks shared by gated_linear (dims=2) and gated_conv2d (dims=4)."""
+    _check(x.dim() == dims and weight.dim() == dims,
+           lambda: f"{what} expects {dims}-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    _check(x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+           lambda: f"input ({x.dtype}) and weight ({weight.dtype}) must share one of float32, bfloat16, "
+                   "float16; cast one of them")
+    _check(x.device == weight.device, lambda: f"input is on {x.device} but weight on {weight.device}; move one")
+    _check_alive(alive_in, weight.shape[1], "alive_in", x.device)
+    _check_alive(alive_out, weight.shape[0], "alive_out", x.device)
+    _check_channels(x, alive_in, "alive_in")
+    _check_gate(theta, x.shape[0], weight.shape[0], x.device)
+
+
+def _relu(activation: str) -> bool:
+    check_activation(activation)
+    return activation == "relu"
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _nas(t: Tensor) -> Tensor:
+    """[N, A, S] view of an [N, A, ...] tensor (S: trailing dims merged); copies only if they don't merge."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _plan(v: Tensor) -> tuple[dict, int, tuple[int, int, int]]:
+    """(block sizes, rows per program, grid) of a channel-wise kernel over the [N, A, S] view v.
+
+    The [BLOCK_A, BLOCK_S] tile runs long along the contiguous dim (positions for NCHW, channels for
+    channels_last and linear activations); BLOCK_R rows per step fill it up to _TILE elements when
+    A * S is small; row chunks are sized to give about _TARGET_PROGRAMS programs."""
+    n, a, s = v.shape
+    if s == 1 or v.stride(2) != 1:
+        block_a = min(_np2(a), 256, _TILE)
+        block_s = min(_np2(s), max(1, _TILE // block_a))
+    else:
+        block_s = min(_np2(s), 1024, _TILE)
+        block_a = min(_np2(a), max(1, _TILE // block_s))
+    block_r = min(_np2(n), max(1, _TILE // (block_a * block_s)))
+    tiles_s, tiles_a = triton.cdiv(s, block_s), triton.cdiv(a, block_a)
+    chunks = max(1, min(triton.cdiv(n, block_r), triton.cdiv(_TARGET_PROGRAMS, tiles_s * tiles_a)))
+    rows = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
+    blocks = dict(BLOCK_R=block_r, BLOCK_A=block_a, BLOCK_S=block_s)
+    return blocks, rows, (tiles_s, triton.cdiv(n, rows), tiles_a)
+
+
+def _scatter_vec(v: Tensor, alive: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """Full-size vector, zero outside alive, from the compact fp32 v."""
+    if alive.numel() == size:
+        return v.to(dtype, copy=True)  # a fresh tensor: op outputs must not alias each other
+    return v.new_zeros(size).index_copy_(0, alive, v).to(dtype)
+
+
+def _scatter_weight(grad_c: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor) -> Tensor:
+    """Full-size weight gradient, zero outside the alive rows/columns, from the compact grad_c."""
+    full_out, full_in = alive_out.numel() == weight.shape[0], alive_in.numel() == weight.shape[1]
+    if full_out and full_in:
+        return grad_c.to(weight.dtype)
+    out = weight.new_zeros(weight.shape)
+    if full_out:
+        return out.index_copy_(1, alive_in, grad_c.to(weight.dtype))
+    if full_in:
+        return out.index_copy_(0, alive_out, grad_c.to(weight.dtype))
+    return out.index_put_((alive_out[:, None], alive_in[None, :]), grad_c.to(weight.dtype))
+
+
+def _gather_vec(v: Optional[Tensor], alive: Tensor) -> Optional[Tensor]:
+    return v if v is None or alive.numel() == v.shape[0] else v.index_select(0, alive)
+
+
+def _per_channel_count(x: Tensor) -> int:
+    return x.shape[0] * math.prod(x.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel-wise kernels: gate/act epilogue, its backward prologue, BN statistics and BN input grad
+# ----------------------------------------------------------------------------------------------
+
+def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor, training: bool,
+                 relu: bool, *, shift: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                 scale: Optional[Tensor] = None, store_pre: bool = True,
+                 reuse_z: bool = False) -> tuple[Tensor, Tensor]:
+    """(y, pre) with pre = act((z - mean) * scale + shift), y = xi * pre over z's channels (dim 1).
+
+    pre is empty when there is no gate (y is pre) or store_pre is False. reuse_z: z is a temporary
+    of the caller's; if dense (then y's strides are z's), pre (or y without a gate) overwrites it."""
+    z3 = _nas(z)
+    has_gate = theta is not None
+    store_pre = has_gate and store_pre
+    reuse_z = reuse_z and (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last))
+    y3 = z3 if reuse_z and not has_gate else torch.empty_like(z3)
+    pre3 = (z3 if reuse_z else torch.empty_like(z3)) if store_pre else y3.new_empty(0)
+    if z3.numel() > 0:
+        n, a, s = z3.shape
+        blocks, rows, grid = _plan(z3)
+        wrap_triton(channel_fwd_kernel)[grid](
+            z3, y3, pre3 if store_pre else z3,
+            z3 if mean is None else mean, z3 if scale is None else scale, z3 if shift is None else shift,
+            z3 if theta is None else theta, alive, seed,
+            n, a, s, 0 if theta is None else theta.numel(), rows,
+            *_strides(z3), *_strides(y3),
+            HAS_NORM=mean is not None, HAS_SHIFT=shift is not None, RELU=relu,
+            HAS_GATE=has_gate, TRAINING=training, STORE_PRE=store_pre, **blocks)
+    return y3.view(z.shape), (pre3.view(z.shape) if store_pre else pre3)
+
+
+def _channel_bwd(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor,
+                 training: bool, relu: bool, *, store_g: bool = True, sum_g: bool = False,
+                 x: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                 rstd: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(g, sums): g = dy * xi * act'(pre) in pre's layout, sums [3, A] fp32 per channel:
+    sum(g) (if sum_g), sum(dy * pre) (with a gate), sum(g * (x - mean) * rstd) (if x is given).
+
+    pre is the pre-gate output, or y when there is no gate."""
+    gy3, p3 = _nas(grad_y), _nas(pre)
+    x3 = _nas(x) if x is not None else p3
+    g3 = torch.empty_like(p3) if store_g else p3.new_empty(0)
+    n, a, s = p3.shape
+    if p3.numel() == 0 or not (store_g or sum_g or theta is not None or x is not None):
+        return g3.view(pre.shape) if store_g else g3, p3.new_zeros((3, a), dtype=torch.float32)
+    blocks, rows, grid = _plan(p3)
+    num_parts = grid[0] * grid[1]
+    part = p3.new_empty((3, num_parts, a), dtype=torch.float32)
+    wrap_triton(channel_bwd_kernel)[grid](
+        gy3, p3, x3, g3 if store_g else gy3, part,
+        gy3 if mean is None else mean, gy3 if rstd is None else rstd,
+        gy3 if theta is None else theta, alive, seed,
+        n, a, s, 0 if theta is None else theta.numel(), rows, num_parts,
+        *_strides(gy3), *_strides(p3), *_strides(x3), *_strides(g3 if store_g else gy3),
+        RELU=relu, HAS_GATE=theta is not None, TRAINING=training, HAS_NORM=x is not None,
+        STORE_G=store_g, SUM_G=sum_g, **blocks)
+    return (g3.view(pre.shape) if store_g else g3), part.sum(1)
+
+
+def _prologue(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor,
+              training: bool, relu: bool, has_bias: bool) -> tuple[Tensor, Tensor]:
+    """(grad wrt the pre-activation output, per-channel sums) of a linear / conv epilogue.
+
+    Without gate and ReLU that gradient is grad_y itself: only the bias sum needs a kernel."""
+    passthrough = theta is None and not relu
+    g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, pre.device), training, relu,
+                           store_g=not passthrough, sum_g=has_bias)
+    return (grad_y if passthrough else g), sums
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x over (N, spatial), fp32 [A]."""
+    x3 = _nas(x)
+    n, a, s = x3.shape
+    if a == 0:
+        return x3.new_empty(0, dtype=torch.float32), x3.new_empty(0, dtype=torch.float32)
+    blocks, rows, grid = _plan(x3)
+    num_parts = grid[0] * grid[1]
+    part = x3.new_empty((2, num_parts, a), dtype=torch.float32)
+    wrap_triton(channel_stats_kernel)[grid](
+        x3, part, n, a, s, rows, num_parts, *_strides(x3), **blocks)
+    s1, s2 = part.sum(1).div_(n * s).unbind(0)
+    mean = x3[0, :, 0].float() + s1
+    return mean, (s2 - s1 * s1).clamp_min_(0.0)
+
+
+def _bn_grad_input(g: Tensor, x: Tensor, scale: Tensor, mean_g: Tensor, mean: Tensor, coef_x: Tensor,
+                   training: bool) -> Tensor:
+    g3, x3 = _nas(g), _nas(x)
+    dx3 = torch.empty_like(x3)
+    n, a, s = x3.shape
+    blocks, rows, grid = _plan(x3)
+    wrap_triton(bn_grad_input_kernel)[grid](
+        g3, x3, dx3, scale, mean_g, mean, coef_x, n, a, s, rows,
+        *_strides(g3), *_strides(x3), *_strides(dx3), TRAINING=training, **blocks)
+    return dx3.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# gate_apply
+# ----------------------------------------------------------------------------------------------
+
+@_op("gate_apply_fwd")
+def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, training: bool) -> Tensor:
+    _check_alive(alive, theta.numel(), "alive", pre.device)
+    _check_channels(pre, alive, "alive")
+    _check_gate(theta, pre.shape[0], theta.numel(), pre.device)
+    y, _ = _channel_fwd(pre, theta, alive, _seed_on(seed, pre.device), training, False, store_pre=False)
+    return y
+
+
+@_op("gate_apply_bwd")
+def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
+                   training: bool) -> tuple[Tensor, Tensor]:
+    g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, pre.device), training, False)
+    return g, _scatter_vec(sums[1], alive, theta.numel(), theta.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated_linear
+# ----------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 tl.dot follows torch's matmul setting: exact ("ieee") unless TF32 is allowed."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    block_m = min(max(_np2(n), 16), 64)
+    block_n = min(max(_np2(a), 16), 64)
+    return block_m, block_n, 32 if dtype == torch.float32 else 64
+
+
+@_op("gated_linear_fwd")
+def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: Optional[Tensor],
+                     alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
+                     training: bool) -> tuple[Tensor, Tensor]:
+    _check_dense(x, weight, alive_in, alive_out, theta, 2, "gated_linear")
+    relu = _relu(activation)
+    n, k, a = x.shape[0], x.shape[1], alive_out.numel()
+    y = x.new_empty((n, a))
+    pre = x.new_empty((n, a) if theta is not None else (0,))
+    if n == 0 or a == 0:
+        return y, pre
+    w = weight if k == weight.shape[1] else weight.index_select(1, alive_in)
+    block_m, block_n, block_k = _linear_blocks(n, a, x.dtype)
+    grid = (triton.cdiv(n, block_m), triton.cdiv(a, block_n))
+    wrap_triton(gated_linear_fwd_kernel)[grid](
+        x, w, x if bias is None else bias, y, pre if theta is not None else x,
+        x if theta is None else theta, alive_out, _seed_on(seed, x.device),
+        n, a, k, weight.shape[0],
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+        GATHER_OUT=a != weight.shape[0], HAS_BIAS=bias is not None, RELU=relu,
+        HAS_GATE=theta is not None, TRAINING=training,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST_DOT=INTERPRETED and x.dtype == torch.bfloat16,  # the interpreter's dot lacks bf16
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y, pre
+
+
+@_op("gated_linear_bwd")
+def gated_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
+                     alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str, training: bool,
+                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
+    w = gather_weight(weight, alive_in, alive_out)
+    grad_x = torch.mm(g, w)
+    grad_w = _scatter_weight(torch.mm(g.t(), x), weight, alive_in, alive_out)
+    c_out = weight.shape[0]
+    grad_b = _scatter_vec(sums[0], alive_out, c_out, weight.dtype) if has_bias else x.new_empty(0)
+    grad_theta = (x.new_empty(0) if theta is None
+                  else _scatter_vec(sums[1], alive_out, c_out, theta.dtype))
+    return grad_x, grad_w, grad_b, grad_theta
+
+
+# ----------------------------------------------------------------------------------------------
+# gated_conv2d
+# ----------------------------------------------------------------------------------------------
+
+def _conv_out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> list[int]:
+    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
+@_op("gated_conv2d_fwd")
+def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: Optional[Tensor],
+                     alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
+                     padding: list[int], dilation: list[int], activation: str,
+                     training: bool) -> tuple[Tensor, Tensor]:
+    _check_dense(x, weight, alive_in, alive_out, theta, 4, "gated_conv2d")
+    relu = _relu(activation)
+    b = _gather_vec(bias, alive_out)
+    if x.shape[0] == 0 or x.shape[1] == 0 or alive_out.numel() == 0:
+        # No conv to run; torch's conv rejects zero output channels and mis-shapes zero inputs.
+        z = x.new_zeros((x.shape[0], alive_out.numel(), *_conv_out_hw(x, weight, stride, padding, dilation)))
+    else:
+        z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), None, stride, padding, dilation)
+    if theta is None and not relu and b is None:
+        return z, z.new_empty(0)
+    return _channel_fwd(z, theta, alive_out, _seed_on(seed, x.device), training, relu, shift=b,
+                        reuse_z=True)
+
+
+@_op("gated_conv2d_bwd")
+def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
+                     alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
+                     padding: list[int], dilation: list[int], activation: str, training: bool,
+                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
+    w = gather_weight(weight, alive_in, alive_out)
+    if g.numel() == 0 or x.numel() == 0:
+        grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
+    else:
+        grad_x, grad_wc, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [True, True, False])
+    c_out = weight.shape[0]
+    grad_w = _scatter_weight(grad_wc, weight, alive_in, alive_out)
+    grad_b = _scatter_vec(sums[0], alive_out, c_out, weight.dtype) if has_bias else x.new_empty(0)
+    grad_theta = (x.new_empty(0) if theta is None
+                  else _scatter_vec(sums[1], alive_out, c_out, theta.dtype))
+    return grad_x, grad_w, grad_b, grad_theta
+
+
+# ----------------------------------------------------------------------------------------------
+# bn_gate_act
+# ----------------------------------------------------------------------------------------------
+
+@_op("bn_gate_act_fwd")
+def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                    theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
+                    training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_alive(alive, weight.numel(), "alive", x.device)
+    _check_channels(x, alive, "alive")
+    _check_gate(theta, x.shape[0], weight.numel(), x.device)
+    _check(not training or _per_channel_count(x) > 0,
+           lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
+    relu = _relu(activation)
+    if training:
+        mean, var = _batch_stats(x)
+    else:
+        mean = running_mean.index_select(0, alive).float()
+        var = running_var.index_select(0, alive).float()
+    scale = weight.index_select(0, alive).float() * torch.rsqrt(var + eps)
+    y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, relu,
+                          mean=mean, scale=scale, shift=_gather_vec(bias, alive))
+    return y, pre, mean, var
+
+
+@_op("bn_gate_act_bwd")
+def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean: Tensor, var: Tensor,
+                    theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
+                    training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rstd = torch.rsqrt(var + eps)
+    g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, x.device), training,
+                           _relu(activation), sum_g=True, x=x, mean=mean, rstd=rstd)
+    scale = weight.index_select(0, alive).float() * rstd
+    count = max(_per_channel_count(x), 1)
+    mean_g = sums[0] / count
+    coef_x = scale * rstd * sums[2] / count
+    grad_x = _bn_grad_input(g, x, scale, mean_g, mean, coef_x, training) if x.numel() else torch.zeros_like(x)
+    c = weight.numel()
+    grad_theta = x.new_empty(0) if theta is None else _scatter_vec(sums[1], alive, c, theta.dtype)
+    return (grad_x, _scatter_vec(sums[2], alive, c, weight.dtype), _scatter_vec(sums[0], alive, c, weight.dtype),
+            grad_theta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: forward ops save what their backward op needs; gates are regenerated from the seed
+# ----------------------------------------------------------------------------------------------
+
+def _saved_pre(theta: Optional[Tensor], y: Tensor, pre: Tensor) -> Tensor:
+    return y if theta is None else pre  # without a gate, y is pre
+
+
+def _gate_apply_setup(ctx, inputs, output):
+    pre, theta, alive, seed, training = inputs
+    ctx.save_for_backward(pre, theta, alive, seed)
+    ctx.training = training
+
+
+def _gate_apply_backward(ctx, grad_y):
+    pre, theta, alive, seed = ctx.saved_tensors
+    grad_pre, grad_theta = torch.ops.cadk.triton_gate_apply_bwd(grad_y, pre, theta, alive, seed, ctx.training)
+    return grad_pre, grad_theta, None, None, None
+
+
+def _dense_setup(ctx, inputs, output):
+    x, weight, bias, theta, alive_in, alive_out, seed = inputs[:7]
+    y, pre = output
+    ctx.mark_non_differentiable(pre)
+    ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), theta, alive_in, alive_out, seed)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.args = inputs[7:]  # (activation, training) or (stride, padding, dilation, activation, training)
+
+
+def _dense_grads(ctx, grads):
+    grad_x, grad_w, grad_b, grad_theta = grads
+    theta = ctx.saved_tensors[3]
+    return (grad_x, grad_w, None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype),
+            None if theta is None else grad_theta) + (None,) * (3 + len(ctx.args))
+
+
+def _linear_backward(ctx, grad_y, _grad_pre):
+    grads = torch.ops.cadk.triton_gated_linear_bwd(grad_y, *ctx.saved_tensors, *ctx.args,
+                                                     ctx.bias_dtype is not None)
+    return _dense_grads(ctx, grads)
+
+
+def _conv_backward(ctx, grad_y, _grad_pre):
+    grads = torch.ops.cadk.triton_gated_conv2d_bwd(grad_y, *ctx.saved_tensors, *ctx.args,
+                                                     ctx.bias_dtype is not None)
+    return _dense_grads(ctx, grads)
+
+
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, _rm, _rv, theta, alive, seed, eps, activation, training = inputs
+    y, pre, mean, var = output
+    ctx.mark_non_differentiable(pre, mean, var)
+    ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), mean, var, theta, alive, seed)
+    ctx.args = (eps, activation, training)
+    ctx.bias_dtype = bias.dtype
+
+
+def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
+    theta = ctx.saved_tensors[5]
+    grad_x, grad_w, grad_b, grad_theta = torch.ops.cadk.triton_bn_gate_act_bwd(
+        grad_y, *ctx.saved_tensors, *ctx.args)
+    return (grad_x, grad_w, grad_b.to(ctx.bias_dtype), None, None, None if theta is None else grad_theta,
+            None, None, None, None, None)
+
+
+if AVAILABLE:
+    gate_apply_fwd.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup)
+    gated_linear_fwd.register_autograd(_linear_backward, setup_context=_dense_setup)
+    gated_conv2d_fwd.register_autograd(_conv_backward, setup_context=_dense_setup)
+    bn_gate_act_fwd.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend's ops (signatures of reference.py)
+# ----------------------------------------------------------------------------------------------
+
+def gate_apply(pre, theta, alive, seed, training: bool):
+    return torch.ops.cadk.triton_gate_apply_fwd(pre, theta, alive, seed, training)
+
+
+def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
+                 training: bool = True):
+    y, _ = torch.ops.cadk.triton_gated_linear_fwd(x, weight, bias, theta, alive_in, alive_out, seed,
+                                                  activation, training)
+    return y
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1), activation: str = "none", training: bool = True):
+    y, _ = torch.ops.cadk.triton_gated_conv2d_fwd(x, weight, bias, theta, alive_in, alive_out, seed,
+                                                  _pair(stride), _pair(padding), _pair(dilation),
+                                                  activation, training)
+    return y
+
+
+def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum: float = 0.1,
+                eps: float = 1e-5, activation: str = "relu", training: bool = True):
+    count = _per_channel_count(x)
+    if training and count <= 1:
+        raise ValueError(f"cadk bn_gate_act: training needs more than 1 value per channel, got input "
+                         f"shape {tuple(x.shape)}; use a larger batch or eval mode")
+    weight = weight if weight is not None else x.new_ones(running_mean.shape, dtype=torch.float32)
+    bias = bias if bias is not None else x.new_zeros(running_mean.shape, dtype=torch.float32)
+    y, _, mean, var = torch.ops.cadk.triton_bn_gate_act_fwd(x, weight, bias, running_mean, running_var, theta,
+                                                            alive, seed, eps, activation, training)
+    if training:
+        _update_running_stats(running_mean, running_var, alive, mean, var, momentum, count)
+    return y
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, alive: Tensor, mean: Tensor,
+                          var: Tensor, momentum: float, count: int) -> None:
+    """nn.BatchNorm2d's update (unbiased variance), at the alive entries only."""
+    for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
+        old = running.index_select(0, alive)
+        running.index_copy_(0, alive, (old * (1 - momentum) + batch * momentum).to(running.dtype))
+
+
+def sample_gates(seed: Tensor, n: int, theta: Tensor, alive: Tensor) -> Tensor:
+    """Gates of this backend as an [n, len(alive)] tensor in theta's dtype (cf. philox.sample_gates)."""
+    ones = torch.ones((n, alive.numel()), dtype=torch.float32, device=theta.device)
+    return gate_apply(ones, theta.detach(), alive, seed, True).to(theta.dtype)
+
+
+def uniform(seed: Tensor, offset: Tensor) -> Tensor:
+    """This backend's float32 uniforms for int offsets (cf. philox.uniform)."""
+    out = torch.empty(offset.shape, dtype=torch.float32, device=offset.device)
+    if offset.numel():
+        block = 1024
+        philox_uniform_kernel[(triton.cdiv(offset.numel(), block),)](
+            _seed_on(seed, offset.device), offset.contiguous(), out, offset.numel(), BLOCK=block)
+    return out

@@ -1,0 +1,108 @@
+"""Bernoulli gates: one learned probability theta per unit/filter (UnitGate) or per residual block.
+
+A gate owns theta (a Parameter, trained by cadk.optim's projected optimizers, not the weight optimizer),
+the pruning state (`alive_mask`, `zero_steps`) and the seed its samples come from. All of it is in
+state_dict, so save/load/resume reproduces both the structure and the gate stream.
+
+Sharing: a gate may be applied by several layers (a channel group, e.g. the residual stream of a
+ResNet stage). The layer that created it *owns* it and advances its seed once per training forward;
+the others read the current seed, so every application in one step samples the same xi[n, j].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_SEED_MASK = (1 << 62) - 1
+
+
+def _mix(value: int) -> int:
+    """splitmix64 finaliser: spreads (base seed, gate number) into well-separated Philox keys."""
+    z = (value + _GOLDEN) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & _SEED_MASK
+
+
+class UnitGate(nn.Module):
+    """Gates for `num_units` units. kind="unit" for units/filters, "layer" for a block's layer gate."""
+
+    def __init__(self, num_units: int, theta_init: float = 1.0, kind: str = "unit", seed: int = 0):
+        super().__init__()
+        if num_units < 1:
+            raise ValueError(f"UnitGate needs at least one unit, got {num_units}")
+        if not 0.0 <= theta_init <= 1.0:
+            raise ValueError(f"theta_init must lie in [0, 1], got {theta_init}")
+        if kind not in ("unit", "layer"):
+            raise ValueError(f"gate kind must be 'unit' or 'layer', got {kind!r}")
+        self.kind = kind
+        self.theta = nn.Parameter(torch.full((num_units,), float(theta_init)))
+        self.register_buffer("alive_mask", torch.ones(num_units, dtype=torch.bool))
+        self.register_buffer("zero_steps", torch.zeros(num_units, dtype=torch.int32))
+        self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64))
+        self.register_buffer("alive_idx", torch.arange(num_units), persistent=False)
+
+    @property
+    def num_units(self) -> int:
+        return self.theta.numel()
+
+    @property
+    def num_alive(self) -> int:
+        return self.alive_idx.numel()
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.num_alive == 0
+
+    def reseed(self, seed: int, salt: int) -> None:
+        """Set the Philox key from a model-wide seed and this gate's number in the model."""
+        self.seed.fill_(_mix(_mix(seed) ^ salt))
+
+    def next_seed(self) -> torch.Tensor:
+        """Advance to a fresh sample (owner, once per training step) and return its seed."""
+        with torch.no_grad():
+            self.seed.add_(1)
+        return self.seed.clone()
+
+    def current_seed(self) -> torch.Tensor:
+        return self.seed.clone()
+
+    @torch.no_grad()
+    def prune(self, units: torch.Tensor) -> None:
+        """Remove `units` (indices or a bool mask) for good: theta pinned to 0, out of alive_idx."""
+        mask = units if units.dtype == torch.bool else torch.zeros_like(self.alive_mask).index_fill_(0, units, True)
+        self.alive_mask &= ~mask.to(self.alive_mask.device)
+        self.theta[~self.alive_mask] = 0.0
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute alive_idx from alive_mask (after pruning or loading a state_dict)."""
+        self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
+
+    def keep_idx(self) -> torch.Tensor:
+        """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing)."""
+        return torch.nonzero(self.alive_mask & (self.theta.detach() > 0)).flatten()
+
+    def expected_alive(self) -> torch.Tensor:
+        """E[number of live units] = sum of theta over alive units (differentiable)."""
+        return (self.theta * self.alive_mask).sum()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_units}, kind={self.kind}, alive={self.num_alive}"
+
+
+def gates_of(model: nn.Module) -> list[UnitGate]:
+    """Every gate of `model` once, in registration order."""
+    return [m for m in model.modules() if isinstance(m, UnitGate)]
+
+
+def seed_gates(model: nn.Module, seed: int) -> None:
+    """Give every gate of `model` its own Philox key derived from `seed`."""
+    for i, gate in enumerate(gates_of(model)):
+        gate.reseed(seed, i + 1)

@@ -1,0 +1,274 @@
+"""Gated drop-in layers: GatedLinear and GatedConv2d (optionally with BatchNorm), and GatedSequential.
+
+Parameters keep their full shape, so optimizers, state_dict and DDP buckets never change; the layer
+reads and writes activations that hold the alive channels only (of `in_gate` on the input side, of
+its own gate on the output side), so pruned channels cost nothing in forward or backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .. import kernels as K
+from ..kernels.reference import check_activation
+from .gates import UnitGate
+
+
+class GatedLayer(nn.Module):
+    """What GatedLinear and GatedConv2d share: gate wiring, alive sets, seeds, compaction helpers.
+
+    Gates this layer did not create (`in_gate`, a shared `gate`, the enclosing block's `block_gate`)
+    are held as plain references, not submodules: each gate is registered (and saved) once, by its owner.
+    """
+
+    in_units: int
+    out_units: int
+
+    def _init_gates(self, gate, in_gate, theta_init: float) -> None:
+        self._refs: dict[str, UnitGate | None] = {"in": None, "out": None, "block": None}
+        self._owns_gate = gate is True
+        if gate is True:
+            self.gate = UnitGate(self.out_units, theta_init)
+            self._refs["out"] = self.gate
+        elif isinstance(gate, UnitGate):
+            self._check_units(gate, self.out_units, "gate", "output")
+            self._refs["out"] = gate
+        elif gate not in (False, None):
+            raise TypeError(f"gate must be True, False or a UnitGate, got {type(gate).__name__}")
+        self.set_in_gate(in_gate)
+        self.register_buffer("_all_in", torch.arange(self.in_units), persistent=False)
+        self.register_buffer("_all_out", torch.arange(self.out_units), persistent=False)
+
+    @staticmethod
+    def _check_units(gate, units, name, side):
+        if gate.num_units != units:
+            raise ValueError(f"{name} has {gate.num_units} units but the layer has {units} {side} channels")
+
+    @property
+    def out_gate(self) -> UnitGate | None:
+        return self._refs["out"]
+
+    @property
+    def in_gate(self) -> UnitGate | None:
+        return self._refs["in"]
+
+    def set_in_gate(self, gate: UnitGate | None) -> None:
+        """Wire the gate of the layer producing this layer's input (a plain reference, not a submodule)."""
+        if gate is not None:
+            if not isinstance(gate, UnitGate):
+                raise TypeError(f"in_gate must be a UnitGate or None, got {type(gate).__name__}")
+            self._check_units(gate, self.in_units, "in_gate", "input")
+        self._refs["in"] = gate
+
+    @property
+    def block_gate(self) -> UnitGate | None:
+        return self._refs["block"]
+
+    def set_block_gate(self, gate: UnitGate | None) -> None:
+        """The layer gate of the residual block whose branch this layer is in (cost and compaction)."""
+        self._refs["block"] = gate
+
+    def alive_in(self) -> torch.Tensor:
+        return self._all_in if self.in_gate is None else self.in_gate.alive_idx
+
+    def alive_out(self) -> torch.Tensor:
+        return self._all_out if self.out_gate is None else self.out_gate.alive_idx
+
+    def _theta_and_seed(self):
+        gate = self.out_gate
+        if gate is None:
+            return None, self._all_out.new_zeros(())
+        seed = gate.next_seed() if (self._owns_gate and self.training) else gate.current_seed()
+        return gate.theta, seed
+
+    def _check_input(self, x: torch.Tensor, dims: int, what: str) -> None:
+        expected = self.alive_in().numel()
+        if x.dim() != dims or x.shape[1] != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects {what} with {expected} channels in dim 1 (the alive inputs "
+                f"of its in_gate), got shape {tuple(x.shape)}; check that in_gate is the gate of the "
+                f"layer that produces this input")
+
+    # compaction -----------------------------------------------------------------------------------
+    def keep_in(self) -> torch.Tensor:
+        return self._all_in if self.in_gate is None else self.in_gate.keep_idx()
+
+    def keep_out(self) -> torch.Tensor:
+        return self._all_out if self.out_gate is None else self.out_gate.keep_idx()
+
+    def out_scale(self, extra: float = 1.0) -> torch.Tensor:
+        """Per kept output unit: theta (the eval gate) times `extra` (a block's theta, passed by the block
+        to its branch's last layer), folded into the weights by compaction.
+
+        theta * act(z) == act(theta * z) holds for theta >= 0 and act in {relu, none}."""
+        keep = self.keep_out()
+        scale = torch.full((keep.numel(),), float(extra), device=self._all_out.device)
+        if self.out_gate is not None:
+            scale = scale * self.out_gate.theta.detach()[keep]
+        return scale
+
+    def prune_masks(self):
+        """(tensor, keep mask broadcastable to it) for every parameter touched by pruned units."""
+        out_keep = self._keep_mask(self.out_gate, self.out_units)
+        in_keep = self._keep_mask(self.in_gate, self.in_units)
+        view = (-1,) + (1,) * (self.weight.dim() - 1)
+        yield self.weight, out_keep.view(view) & in_keep.view((1, -1) + (1,) * (self.weight.dim() - 2))
+        if self.bias is not None:
+            yield self.bias, out_keep
+        bn = getattr(self, "bn", None)
+        if bn is not None:
+            yield bn.weight, out_keep
+            yield bn.bias, out_keep
+
+    def _keep_mask(self, gate, units):
+        if gate is None:
+            return torch.ones(units, dtype=torch.bool, device=self.weight.device)
+        return gate.alive_mask
+
+
+class GatedLinear(GatedLayer):
+    """nn.Linear with a Bernoulli gate per output unit, acting after `activation` ("relu" or "none").
+
+    gate: True (own gate), False (no gate, e.g. a classifier), or a UnitGate to share.
+    in_gate: the gate of the layer producing the input (None: all inputs are always present)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "none",
+                 gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0):
+        super().__init__()
+        check_activation(activation)
+        self.in_units, self.out_units, self.activation = in_features, out_features, activation
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+        self._init_gates(gate, in_gate, theta_init)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 2, "input [N, features]")
+        theta, seed = self._theta_and_seed()
+        return K.gated_linear(x, self.weight, self.bias, theta, self.alive_in(), self.alive_out(), seed,
+                              self.activation, self.training)
+
+    def compact(self, extra_scale: float = 1.0) -> nn.Module:
+        keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
+        lin = nn.Linear(keep_in.numel(), keep_out.numel(), bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight[keep_out][:, keep_in] * scale[:, None])
+            if self.bias is not None:
+                lin.bias.copy_(self.bias[keep_out] * scale)
+        return _with_activation(lin.to(self.weight.device), self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation}")
+
+
+class GatedConv2d(GatedLayer):
+    """nn.Conv2d (groups=1) with a Bernoulli gate per output filter, optional BatchNorm2d in between.
+
+    Computes xi * act(BN(conv(x))) (or xi * act(conv(x)) without BN) over alive channels only; the
+    BN entries of pruned filters go with them."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, batch_norm: bool = False, activation: str = "none",
+                 gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        if groups != 1:
+            raise NotImplementedError(
+                "GatedConv2d supports groups=1; grouped/depthwise convs are gated through their producer's "
+                "channel group (use nn.Conv2d for them)")
+        if isinstance(padding, str):
+            raise ValueError("GatedConv2d takes numeric padding; pass (k-1)//2 * dilation for 'same'")
+        check_activation(activation)
+        self.in_units, self.out_units, self.activation = in_channels, out_channels, activation
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum) if batch_norm else None
+        self._init_gates(gate, in_gate, theta_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, 4, "input [N, C, H, W]")
+        theta, seed = self._theta_and_seed()
+        alive_in, alive_out = self.alive_in(), self.alive_out()
+        if self.bn is None:
+            return K.gated_conv2d(x, self.weight, self.bias, theta, alive_in, alive_out, seed, self.stride,
+                                  self.padding, self.dilation, self.activation, self.training)
+        z = K.gated_conv2d(x, self.weight, self.bias, None, alive_in, alive_out, seed, self.stride,
+                           self.padding, self.dilation, "none", self.training)
+        bn = self.bn
+        return K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
+                             bn.momentum, bn.eps, self.activation, self.training)
+
+    def compact(self, extra_scale: float = 1.0) -> nn.Module:
+        keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
+        conv = nn.Conv2d(keep_in.numel(), keep_out.numel(), self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None).to(self.weight.device)
+        fold_into_conv = self.bn is None
+        with torch.no_grad():
+            w = self.weight[keep_out][:, keep_in]
+            conv.weight.copy_(w * scale.view(-1, 1, 1, 1) if fold_into_conv else w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias[keep_out] * (scale if fold_into_conv else 1))
+        if fold_into_conv:
+            return _with_activation(conv, self.activation)
+        bn = nn.BatchNorm2d(keep_out.numel(), eps=self.bn.eps, momentum=self.bn.momentum).to(conv.weight.device)
+        with torch.no_grad():
+            bn.weight.copy_(self.bn.weight[keep_out] * scale)
+            bn.bias.copy_(self.bn.bias[keep_out] * scale)
+            bn.running_mean.copy_(self.bn.running_mean[keep_out])
+            bn.running_var.copy_(self.bn.running_var[keep_out])
+            bn.num_batches_tracked.copy_(self.bn.num_batches_tracked)
+        return _with_activation(nn.Sequential(conv, bn), self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"batch_norm={self.bn is not None}, activation={self.activation}")
+
+
+def _with_activation(module: nn.Module, activation: str) -> nn.Module:
+    if activation == "none":
+        return module
+    parts = list(module) if isinstance(module, nn.Sequential) else [module]
+    return nn.Sequential(*parts, nn.ReLU(inplace=False))
+
+
+_ELEMENTWISE = (nn.ReLU, nn.Dropout, nn.Identity)
+
+
+class GatedSequential(nn.Sequential):
+    """nn.Sequential that wires each gated layer's in_gate to the previous gated layer's gate.
+
+    Only elementwise modules (ReLU, Dropout, Identity) may stand between two gated layers, since
+    anything else changes what a channel means; wire `in_gate` by hand for other graphs."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__(*modules)
+        prev = None
+        for m in self:
+            if isinstance(m, GatedLayer):
+                if prev is not None and m.in_gate is None and prev.out_gate is not None:
+                    m.set_in_gate(prev.out_gate)
+                prev = m
+            elif prev is not None and not isinstance(m, _ELEMENTWISE):
+                raise ValueError(
+                    f"GatedSequential cannot carry channel gates through {type(m).__name__}; "
+                    "wire in_gate explicitly or place only ReLU/Dropout/Identity between gated layers")
+
+    def compact(self) -> nn.Module:
+        from ..compaction import compact_module
+        return nn.Sequential(*[compact_module(m) for m in self])

@@ -1,0 +1,72 @@
+"""The pruning rule: a structure goes for good once theta has sat at 0 for `patience` consecutive steps or
+fell below `eps`, after a warm-up, applied every `every` steps (a coarse cadence bounds torch.compile
+recompiles). Guards: unit pruning never removes a gate's last unit (its block's layer gate decides that);
+a pruned block takes its internal units with it. Pruned rows/columns of weights and their optimizer state
+are zeroed, so they stay out of every later optimizer step while shapes never change."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import GatedLayer, GatedResidualBlock, UnitGate, gates_of
+
+
+class Pruner:
+    def __init__(self, model: nn.Module, eps: float = 1e-3, patience: int = 100, warmup_steps: int = 0,
+                 every: int = 50):
+        if patience < 1 or every < 1 or warmup_steps < 0 or not 0 <= eps < 1:
+            raise ValueError("Pruner needs patience >= 1, every >= 1, warmup_steps >= 0, 0 <= eps < 1")
+        self.model, self.eps, self.patience, self.warmup_steps, self.every = model, eps, patience, warmup_steps, every
+        self.gates = gates_of(model)
+        self.blocks = [m for m in model.modules() if isinstance(m, GatedResidualBlock)]
+        self.layers = [m for m in model.modules() if isinstance(m, GatedLayer)]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, optimizers=()) -> list[str]:
+        """Call once per training step, after the theta update. Returns descriptions of what was pruned."""
+        self.steps += 1
+        for g in self.gates:
+            at_zero = (g.theta <= 0) & g.alive_mask
+            g.zero_steps.copy_(torch.where(at_zero, g.zero_steps + 1, torch.zeros_like(g.zero_steps)))
+        if self.steps <= self.warmup_steps or self.steps % self.every:
+            return []
+        events = []
+        for g in self.gates:
+            doomed = g.alive_mask & ((g.zero_steps >= self.patience) | (g.theta < self.eps))
+            if g.kind == "unit" and doomed.sum() == g.num_alive and g.num_alive > 0:
+                keep = torch.where(g.alive_mask, g.theta, torch.full_like(g.theta, -1.0)).argmax()
+                doomed[keep] = False  # the last unit stays; the layer gate decides about the layer
+            if doomed.any():
+                g.prune(doomed)
+                events.append(f"{self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
+        for b in self.blocks:
+            if b.is_pruned and any(not g.is_pruned for g in b.internal_gates()):
+                for g in b.internal_gates():
+                    g.prune(torch.ones_like(g.alive_mask))
+        if events:
+            self.zero_pruned(optimizers)
+        return events
+
+    def _name(self, gate: UnitGate) -> str:
+        for name, m in self.model.named_modules():
+            if m is gate:
+                return name
+        return "gate"
+
+    @torch.no_grad()
+    def zero_pruned(self, optimizers=()) -> None:
+        """Zero pruned weights and their optimizer state (momentum, Adam moments) in place."""
+        for layer in self.layers:
+            for tensor, keep in layer.prune_masks():
+                tensor.mul_(keep)
+                for opt in optimizers:
+                    for buf in opt.state.get(tensor, {}).values():
+                        if torch.is_tensor(buf) and buf.shape == tensor.shape:
+                            buf.mul_(keep)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])

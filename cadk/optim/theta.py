@@ -1,0 +1,49 @@
+"""Projected optimizers for gate probabilities: theta <- clip(theta - lr * step, 0, 1), pruned units
+pinned at 0 (METHOD.md). They take the gates, not bare parameters, so they can honour pruning."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import UnitGate, gates_of
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[UnitGate]]:
+    """(weights for the usual optimizer, gates for a theta optimizer): thetas must not get weight decay."""
+    gates = gates_of(model)
+    thetas = {id(g.theta) for g in gates}
+    return [p for p in model.parameters() if id(p) not in thetas], gates
+
+
+class _Projected:
+    _gates: list[UnitGate]
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        for g in self._gates:
+            g.theta.clamp_(0.0, 1.0).mul_(g.alive_mask)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self._gates:
+            if g.theta.grad is not None:
+                g.theta.grad.mul_(g.alive_mask)
+        loss = super().step(closure)
+        self._project()
+        return loss
+
+
+class ThetaSGD(_Projected, torch.optim.SGD):
+    """Projected SGD on theta (the method's update); momentum optional."""
+
+    def __init__(self, gates: list[UnitGate], lr: float = 0.05, momentum: float = 0.0):
+        self._gates = list(gates)
+        super().__init__([g.theta for g in self._gates], lr=lr, momentum=momentum)
+
+
+class ThetaAdam(_Projected, torch.optim.Adam):
+    """Adam-style projected step: robust to the scale of the gradient estimate."""
+
+    def __init__(self, gates: list[UnitGate], lr: float = 1e-3, betas=(0.9, 0.999)):
+        self._gates = list(gates)
+        super().__init__([g.theta for g in self._gates], lr=lr, betas=betas)

@@ -1,0 +1,259 @@
+"""The main job: train a gated model on real data while pruning it, then compact it and report.
+
+`train(TrainConfig)` is what `cadk train` runs. With `dense=True` it trains the same architecture as a
+plain network (the compacted gated model at initialisation, i.e. with every gate at 1) for comparison.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data as D
+from .compaction import compact, flop_count, param_count, save_compact
+from .complexity import ComplexityCost
+from .models import build_model
+from .nn import GatedResidualBlock
+from .optim import Pruner, ThetaAdam, ThetaSGD, split_parameters
+from .utils import atomic_write
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet20"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lam: float = 1.0
+    alpha: float = 1.0
+    beta: float = 0.5
+    target_flops: float | None = None
+    target_params: float | None = None
+    lam_lr: float = 0.01
+    theta_optimizer: str = "sgd"
+    theta_lr: float = 0.05
+    prune_eps: float = 1e-3
+    patience: int = 100
+    warmup_epochs: float = 1.0
+    prune_every: int = 50
+    dense: bool = False
+    augment: bool = True
+    seed: int = 0
+    threads: int = 0
+    out_dir: str = "runs/cadk"
+    resume: bool = False
+    max_steps_per_epoch: int = 0  # 0 = full epochs; a small value gives quick smoke runs
+    history: list = field(default_factory=list, repr=False)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Run:
+    """Everything that lives across epochs: model, optimizers, cost, pruner, history."""
+
+    def __init__(self, cfg: TrainConfig, ds: D.Dataset):
+        self.cfg, self.ds = cfg, ds
+        torch.manual_seed(cfg.seed)
+        kw = {"image_size": ds.image_size} if cfg.model == "mlp" else {}
+        gated = build_model(cfg.model, ds.in_channels, ds.num_classes, seed=cfg.seed, **kw)
+        self.example = D.normalize(ds.train_x[:2], ds)
+        self.model = compact(gated).train() if cfg.dense else gated
+        self.model = self.model.to(memory_format=torch.channels_last)
+        weights, gates = split_parameters(self.model)
+        self.opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   nesterov=True)
+        self.steps_per_epoch = math.ceil(len(ds.train_x) / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.cost = self.pruner = self.theta_opt = None
+        if not cfg.dense:
+            self.cost = ComplexityCost(self.model, self.example, cfg.lam, cfg.alpha, cfg.beta, cfg.target_flops,
+                                       cfg.target_params, cfg.lam_lr)
+            opt_cls = {"sgd": ThetaSGD, "adam": ThetaAdam}[cfg.theta_optimizer]
+            self.theta_opt = opt_cls(gates, lr=cfg.theta_lr)
+            self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
+            self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ---- one epoch ----------------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        lr = 0.5 * self.cfg.lr * (1 + math.cos(math.pi * self.step / self.total_steps))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def train_epoch(self) -> dict:
+        cfg, ds, model = self.cfg, self.ds, self.model
+        model.train()
+        losses, correct, seen, events, stats = 0.0, 0, 0, [], {}
+        it = D.batches(ds.train_x, ds.train_y, cfg.batch_size, True, self.gen)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   dynamic_ncols=True, mininterval=2.0)
+        start = time.perf_counter()
+        for _ in bar:
+            xb, yb = next(it)
+            if cfg.augment:
+                xb = D.augment(xb, 4 if ds.image_size >= 32 else 2, self.gen)
+            x = D.normalize(xb, ds).contiguous(memory_format=torch.channels_last)
+            self._set_lr()
+            out = model(x)
+            loss = F.cross_entropy(out, yb)
+            self.opt.zero_grad(set_to_none=True)
+            if self.theta_opt is not None:
+                self.theta_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cost is not None:
+                if self.step >= self.warmup_steps:
+                    stats = self.cost.add_grad_()
+                else:  # warm-up: weights settle before any structure is priced
+                    for g in self.theta_opt._gates:
+                        g.theta.grad = None
+            self.opt.step()
+            if self.theta_opt is not None:
+                self.theta_opt.step()
+                events += self.pruner.step([self.opt, self.theta_opt])
+            self.step += 1
+            losses += float(loss.detach()) * len(yb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(yb)
+            if stats:
+                bar.set_postfix(loss=f"{losses / seen:.3f}", flops=f"{100 * stats['flops']:.0f}%",
+                                lam=f"{stats['lam']:.2f}", refresh=False)
+        return {"train_loss": losses / seen, "train_acc": correct / seen, "epoch_time": time.perf_counter() - start,
+                "pruned": events, "lam": self.cost.lam if self.cost else None}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> float:
+        model = model or self.model
+        model.eval()
+        correct = 0
+        for xb, yb in D.batches(self.ds.test_x, self.ds.test_y, 500, False):
+            x = D.normalize(xb, self.ds).contiguous(memory_format=torch.channels_last)
+            correct += int((model(x).argmax(1) == yb).sum())
+        return correct / len(self.ds.test_x)
+
+    def structure(self) -> dict:
+        if self.cost is None:
+            return {"flops": 1.0, "params": 1.0, "widths": [], "blocks_alive": None}
+        with torch.no_grad():
+            _, flops, params = self.cost.value()
+        blocks = [m for m in self.model.modules() if isinstance(m, GatedResidualBlock)]
+        return {"flops": float(flops), "params": float(params), "widths": self.cost.complexity.per_layer(),
+                "blocks_alive": sum(not b.is_pruned for b in blocks), "blocks_total": len(blocks)}
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def state(self) -> dict:
+        s = {"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+             "step": self.step, "epoch": self.epoch, "history": self.history, "gen": self.gen.get_state()}
+        if self.cost is not None:
+            s.update(theta_opt=self.theta_opt.state_dict(), cost=self.cost.state_dict(),
+                     pruner=self.pruner.state_dict())
+        return s
+
+    def load(self, s: dict) -> None:
+        saved = s["config"]
+        for key in ("model", "data", "dense"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
+                                      f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        if self.cost is not None:
+            self.theta_opt.load_state_dict(s["theta_opt"])
+            self.cost.load_state_dict(s["cost"])
+            self.pruner.load_state_dict(s["pruner"])
+        self.step, self.epoch, self.history = s["step"], s["epoch"], s["history"]
+        self.gen.set_state(s["gen"])
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
+                              "not a cadk checkpoint: delete it or start without --resume") from e
+
+
+def _format_epoch(rec: dict) -> str:
+    line = (f"epoch {rec['epoch']:3d} | loss {rec['train_loss']:.4f} | test acc {100 * rec['test_acc']:.2f}% | "
+            f"FLOPs {100 * rec['flops']:.1f}% | params {100 * rec['params']:.1f}% | time {rec['epoch_time']:.1f}s")
+    if rec.get("blocks_alive") is not None:
+        widths = " ".join(f"{w['alive']}" for w in rec["widths"])
+        line += f" | blocks {rec['blocks_alive']}/{rec['blocks_total']} | lam {rec['lam']:.3f} | widths {widths}"
+    return line
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ds = D.load_dataset(cfg.data, cfg.data_dir)
+    run = Run(cfg, ds)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if cfg.resume:
+        if not os.path.exists(ckpt):
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
+        run.load(load_checkpoint(ckpt))
+        log(f"resumed from {ckpt} at epoch {run.epoch}")
+    if run.cost is not None:
+        c = run.cost.complexity
+        log(f"{cfg.model}: dense {c.dense_flops / 1e6:.1f} MFLOPs, {c.dense_params / 1e3:.1f}k params, "
+            f"{len(c.gates())} gates, backend {__import__('cadk').kernels.backend_for(torch.device('cpu'))}")
+    while run.epoch < cfg.epochs:
+        rec = run.train_epoch()
+        run.epoch += 1
+        rec.update(epoch=run.epoch, test_acc=run.evaluate(), **run.structure())
+        run.history.append(rec)
+        log(_format_epoch(rec))
+        for ev in rec["pruned"]:
+            log(f"    pruned {ev}")
+        atomic_write(ckpt, lambda f: torch.save(run.state(), f))
+    return finish(run, log)
+
+
+def finish(run: Run, log=print) -> dict:
+    from .report import plot_run
+
+    cfg = run.cfg
+    model = run.model.eval()
+    plain = model if cfg.dense else compact(model)
+    example = run.example[:1].contiguous(memory_format=torch.channels_last)
+    acc_gated = run.evaluate(model)
+    acc_plain = acc_gated if cfg.dense else run.evaluate(plain)
+    dense_ref = compact(build_model(cfg.model, run.ds.in_channels, run.ds.num_classes,
+                                    **({"image_size": run.ds.image_size} if cfg.model == "mlp" else {})))
+    dense_flops, dense_params = flop_count(dense_ref, example), param_count(dense_ref)
+    flops, params = flop_count(plain, example), param_count(plain)
+    paths = save_compact(plain, example, os.path.join(cfg.out_dir, "model_compact"))
+    report = {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "history"},
+        "test_acc_gated": acc_gated, "test_acc_compact": acc_plain,
+        "flops": flops, "params": params, "dense_flops": dense_flops, "dense_params": dense_params,
+        "flops_ratio": flops / dense_flops, "params_ratio": params / dense_params,
+        "first_epoch_time": run.history[0]["epoch_time"], "last_epoch_time": run.history[-1]["epoch_time"],
+        "history": run.history, "artifacts": paths,
+    }
+    report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, "report.png"))
+    atomic_write(os.path.join(cfg.out_dir, "report.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    log(f"final: test acc {100 * acc_plain:.2f}% (compacted) / {100 * acc_gated:.2f}% (gated) | FLOPs "
+        f"{flops / 1e6:.2f}M = {100 * report['flops_ratio']:.1f}% of dense | params {params} = "
+        f"{100 * report['params_ratio']:.1f}% | epoch time first {report['first_epoch_time']:.1f}s, last "
+        f"{report['last_epoch_time']:.1f}s | wrote {cfg.out_dir}")
+    return report

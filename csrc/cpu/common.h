@@ -1,0 +1,145 @@
+// Shared pieces of cadk's CPU kernels: input checks, the row view of channel-major activations,
+// gate tables, weight gather/scatter and the row/reduction drivers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+// A pragma usable inside macro arguments (AT_DISPATCH bodies), where #pragma is not.
+#define CADK_PRAGMA(x) _Pragma(#x)
+
+namespace cadk::cpu {
+
+using at::Tensor;
+
+using OptTensor = std::optional<Tensor>;
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+enum class Act { kNone, kRelu };
+Act parse_activation(c10::string_view activation);
+
+// alive: 1-D int64 CPU tensor of `count` strictly increasing indices in [0, full).
+void check_alive(const Tensor& alive, int64_t count, int64_t full, const char* name);
+// seed: 0-dim int64 CPU tensor; returns its value as the 64-bit Philox key.
+uint64_t seed_value(const Tensor& seed);
+void check_float(const Tensor& t, const char* name);
+void check_cpu(const Tensor& t, const char* name);
+// t is absent or a 1-D tensor of `full` entries (bias, theta).
+void check_vector(const OptTensor& t, int64_t full, const char* name);
+
+inline bool is_full(const Tensor& alive, int64_t full) { return alive.numel() == full; }
+
+// ---------------------------------------------------------------------------------------------
+// Layout: an activation [N, C, *spatial] as contiguous rows. Channel-major storage gives rows
+// (n, c) of S spatial values; channels-last storage (and S == 1) gives rows (n, s) of C channels.
+
+// ChannelsLast iff a 4-D tensor is stored channels-last and not also plainly contiguous; this rule
+// is mirrored by the fake kernels in cadk/kernels/cpp_backend.py.
+at::MemoryFormat format_of(const Tensor& t);
+
+struct Rows {
+  int64_t N = 0, C = 0, S = 0;
+  bool cl = false;
+  int64_t count() const { return cl ? N * S : N * C; }
+  int64_t len() const { return cl ? C : S; }
+  int64_t n_of(int64_t r) const { return cl ? r / S : r / C; }
+  int64_t c_of(int64_t r) const { return cl ? 0 : r % C; }
+};
+// Requires t to be contiguous in format_of(t) (callers pass tensors made so).
+Rows rows_of(const Tensor& t);
+
+// Runs f(row_begin, row_end) over all rows in parallel.
+template <typename F>
+void for_rows(const Rows& v, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, v.len()));
+  at::parallel_for(0, v.count(), grain, f);
+}
+
+// Per-channel sums in double: f(row_begin, row_end, acc) adds its rows' contributions to
+// acc[k * C + c] for k < n_acc. Chunks are fixed by the thread count, so results are deterministic
+// for a given number of threads. Returns a [n_acc, C] double tensor.
+template <typename F>
+Tensor reduce_rows(const Rows& v, int64_t n_acc, const F& f) {
+  const int64_t rows = v.count();
+  const int64_t min_rows = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, v.len()));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + min_rows - 1) / min_rows));
+  Tensor acc = at::zeros({chunks, n_acc, v.C}, at::TensorOptions().dtype(at::kDouble));
+  double* base = acc.data_ptr<double>();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      f(rows * k / chunks, rows * (k + 1) / chunks, base + k * n_acc * v.C);
+    }
+  });
+  return acc.sum(0);
+}
+
+// Calls f(std::integral_constant<bool, b>) so a runtime flag becomes a template parameter.
+template <typename F>
+decltype(auto) with_bool(bool b, const F& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gates: xi as an opmath table, [N, A] in training (Philox samples), [1, A] in eval (theta
+// rounded through the activation dtype, as the reference's theta.to(pre.dtype)).
+
+struct Gates {
+  Tensor table;  // undefined: no gate (theta absent)
+  int64_t row_stride = 0;
+  bool defined() const { return table.defined(); }
+  template <typename T>
+  const T* row(int64_t n) const { return table.data_ptr<T>() + n * row_stride; }
+};
+
+Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
+                 bool training, at::ScalarType act_dtype);
+
+// out[k] = uniform(seed, base + offset[k]) < theta[k] for k < count (csrc/philox.h semantics),
+// vectorised where the CPU allows.
+void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,
+                  float* out);
+
+// ---------------------------------------------------------------------------------------------
+// Full-size <-> compact tensors
+
+// weight[alive_out][:, alive_in] ([C_out, C_in, *k]), in weight's memory format; weight itself when
+// both index sets are full.
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out);
+// A full-size tensor shaped and formatted like `full_like`: `compact` at alive_out rows and alive_in
+// columns, zero elsewhere, each element written once.
+Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,
+                      const Tensor& alive_out);
+// v[alive] of a 1-D tensor (no copy when alive is full).
+Tensor gather_vector(const Tensor& v, const Tensor& alive);
+// Full-size zero vector of `full` entries of dtype `dtype` with `values` at alive.
+Tensor scatter_vector(const Tensor& values, const Tensor& alive, int64_t full, at::ScalarType dtype);
+// Empty stand-in for the gradient of an absent optional input.
+Tensor no_grad_like(const Tensor& t);
+
+// ---------------------------------------------------------------------------------------------
+// Fused gate/activation epilogues shared by gate_apply, gated_linear and gated_conv2d.
+
+// From z (modified in place into pre = act(z)) returns {y, pre}: y = xi * pre. Without a gate y is
+// z itself (after the activation) and pre is an empty tensor: the caller uses y as pre.
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act);
+
+// grad_z = grad_y * xi * act'(pre) plus the per-channel sums of grad_y * pre (theta gradient,
+// when gated) and of grad_z (bias gradient, when want_bias_sum). Sums are double [C] tensors, or
+// undefined when not requested. grad_y must be in pre's memory format.
+struct EpilogueGrads {
+  Tensor grad_z, theta_sum, bias_sum;
+};
+EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
+                                bool want_bias_sum);
+
+// t in memory format `fmt`, copying only when needed.
+inline Tensor in_format(const Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
+
+}  // namespace cadk::cpu

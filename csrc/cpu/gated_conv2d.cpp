@@ -1,0 +1,123 @@
+// gated_conv2d: conv over alive input channels and alive filters (ATen convolution on compact
+// weights), then the fused activation/gate epilogue. Activations keep the input's memory format.
+#include "ops.h"
+
+namespace cadk::cpu {
+namespace {
+
+struct ConvGeometry {
+  at::IntArrayRef stride, padding, dilation;
+  int64_t out_h, out_w;
+  at::MemoryFormat fmt;  // of the output and input gradient: channels-last if x or weight is
+};
+
+ConvGeometry check_conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& theta,
+                        const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 4, "cadk gated_conv2d: x must be [N, alive_in.numel(), H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "cadk gated_conv2d: weight must be [C_out, C_in, kh, kw], got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "cadk gated_conv2d: weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type(), "; cast one of them");
+  check_vector(bias, weight.size(0), "bias");
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == x.scalar_type(), "cadk gated_conv2d: bias dtype ",
+              bias.has_value() ? bias->scalar_type() : x.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_vector(theta, weight.size(0), "theta");
+  check_alive(alive_in, x.size(1), weight.size(1), "alive_in");
+  check_alive(alive_out, alive_out.numel(), weight.size(0), "alive_out");
+  seed_value(seed);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "cadk gated_conv2d: stride, padding and dilation need 2 entries each");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0, "cadk gated_conv2d: need stride > 0, ",
+                "dilation > 0 and padding >= 0, got ", stride, ", ", dilation, ", ", padding);
+  }
+  auto out_size = [&](int d) {
+    return (x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
+  };
+  const int64_t out_h = out_size(0), out_w = out_size(1);
+  TORCH_CHECK(out_h > 0 && out_w > 0, "cadk gated_conv2d: input ", x.sizes(), " is smaller than the kernel ",
+              weight.sizes(), " under padding ", padding, " and dilation ", dilation);
+  const bool cl = format_of(x) == at::MemoryFormat::ChannelsLast ||
+                  format_of(weight) == at::MemoryFormat::ChannelsLast;
+  return {stride, padding, dilation, out_h, out_w,
+          cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous};
+}
+
+// ATen convolutions reject zero channels: an empty side gives a zero (or bias-only) output.
+bool degenerate(const Tensor& alive_in, const Tensor& alive_out) {
+  return alive_in.numel() == 0 || alive_out.numel() == 0;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                            const OptTensor& theta, const Tensor& alive_in,
+                                            const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                                            c10::string_view activation, bool training) {
+  const ConvGeometry geo =
+      check_conv(x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation);
+  const Act act = parse_activation(activation);
+  const OptTensor b = bias.has_value() ? OptTensor(gather_vector(*bias, alive_out)) : std::nullopt;
+  Tensor z;
+  if (degenerate(alive_in, alive_out)) {
+    z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
+    if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
+  } else {
+    const Tensor w = gather_weight(weight, alive_in, alive_out);
+    z = in_format(at::convolution(x, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
+  }
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  return epilogue_forward(z, gates, act);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
+    const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
+    bool has_bias) {
+  const ConvGeometry geo =
+      check_conv(x, weight, std::nullopt, theta, alive_in, alive_out, seed, stride, padding, dilation);
+  const Act act = parse_activation(activation);
+  const std::vector<int64_t> out_shape{x.size(0), alive_out.numel(), geo.out_h, geo.out_w};
+  TORCH_CHECK(grad_y.sizes() == out_shape && pre.sizes() == out_shape, "cadk gated_conv2d: grad_y ",
+              grad_y.sizes(), " and pre ", pre.sizes(), " must both be ", at::IntArrayRef(out_shape));
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  // With a gate or an activation the epilogue pass also sums the bias gradient; otherwise the
+  // convolution backward does.
+  const bool fused = gates.defined() || act != Act::kNone;
+  EpilogueGrads g;
+  if (fused) {
+    g = epilogue_backward(in_format(grad_y, geo.fmt), in_format(pre, geo.fmt), gates, act, has_bias);
+  } else {
+    g.grad_z = in_format(grad_y, geo.fmt);
+  }
+  Tensor grad_x, grad_wc;
+  if (degenerate(alive_in, alive_out)) {
+    grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
+    grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
+    if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
+  } else {
+    const Tensor w = gather_weight(weight, alive_in, alive_out);
+    const bool conv_bias = has_bias && !fused;
+    const std::vector<int64_t> bias_sizes{alive_out.numel()};
+    Tensor grad_bc;
+    std::tie(grad_x, grad_wc, grad_bc) = at::convolution_backward(
+        g.grad_z, x, w, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
+        false, {0, 0}, 1, {true, true, conv_bias});
+    grad_x = in_format(grad_x, geo.fmt);
+    if (conv_bias) g.bias_sum = grad_bc;
+  }
+  const int64_t units = weight.size(0);
+  Tensor grad_w = scatter_weight(grad_wc, weight, alive_in, alive_out);
+  Tensor grad_b = has_bias ? scatter_vector(g.bias_sum, alive_out, units, x.scalar_type()) : no_grad_like(x);
+  Tensor grad_theta = gates.defined() ? scatter_vector(g.theta_sum, alive_out, units, theta->scalar_type())
+                                      : no_grad_like(x);
+  return {grad_x, grad_w, grad_b, grad_theta};
+}
+
+}  // namespace cadk::cpu

@@ -1,0 +1,42 @@
+// CPU kernels of the ops declared in csrc/cadk_ops.cpp (registered in module.cpp).
+#pragma once
+
+#include "common.h"
+
+namespace cadk::cpu {
+
+Tensor gate_apply_fwd(const Tensor& pre, const Tensor& theta, const Tensor& alive, const Tensor& seed,
+                      bool training);
+std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pre, const Tensor& theta,
+                                          const Tensor& alive, const Tensor& seed, bool training);
+
+std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                            const OptTensor& theta, const Tensor& alive_in,
+                                            const Tensor& alive_out, const Tensor& seed,
+                                            c10::string_view activation, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
+    const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, c10::string_view activation,
+    bool training, bool has_bias);
+
+std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                            const OptTensor& theta, const Tensor& alive_in,
+                                            const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                                            c10::string_view activation, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
+    const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
+    bool has_bias);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
+    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+    const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
+    const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training);
+
+}  // namespace cadk::cpu

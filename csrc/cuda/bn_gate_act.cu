@@ -1,0 +1,303 @@
+// bn_gate_act on CUDA: batch norm over the alive channels, then activation and gate.
+// Forward: Welford statistics (one pass, per-block partials merged per channel), then one fused
+// normalise + act + gate pass. Backward: one pass for the per-channel sums (fused with the gate,
+// ReLU mask and theta gradient), one for grad_x.
+#include <ATen/ops/empty_like.h>
+
+#include "common.cuh"
+#include "ops.cuh"
+
+namespace cadk::cuda {
+namespace {
+
+template <typename T>
+struct Welford {
+  T count, mean, m2;  // m2: sum of squared deviations from mean
+};
+
+// Chan et al.'s combination of two partial statistics.
+template <typename T>
+__device__ __forceinline__ Welford<T> merge(const Welford<T>& a, const Welford<T>& b) {
+  const T count = a.count + b.count;
+  if (count == T(0)) return a;
+  const T delta = b.mean - a.mean;
+  const T wb = b.count / count;
+  return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+// partial[blockIdx.y, c]: statistics of this block's rows of channel c.
+template <typename scalar_t>
+__global__ void bn_stats_kernel(const scalar_t* x, Layout L, Welford<at::opmath_type<scalar_t>>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  const bool active = c < L.A;
+  Welford<acc_t> w = {};
+  if (active) {
+    for_each_row_group(L, c, [&](const RowGroup& rg) {
+      acc_t v[kUnroll];
+      load_rows(x, rg, v);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!rg.valid[u]) continue;
+        w.count += acc_t(1);
+        const acc_t delta = v[u] - w.mean;
+        w.mean += delta / w.count;
+        w.m2 += delta * (v[u] - w.mean);
+      }
+    });
+  }
+  w = reduce_over_rows(w, [](const Welford<acc_t>& a, const Welford<acc_t>& b) { return merge(a, b); });
+  if (active && threadIdx.y == 0) partial[blockIdx.y * L.A + c] = w;
+}
+
+// mean[c] and biased var[c] from the `blocks` partials of each channel.
+template <typename acc_t>
+__global__ void bn_stats_finish_kernel(const Welford<acc_t>* partial, int64_t blocks, int64_t A, acc_t* mean,
+                                       acc_t* var) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= A) return;
+  Welford<acc_t> w = {};
+  for (int64_t b = 0; b < blocks; ++b) w = merge(w, partial[b * A + c]);
+  mean[c] = w.mean;
+  var[c] = w.m2 / w.count;
+}
+
+// Per-channel z = x * scale + shift with scale = weight * rsqrt(var + eps), shift = bias - mean * scale.
+template <typename acc_t>
+struct Affine {
+  acc_t scale, shift;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Affine<acc_t> bn_affine(const acc_t* weight, const acc_t* bias, const acc_t* mean,
+                                                   const acc_t* var, acc_t eps, int64_t c, int64_t j) {
+  const acc_t scale = weight[j] * rsqrt_acc(var[c] + eps);
+  return {scale, bias[j] - mean[c] * scale};
+}
+
+template <typename scalar_t, bool kRelu>
+__global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* mean,
+                                  const at::opmath_type<scalar_t>* var, const at::opmath_type<scalar_t>* weight,
+                                  const at::opmath_type<scalar_t>* bias, at::opmath_type<scalar_t> eps,
+                                  GateParams g, Layout L, scalar_t* pre, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  if (c >= L.A) return;  // no block-wide synchronisation below
+  const Affine<acc_t> f = bn_affine(weight, bias, mean, var, eps, c, unit_of(g, c));
+  const ChannelGate<scalar_t> gate(g, c);
+  for_each_row_group(L, c, [&](const RowGroup& rg) {
+    acc_t v[kUnroll];
+    load_rows(x, rg, v);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!rg.valid[u]) continue;
+      const scalar_t p = activate<scalar_t, kRelu>(v[u] * f.scale + f.shift);
+      if (pre != nullptr) pre[rg.off[u]] = p;
+      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(gate(rg.n[u])));
+    }
+  });
+}
+
+// Adds, per unit j of channel c: theta_sum[j] += sum(grad_y * pre) (when non-null),
+// dz_sum[j] += sum(dz), dz_xhat_sum[j] += sum(dz * xhat); dz is the gradient reaching the BN output.
+template <typename scalar_t, bool kRelu>
+__global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t* pre, const scalar_t* x,
+                                          const at::opmath_type<scalar_t>* mean,
+                                          const at::opmath_type<scalar_t>* var, at::opmath_type<scalar_t> eps,
+                                          GateParams g, Layout L, at::opmath_type<scalar_t>* theta_sum,
+                                          at::opmath_type<scalar_t>* dz_sum, at::opmath_type<scalar_t>* dz_xhat_sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  const bool active = c < L.A;
+  Sums<acc_t, 3> s = {};  // grad_y * pre, dz, dz * (x - mean)
+  if (active) {
+    const acc_t m = mean[c];
+    const ChannelGate<scalar_t> gate(g, c);
+    for_each_row_group(L, c, [&](const RowGroup& rg) {
+      acc_t dy[kUnroll], p[kUnroll], xv[kUnroll];
+      load_rows(grad_y, rg, dy);
+      load_rows(pre, rg, p);
+      load_rows(x, rg, xv);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!rg.valid[u]) continue;
+        const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+        s.v[0] += dy[u] * p[u];
+        s.v[1] += dz;
+        s.v[2] += dz * (xv[u] - m);
+      }
+    });
+  }
+  s = reduce_over_rows(s, [](const Sums<acc_t, 3>& a, const Sums<acc_t, 3>& b) { return add_sums(a, b); });
+  if (active && threadIdx.y == 0) {
+    const int64_t j = unit_of(g, c);
+    if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[0]);
+    atomicAdd(dz_sum + j, s.v[1]);
+    atomicAdd(dz_xhat_sum + j, s.v[2] * rsqrt_acc(var[c] + eps));
+  }
+}
+
+// grad_x = weight * rstd * (dz - inv_m * dz_sum - xhat * inv_m * dz_xhat_sum); inv_m = 1/(N*S) in
+// training, 0 in eval (the running statistics are constants).
+template <typename scalar_t, bool kRelu>
+__global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t* pre, const scalar_t* x,
+                                         const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* var,
+                                         at::opmath_type<scalar_t> eps, const at::opmath_type<scalar_t>* weight,
+                                         const at::opmath_type<scalar_t>* dz_sum,
+                                         const at::opmath_type<scalar_t>* dz_xhat_sum, at::opmath_type<scalar_t> inv_m,
+                                         GateParams g, Layout L, scalar_t* grad_x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  if (c >= L.A) return;  // no block-wide synchronisation below
+  const int64_t j = unit_of(g, c);
+  const acc_t m = mean[c], rstd = rsqrt_acc(var[c] + eps), k = weight[j] * rstd;
+  const acc_t mean_dz = dz_sum[j] * inv_m, mean_dz_xhat = dz_xhat_sum[j] * inv_m;
+  const ChannelGate<scalar_t> gate(g, c);
+  for_each_row_group(L, c, [&](const RowGroup& rg) {
+    acc_t dy[kUnroll], p[kUnroll], xv[kUnroll];
+    load_rows(grad_y, rg, dy);
+    load_rows(pre, rg, p);
+    load_rows(x, rg, xv);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!rg.valid[u]) continue;
+      const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+      const acc_t xhat = (xv[u] - m) * rstd;
+      grad_x[rg.off[u]] = static_cast<scalar_t>(k * (dz - mean_dz - xhat * mean_dz_xhat));
+    }
+  });
+}
+
+void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
+              const Tensor& seed, std::initializer_list<std::pair<const Tensor*, const char*>> vectors) {
+  TORCH_CHECK(x.is_cuda(), "cadk bn_gate_act: x must be a CUDA tensor here, got ", x.device());
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "cadk bn_gate_act: x must be [N, alive.numel(), ...], got shape ", x.sizes());
+  const int64_t units = weight.numel();
+  for (const auto& [t, name] : vectors) check_vector(*t, units, x, name);
+  check_vector(theta, units, x, "theta");
+  check_alive(alive, x.size(1), units, x, "alive");
+  check_seed(seed, x);
+}
+
+// Full-size per-unit vector in the math dtype, contiguous (BN weight, bias).
+Tensor coef(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+// Batch mean and biased variance of the compact channels, [A] each in the math dtype.
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Layout& L) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor mean = at::empty({L.A}, x.options().dtype(acc));
+  Tensor var = at::empty({L.A}, x.options().dtype(acc));
+  if (L.A == 0) return {mean, var};
+  const LaunchShape shape = channel_launch(L);
+  const int64_t blocks = shape.grid.y;
+  Tensor partial = at::empty({blocks, L.A, 3}, x.options().dtype(acc));
+  CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto* parts = reinterpret_cast<Welford<acc_t>*>(partial.data_ptr<acc_t>());
+    bn_stats_kernel<scalar_t><<<shape.grid, shape.block, 0, current_stream()>>>(x.data_ptr<scalar_t>(), L, parts);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_stats_finish_kernel<acc_t><<<ceil_div(L.A, kThreads), kThreads, 0, current_stream()>>>(
+        parts, blocks, L.A, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
+    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+    const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training) {
+  check_bn(x, weight, alive, theta, seed,
+           {{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}});
+  const bool relu = parse_relu(activation);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = format_of(x);
+  const Tensor xc = x.contiguous(fmt);
+  const Layout L = layout_of(xc);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor mean, var;
+  if (training) {
+    TORCH_CHECK(L.rows() > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
+                "got input shape ", x.sizes());
+    std::tie(mean, var) = batch_stats(xc, L);
+  } else {  // index_select copies even for a full alive set: outputs must not alias inputs
+    mean = running_mean.index_select(0, alive).to(acc);
+    var = running_var.index_select(0, alive).to(acc);
+  }
+  const Gate gate = make_gate(theta, alive, seed, training, weight.numel(), L);
+  const Tensor w = coef(weight, acc), b = coef(bias, acc);
+  Tensor y = at::empty_like(xc, fmt);
+  Tensor pre = gate.defined() ? at::empty_like(xc, fmt) : at::empty({0}, x.options());
+  if (L.numel() == 0) return {y, pre, mean, var};
+  const LaunchShape shape = channel_launch(L);
+  CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_bool(relu, [&](auto use_relu) {
+      bn_forward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
+          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+          b.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L,
+          gate.defined() ? pre.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, pre, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
+    const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training) {
+  check_bn(x, weight, alive, theta, seed, {{&weight, "weight"}});
+  check_cuda(grad_y, x, "grad_y");
+  check_cuda(pre, x, "pre");
+  check_cuda(mean, x, "mean");
+  check_cuda(var, x, "var");
+  const bool relu = parse_relu(activation);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && pre.sizes() == x.sizes(), "cadk bn_gate_act: grad_y ",
+              grad_y.sizes(), " and pre ", pre.sizes(), " must both match x ", x.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && pre.scalar_type() == x.scalar_type(),
+              "cadk bn_gate_act: grad_y and pre must have x's dtype ", x.scalar_type());
+  const int64_t A = alive.numel();
+  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == A && var.dim() == 1 && var.size(0) == A,
+              "cadk bn_gate_act: mean and var must be the [", A, "] statistics returned by bn_gate_act_fwd");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = format_of(x);
+  const Tensor xc = x.contiguous(fmt), gy = grad_y.contiguous(fmt), pc = pre.contiguous(fmt);
+  const Layout L = layout_of(xc);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const Tensor mu = coef(mean, acc), vr = coef(var, acc), w = coef(weight, acc);
+  const Gate gate = make_gate(theta, alive, seed, training, weight.numel(), L);
+  const Tensor theta_sum = gate.defined() ? zero_sums(weight.numel(), x) : Tensor();
+  const Tensor dz_sum = zero_sums(weight.numel(), x), dz_xhat_sum = zero_sums(weight.numel(), x);
+  Tensor grad_x = at::empty_like(xc, fmt);
+  if (L.numel() > 0) {
+    const LaunchShape shape = channel_launch(L);
+    const double inv_m = training ? 1.0 / static_cast<double>(L.rows()) : 0.0;
+    CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      with_bool(relu, [&](auto use_relu) {
+        constexpr bool kRelu = decltype(use_relu)::value;
+        const cudaStream_t stream = current_stream();
+        bn_backward_reduce_kernel<scalar_t, kRelu><<<shape.grid, shape.block, 0, stream>>>(
+            gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
+            vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
+            dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        bn_backward_input_kernel<scalar_t, kRelu><<<shape.grid, shape.block, 0, stream>>>(
+            gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
+            vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), w.data_ptr<acc_t>(), dz_sum.data_ptr<acc_t>(),
+            dz_xhat_sum.data_ptr<acc_t>(), static_cast<acc_t>(inv_m), gate.params, L,
+            grad_x.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  const auto wtype = weight.scalar_type();
+  return {grad_x, dz_xhat_sum.to(wtype), dz_sum.to(wtype),
+          gate.defined() ? theta_sum.to(theta->scalar_type()) : no_grad_like(x)};
+}
+
+}  // namespace cadk::cuda

@@ -1,0 +1,350 @@
+// Shared pieces of cadk's CUDA kernels: input checks, the gate xi[n, c] of a compact channel, and
+// a per-channel traversal of compact activations that serves elementwise and reduction kernels.
+//
+// Kernel shape: a thread owns one compact channel c (threadIdx.x + blockIdx.x * blockDim.x) and
+// strides over that channel's N*S rows (threadIdx.y + blockIdx.y * blockDim.y, step blockDim.y *
+// gridDim.y). Per-channel values (bias, BN coefficients, theta) then live in registers, per-channel
+// sums reduce over threadIdx.y in shared memory and end in one atomicAdd per block and channel.
+//
+// Only c10/cuda headers are used for streams and guards: ATen/cuda/CUDAContext.h pulls in cuBLAS
+// and cuSPARSE headers that a bare CUDA toolkit may lack (c10::cuda::getCurrentCUDAStream is the
+// function at::cuda::getCurrentCUDAStream forwards to).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "../philox.h"
+
+namespace cadk::cuda {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+#define CADK_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Calls f(std::integral_constant<bool, b>) so a runtime flag becomes a template parameter.
+template <typename F>
+decltype(auto) with_bool(bool b, const F& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks (the same contract and messages as csrc/cpu). Values of alive are not read on the host
+// (that would synchronise): kernels assert the range, index_select checks its indices itself.
+
+inline bool parse_relu(c10::string_view activation) {
+  if (activation == "relu") return true;
+  TORCH_CHECK(activation == "none", "cadk: activation must be \"relu\" or \"none\", got \"",
+              std::string(activation), "\"");
+  return false;
+}
+
+inline void check_cuda(const Tensor& t, const Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "cadk: ", name, " is on ", t.device(), " but the op runs on ",
+              ref.device(), "; move all inputs of the op to one device");
+}
+
+inline void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "cadk: ", name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+inline void check_alive(const Tensor& alive, int64_t count, int64_t full, const Tensor& ref, const char* name) {
+  TORCH_CHECK(alive.scalar_type() == at::kLong, "cadk: ", name, " must be an int64 index tensor, got ",
+              alive.scalar_type(), "; build it with dtype=torch.int64");
+  TORCH_CHECK(alive.dim() == 1, "cadk: ", name, " must be 1-D, got shape ", alive.sizes());
+  check_cuda(alive, ref, name);
+  TORCH_CHECK(alive.numel() == count, "cadk: ", name, " lists ", alive.numel(),
+              " channels but the activation has ", count,
+              " (dim 1); the activation must hold exactly the alive channels");
+  TORCH_CHECK(count <= full, "cadk: ", name, " lists ", count, " channels but the parameters have only ", full);
+}
+
+// seed: 0-dim int64, on the CPU (read once on the host) or on the op's device (read by the kernels).
+inline void check_seed(const Tensor& seed, const Tensor& ref) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong,
+              "cadk: seed must be a 0-dim int64 tensor, got shape ", seed.sizes(), " and dtype ",
+              seed.scalar_type());
+  TORCH_CHECK(seed.device().is_cpu() || seed.device() == ref.device(), "cadk: seed is on ", seed.device(),
+              " but the op runs on ", ref.device(), "; keep it on the CPU or on the op's device");
+}
+
+// t is absent or a 1-D floating tensor of `full` entries (bias, theta, BN vectors) on ref's device.
+inline void check_vector(const OptTensor& t, int64_t full, const Tensor& ref, const char* name) {
+  if (!t.has_value()) return;
+  check_cuda(*t, ref, name);
+  check_float(*t, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == full, "cadk: ", name, " must have shape [", full,
+              "] (one entry per full-range channel), got ", t->sizes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+
+// ChannelsLast iff a 4-D tensor is stored channels-last and not also plainly contiguous (the rule
+// of csrc/cpu and of the fake kernels). Other layouts are made contiguous by the callers.
+inline at::MemoryFormat format_of(const Tensor& t) {
+  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// An activation [N, A, *spatial] (S = prod(spatial)) as N*S rows r = n*S + s per channel c.
+// planar: channel-major storage, channel c of example n is a run of S values; otherwise the
+// channel is the fastest dimension (2-D tensors, channels-last, S == 1).
+struct Layout {
+  int64_t N = 0, A = 0, S = 1;
+  bool planar = false;
+
+  __host__ __device__ int64_t rows() const { return N * S; }
+  __host__ __device__ int64_t numel() const { return N * A * S; }
+  __device__ int64_t offset(int64_t n, int64_t s, int64_t c) const {
+    return planar ? (n * A + c) * S + s : (n * S + s) * A + c;
+  }
+};
+
+// t must be contiguous in format_of(t).
+inline Layout layout_of(const Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() >= 2 && t.is_contiguous(format_of(t)), "cadk: activation layout not prepared");
+  Layout L;
+  L.N = t.size(0);
+  L.A = t.size(1);
+  for (int64_t d = 2; d < t.dim(); ++d) L.S *= t.size(d);
+  L.planar = L.S > 1 && format_of(t) == at::MemoryFormat::Contiguous;
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row traversal
+
+constexpr int kThreads = 256;  // threads per block of every channel-wise kernel
+constexpr int kUnroll = 4;     // rows per thread whose loads are issued together
+
+// Up to kUnroll rows of one thread's channel: example index and element offset of each.
+struct RowGroup {
+  int64_t n[kUnroll];
+  int64_t off[kUnroll];
+  bool valid[kUnroll];
+};
+
+__device__ __forceinline__ int64_t channel_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// Calls body(group) over this thread's rows of channel c, kUnroll rows at a time. (n, s) advance
+// incrementally, so the loop has no integer division.
+template <typename F>
+__device__ __forceinline__ void for_each_row_group(const Layout& L, int64_t c, const F& body) {
+  const int64_t rows = L.rows();
+  const int64_t step = static_cast<int64_t>(blockDim.y) * gridDim.y;
+  int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (r >= rows) return;
+  int64_t n = r / L.S, s = r % L.S;
+  const int64_t dn = step / L.S, ds = step % L.S;
+  while (r < rows) {
+    RowGroup g;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      g.valid[u] = r < rows;
+      g.n[u] = n;
+      g.off[u] = L.offset(n, s, c);
+      r += step;
+      n += dn;
+      s += ds;
+      if (s >= L.S) {
+        s -= L.S;
+        ++n;
+      }
+    }
+    body(g);
+  }
+}
+
+// out[u] = p[g.off[u]] in the math dtype (0 for rows past the end): all loads before any use.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_rows(const scalar_t* p, const RowGroup& g, acc_t (&out)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) out[u] = g.valid[u] ? static_cast<acc_t>(p[g.off[u]]) : acc_t(0);
+}
+
+// Reduces v over threadIdx.y (the rows of one channel) with merge; the result is valid in every
+// thread. Every thread of the block must call it, at most once per kernel. T is a plain aggregate.
+template <typename T, typename Merge>
+__device__ T reduce_over_rows(T v, const Merge& merge) {
+  __shared__ T shared[kThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  shared[tid] = v;
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.y) < half) shared[tid] = merge(shared[tid], shared[tid + half * blockDim.x]);
+    __syncthreads();
+  }
+  return shared[threadIdx.x];
+}
+
+template <typename T, int K>
+struct Sums {
+  T v[K];
+};
+
+template <typename T, int K>
+__device__ __forceinline__ Sums<T, K> add_sums(const Sums<T, K>& a, const Sums<T, K>& b) {
+  Sums<T, K> out;
+#pragma unroll
+  for (int k = 0; k < K; ++k) out.v[k] = a.v[k] + b.v[k];
+  return out;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct LaunchShape {
+  dim3 grid, block;
+};
+
+// Planar: one channel per block, its 256 threads on consecutive rows (coalesced along S).
+// Otherwise up to 32 consecutive channels per block (coalesced along C) times 256/32 rows. Enough
+// row blocks to fill the GPU once, no more than there are row groups.
+inline LaunchShape channel_launch(const Layout& L) {
+  int64_t tc = 1;
+  if (!L.planar) {
+    while (tc < L.A && tc < 32) tc *= 2;
+  }
+  const int64_t tr = kThreads / tc;
+  const int64_t gx = ceil_div(L.A, tc);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t blocks_per_sm = 2048 / kThreads;
+  const int64_t row_blocks = std::min<int64_t>(ceil_div(L.rows(), tr * kUnroll), 65535);
+  const int64_t gy = std::clamp<int64_t>(ceil_div(sms * blocks_per_sm, gx), 1, std::max<int64_t>(row_blocks, 1));
+  TORCH_CHECK(gx <= INT32_MAX, "cadk: too many channels (", L.A, ") for one launch");
+  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+          dim3(static_cast<unsigned>(tc), static_cast<unsigned>(tr))};
+}
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// ---------------------------------------------------------------------------------------------
+// Gates
+
+// What a kernel needs to produce xi[n, c]; points into tensors owned by a host-side Gate.
+struct GateParams {
+  const int64_t* alive = nullptr;     // [A]: full-range unit of each compact channel
+  int64_t A = 0;
+  int64_t units = 0;                  // full channel count C: the range of alive
+  const float* theta = nullptr;       // [C] keep probabilities as fp32; nullptr: no gate (xi = 1)
+  bool training = false;              // sampled 0/1 gates; else xi = theta (eval)
+  const float* table = nullptr;       // [N, A] training gates precomputed once per (n, c), or nullptr
+  const int64_t* seed_ptr = nullptr;  // the seed when it lives on the device ...
+  int64_t seed = 0;                   // ... else its value
+};
+
+// Full-range unit of compact channel c.
+__device__ __forceinline__ int64_t unit_of(const GateParams& g, int64_t c) {
+  const int64_t j = g.alive[c];
+  CUDA_KERNEL_ASSERT(j >= 0 && j < g.units && "cadk: alive index outside the parameters' channel range");
+  return j;
+}
+
+__device__ __forceinline__ uint64_t load_seed(const GateParams& g) {
+  return static_cast<uint64_t>(g.seed_ptr != nullptr ? *g.seed_ptr : g.seed);
+}
+
+// xi[n, c] for the fixed channel c of a thread. Eval gates are theta rounded through the activation
+// dtype, as the reference's theta.to(pre.dtype).
+template <typename scalar_t>
+class ChannelGate {
+ public:
+  __device__ ChannelGate(const GateParams& g, int64_t c) {
+    if (g.theta == nullptr) return;
+    unit_ = unit_of(g, c);
+    theta_ = g.theta[unit_];
+    if (!g.training) {
+      value_ = static_cast<float>(static_cast<scalar_t>(theta_));
+    } else if (g.table != nullptr) {
+      table_ = g.table + c;
+      stride_ = g.A;
+    } else {
+      sampled_ = true;
+      seed_ = load_seed(g);
+      units_ = g.units;
+    }
+  }
+
+  __device__ __forceinline__ float operator()(int64_t n) const {
+    if (table_ != nullptr) return table_[n * stride_];
+    if (sampled_) return cadk::philox_gate(seed_, n, unit_, units_, theta_);
+    return value_;
+  }
+
+ private:
+  float value_ = 1.0f;
+  const float* table_ = nullptr;
+  int64_t stride_ = 0;
+  bool sampled_ = false;
+  uint64_t seed_ = 0;
+  int64_t unit_ = 0, units_ = 0;
+  float theta_ = 0.0f;
+};
+
+// Host side of a gate: owns what GateParams points into.
+struct Gate {
+  GateParams params;
+  Tensor alive, theta, table;
+  bool defined() const { return params.theta != nullptr; }
+};
+
+// Builds the gate of `units` full-range channels for an activation of layout L (theta absent: no
+// gate). Training gates of planar activations (S > 1) are drawn once per (n, c) into a table
+// instead of once per element.
+Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, bool training, int64_t units,
+               const Layout& L);
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise helpers
+
+// act(v) rounded to the activation dtype (rounding first, as ATen: relu commutes with it; NaN stays).
+template <typename scalar_t, bool kRelu, typename acc_t>
+__device__ __forceinline__ scalar_t activate(acc_t v) {
+  const scalar_t p = static_cast<scalar_t>(v);
+  return kRelu && static_cast<acc_t>(p) < acc_t(0) ? scalar_t(0) : p;
+}
+
+// Gradient reaching the activation's input: grad_y * xi rounded to the activation dtype (as the
+// reference's dy * xi), masked by pre > 0 under ReLU.
+template <typename scalar_t, bool kRelu, typename acc_t>
+__device__ __forceinline__ acc_t gated_grad(acc_t dy, acc_t pre, float xi) {
+  const acc_t g = static_cast<acc_t>(static_cast<scalar_t>(dy * static_cast<acc_t>(xi)));
+  return kRelu && !(pre > acc_t(0)) ? acc_t(0) : g;
+}
+
+__device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_acc(double v) { return ::rsqrt(v); }
+
+// Full-size zero accumulator of `units` entries in the math dtype of `like`.
+inline Tensor zero_sums(int64_t units, const Tensor& like) {
+  return at::zeros({units}, like.options().dtype(at::toOpMathType(like.scalar_type())));
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Empty stand-in for the gradient of an absent optional input.
+inline Tensor no_grad_like(const Tensor& t) { return at::empty({0}, t.options()); }
+
+}  // namespace cadk::cuda

@@ -1,0 +1,159 @@
+// Gate tables and the channel-wise epilogue/prologue kernels of the gated ops.
+#include "epilogue.cuh"
+
+#include <ATen/ops/empty_like.h>
+
+namespace cadk::cuda {
+namespace {
+
+// out[n, c] = training gate of example n, compact channel c.
+__global__ void gate_table_kernel(GateParams g, int64_t total, float* out) {
+  const uint64_t seed = load_seed(g);
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int64_t n = i / g.A, j = unit_of(g, i % g.A);
+    out[i] = cadk::philox_gate(seed, n, j, g.units, g.theta[j]);
+  }
+}
+
+template <typename scalar_t, bool kRelu>
+__global__ void gate_forward_kernel(const scalar_t* z, const at::opmath_type<scalar_t>* bias, GateParams g,
+                                    Layout L, scalar_t* pre, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  if (c >= L.A) return;  // no block-wide synchronisation below
+  const acc_t b = bias != nullptr ? bias[unit_of(g, c)] : acc_t(0);
+  const ChannelGate<scalar_t> gate(g, c);
+  for_each_row_group(L, c, [&](const RowGroup& rg) {
+    acc_t v[kUnroll];
+    load_rows(z, rg, v);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!rg.valid[u]) continue;
+      const scalar_t p = activate<scalar_t, kRelu>(v[u] + b);
+      if (pre != nullptr) pre[rg.off[u]] = p;
+      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(gate(rg.n[u])));
+    }
+  });
+}
+
+// grad_z and the per-unit sums of grad_y * pre (theta) and grad_z (bias); null sums are skipped.
+template <typename scalar_t, bool kRelu>
+__global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre, GateParams g, Layout L,
+                                     scalar_t* grad_z, at::opmath_type<scalar_t>* theta_sum,
+                                     at::opmath_type<scalar_t>* bias_sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = channel_index();
+  const bool active = c < L.A;
+  Sums<acc_t, 2> s = {};
+  if (active) {
+    const ChannelGate<scalar_t> gate(g, c);
+    for_each_row_group(L, c, [&](const RowGroup& rg) {
+      acc_t dy[kUnroll], p[kUnroll];
+      load_rows(grad_y, rg, dy);
+      load_rows(pre, rg, p);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!rg.valid[u]) continue;
+        const acc_t gz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+        grad_z[rg.off[u]] = static_cast<scalar_t>(gz);
+        s.v[0] += dy[u] * p[u];
+        s.v[1] += gz;
+      }
+    });
+  }
+  s = reduce_over_rows(s, [](const Sums<acc_t, 2>& a, const Sums<acc_t, 2>& b) { return add_sums(a, b); });
+  if (active && threadIdx.y == 0) {
+    const int64_t j = unit_of(g, c);
+    if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[0]);
+    if (bias_sum != nullptr) atomicAdd(bias_sum + j, s.v[1]);
+  }
+}
+
+}  // namespace
+
+Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, bool training, int64_t units,
+               const Layout& L) {
+  Gate gate;
+  gate.alive = alive.contiguous();
+  gate.params.alive = gate.alive.data_ptr<int64_t>();
+  gate.params.A = alive.numel();
+  gate.params.units = units;
+  if (!theta.has_value()) return gate;
+  TORCH_CHECK(theta->numel() == units, "cadk: theta has ", theta->numel(), " entries for ", units, " units");
+  gate.theta = theta->detach().to(at::kFloat).contiguous();
+  gate.params.theta = gate.theta.data_ptr<float>();
+  gate.params.training = training;
+  if (!training) return gate;
+  TORCH_CHECK(L.N * units <= kPhiloxMaxOffset, "cadk gates: batch ", L.N, " x ", units,
+              " units exceeds the 2^31 Philox offset range; split the batch");
+  if (seed.device().is_cpu()) {
+    gate.params.seed = seed.item<int64_t>();
+  } else {
+    gate.params.seed_ptr = seed.data_ptr<int64_t>();
+  }
+  const int64_t total = L.N * L.A;
+  if (L.S > 1 && total > 0) {
+    gate.table = at::empty({L.N, L.A}, gate.theta.options());
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 4096);
+    gate_table_kernel<<<blocks, kThreads, 0, current_stream()>>>(gate.params, total, gate.table.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gate.params.table = gate.table.data_ptr<float>();
+  }
+  return gate;
+}
+
+void gate_forward(const Tensor& z, const Tensor& bias, const Gate& gate, bool relu, const Tensor& pre,
+                  const Tensor& y) {
+  const Layout L = layout_of(z);
+  if (L.numel() == 0) return;
+  const LaunchShape shape = channel_launch(L);
+  CADK_DISPATCH_FLOATING(z.scalar_type(), "cadk_gate_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_bool(relu, [&](auto use_relu) {
+      gate_forward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
+          z.data_ptr<scalar_t>(), ptr_or_null<acc_t>(bias), gate.params, L, ptr_or_null<scalar_t>(pre),
+          y.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Tensor& bias, const Gate& gate, bool relu) {
+  if (!gate.defined()) {
+    if (relu || bias.defined()) gate_forward(z, bias, gate, relu, Tensor(), z);
+    return {z, at::empty({0}, z.options())};
+  }
+  Tensor y = at::empty_like(z, format_of(z));
+  gate_forward(z, bias, gate, relu, z, y);
+  return {y, z};
+}
+
+EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gate& gate, bool relu,
+                                bool want_bias_sum) {
+  EpilogueGrads out;
+  if (gate.defined()) out.theta_sum = zero_sums(gate.params.units, pre);
+  if (want_bias_sum) out.bias_sum = zero_sums(gate.params.units, pre);
+  if (!gate.defined() && !relu && !want_bias_sum) {
+    out.grad_z = grad_y;  // identity: nothing to compute
+    return out;
+  }
+  TORCH_INTERNAL_ASSERT(grad_y.sizes() == pre.sizes() && grad_y.is_contiguous(format_of(pre)),
+                        "cadk: grad_y and pre must share a layout");
+  out.grad_z = at::empty_like(pre, format_of(pre));
+  const Layout L = layout_of(pre);
+  if (L.numel() == 0) return out;
+  const LaunchShape shape = channel_launch(L);
+  CADK_DISPATCH_FLOATING(pre.scalar_type(), "cadk_gate_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_bool(relu, [&](auto use_relu) {
+      gate_backward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
+          grad_y.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gate.params, L, out.grad_z.data_ptr<scalar_t>(),
+          ptr_or_null<acc_t>(out.theta_sum), ptr_or_null<acc_t>(out.bias_sum));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace cadk::cuda

@@ -1,0 +1,59 @@
+"""The main job end to end on a tiny dataset in the real on-disk format."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cadk.cli import main
+from test_data import make_fashion_mnist
+
+TINY = ["--epochs", "2", "--batch-size", "32", "--max-steps-per-epoch", "3", "--warmup-epochs", "0.3",
+        "--prune-every", "1", "--patience", "1", "--lam", "20", "--theta-lr", "0.5", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return str(make_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=96, n_test=40))
+
+
+def test_train_writes_report_plot_compact_model_and_resumes(fmnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet20", "--data-dir", fmnist, "--out-dir", str(out), *TINY]) == 0
+    log = capsys.readouterr().out
+    assert "epoch   2 |" in log and "FLOPs" in log and "blocks" in log and "final:" in log
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["history"]) == 2
+    assert report["test_acc_compact"] == pytest.approx(report["test_acc_gated"], abs=1 / 40 + 1e-9)
+    assert report["flops"] <= report["dense_flops"]
+    for key in ("checkpoint", "torchscript", "exported", "plot"):
+        assert os.path.getsize(report["artifacts"][key]) > 0
+    # resume: one more epoch on top of the saved two
+    assert main(["train", "--model", "resnet20", "--data-dir", fmnist, "--out-dir", str(out), "--resume",
+                 *TINY, "--epochs", "3"]) == 0
+    assert len(json.loads((out / "report.json").read_text())["history"]) == 3
+
+
+def test_dense_run(fmnist, tmp_path):
+    out = tmp_path / "dense"
+    assert main(["train", "--model", "mlp", "--dense", "--data-dir", fmnist, "--out-dir", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops_ratio"] == 1.0
+
+
+def test_clear_errors(fmnist, tmp_path, capsys):
+    assert main(["train", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "a")]) == 2
+    assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x00corrupt")
+    assert main(["train", "--data-dir", fmnist, "--out-dir", str(out), "--resume", *TINY]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_info_and_module_entry_point():
+    res = subprocess.run([sys.executable, "-m", "cadk", "info"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "torch" in res.stdout and "active backend" in res.stdout

@@ -1,0 +1,95 @@
+"""The complexity model counts what the compacted network costs, exactly at 0/1 thetas and in
+expectation at fractional ones."""
+import math
+
+import pytest
+import torch
+
+import cadk
+from cadk.compaction import flop_count, param_count
+from cadk.nn import gates_of
+from helpers import random_thetas, randomize_bn, small_models
+
+
+@pytest.mark.parametrize("name,model,x", small_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_binary_thetas_count_exactly_what_flop_counter_measures(name, model, x):
+    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    model.eval()
+    cm = cadk.ComplexityModel(model, x)
+    dense = cadk.compact(model)
+    assert cm.dense_flops == flop_count(dense, x[:1]) and cm.dense_params == param_count(dense)
+    for _ in range(3):
+        random_thetas(model, gen, binary=True)
+        flops, params = cm.expected()
+        plain = cadk.compact(model)
+        assert flops.item() == flop_count(plain, x[:1])
+        assert params.item() == param_count(plain)
+
+
+def test_fractional_thetas_equal_mean_over_sampled_structures():
+    gen = torch.Generator().manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10).eval()
+    x = torch.randn(1, 1, 12, 12)
+    cm = cadk.ComplexityModel(model, x)
+    random_thetas(model, gen, binary=False)
+    probs = {g: g.theta.detach().clone() for g in gates_of(model)}
+    exp_flops, exp_params = (float(v) for v in cm.expected())
+    samples = []
+    for _ in range(48):  # structures drawn from the gates, each compacted and measured
+        with torch.no_grad():
+            for g, p in probs.items():
+                g.theta.copy_((torch.rand(p.shape, generator=gen) < p).float())
+        plain = cadk.compact(model)
+        samples.append((flop_count(plain, x), param_count(plain)))
+    for i, expected in ((0, exp_flops), (1, exp_params)):
+        vals = torch.tensor([s[i] for s in samples], dtype=torch.float64)
+        stderr = vals.std() / math.sqrt(len(vals))
+        assert abs(vals.mean() - expected) <= 4 * stderr, (vals.mean(), expected, stderr)
+
+
+def test_pruned_structures_leave_the_cost():
+    model = cadk.build_model("resnet20", 1, 10)
+    cm = cadk.ComplexityModel(model, torch.randn(1, 1, 28, 28))
+    f0, p0 = cm.ratios()
+    assert float(f0) == pytest.approx(1.0) and float(p0) == pytest.approx(1.0)
+    model.blocks[4].layer_gate.prune(torch.tensor([0]))
+    model.blocks[0].branch[0].gate.prune(torch.arange(8))
+    f1, p1 = cm.ratios()
+    assert float(f1) < float(f0) and float(p1) < float(p0)
+
+
+def test_cost_gradient_prices_units_by_what_they_control():
+    model = cadk.build_model("resnet20", 1, 10)
+    cost = cadk.ComplexityCost(model, torch.randn(1, 1, 28, 28), lam=2.0, alpha=0.5, beta=1.0)
+    cost.add_grad_()
+    stem_unit = model.stem.gate.theta.grad[0].item()  # stage-1 stream channel: every stage-1 conv
+    mid_unit = model.blocks[0].branch[0].gate.theta.grad[0].item()  # one block's inner channel
+    assert stem_unit > mid_unit > 0
+    layer = model.blocks[0].layer_gate.theta.grad.item()
+    # alpha scales layer gates: compare against alpha = 1
+    model2 = cadk.build_model("resnet20", 1, 10)
+    cadk.ComplexityCost(model2, torch.randn(1, 1, 28, 28), lam=2.0, alpha=1.0, beta=1.0).add_grad_()
+    assert layer == pytest.approx(0.5 * model2.blocks[0].layer_gate.theta.grad.item())
+
+
+def test_target_mode_adapts_lam_both_ways():
+    model = cadk.build_model("mlp", 1, 10, image_size=8, hidden=(16,))
+    cost = cadk.ComplexityCost(model, torch.randn(1, 1, 8, 8), lam=0.0, target_flops=0.5, lam_lr=0.1)
+    cost.add_grad_()
+    assert cost.lam > 0  # dense model is over budget
+    with torch.no_grad():
+        model.layers[0].gate.theta.fill_(0.1)
+    lam = cost.lam
+    cost.add_grad_()
+    assert cost.lam < lam  # under budget: lam relaxes
+
+
+def test_cost_rejects_bad_knobs():
+    model = cadk.build_model("mlp", 1, 10, image_size=8, hidden=(16,))
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="beta"):
+        cadk.ComplexityCost(model, x, beta=2.0)
+    with pytest.raises(ValueError, match="target"):
+        cadk.ComplexityCost(model, x, target_flops=0.0)
+    with pytest.raises(ValueError, match="no cadk gated layers"):
+        cadk.ComplexityModel(torch.nn.Linear(2, 2), torch.randn(1, 2))

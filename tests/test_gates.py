@@ -1,0 +1,90 @@
+"""Gates, their sampling and the theta-gradient estimator (reference path)."""
+import math
+
+import pytest
+import torch
+
+import cadk
+from cadk.kernels import philox, reference
+from cadk.nn import GatedConv2d, GatedLinear, UnitGate
+
+
+def test_philox_uniform_range_and_determinism():
+    off = torch.arange(100_000)
+    u1, u2 = philox.uniform(1234, off), philox.uniform(1234, off)
+    assert torch.equal(u1, u2)
+    assert u1.min() >= 0 and u1.max() < 1
+    assert abs(u1.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u1, philox.uniform(1235, off))
+
+
+def test_philox_known_answer():
+    # Philox4x32-10 test vector (Random123 kat_vectors: counter 0, key 0) first word 0x6627e8d5.
+    assert philox.philox_word(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_sampled_gate_mean_matches_theta(theta):
+    n, c = 4000, 8
+    th = torch.full((c,), theta)
+    xi = philox.sample_gates(torch.tensor(77), n, th, torch.arange(c))
+    sd = math.sqrt(theta * (1 - theta) / (n * c))
+    assert abs(xi.mean().item() - theta) <= 5 * sd + 1e-12
+
+
+def test_gate_apply_estimator_equals_autograd_through_explicit_gates():
+    torch.manual_seed(0)
+    pre = torch.randn(6, 5, 3, 4)
+    theta = torch.rand(9).requires_grad_()
+    alive = torch.tensor([0, 2, 3, 7, 8])
+    seed = torch.tensor(5)
+    y = reference.gate_apply(pre, theta, alive, seed, True)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    xi = philox.sample_gates(seed, 6, theta, alive).requires_grad_()
+    (pre * xi[:, :, None, None] * w).sum().backward()
+    expected = torch.zeros(9).index_add(0, alive, xi.grad.sum(0))
+    torch.testing.assert_close(theta.grad, expected)
+
+
+def test_eval_uses_theta_as_expectation():
+    lin = GatedLinear(4, 3, activation="relu").eval()
+    with torch.no_grad():
+        lin.gate.theta.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    x = torch.randn(2, 4)
+    ref = torch.relu(x @ lin.weight.T + lin.bias) * lin.gate.theta
+    torch.testing.assert_close(lin(x), ref)
+
+
+def test_training_samples_fresh_gates_each_step_and_is_reproducible():
+    def outputs(seed):
+        torch.manual_seed(0)
+        lin = GatedLinear(4, 64, theta_init=0.5)
+        cadk.nn.seed_gates(lin, seed)
+        x = torch.ones(3, 4)
+        return [lin(x) != 0 for _ in range(2)]
+
+    a1, a2 = outputs(1)
+    b1, _ = outputs(1)
+    assert not torch.equal(a1, a2)  # new sample every training step
+    assert torch.equal(a1, b1)  # same seed, same gates
+
+
+def test_shared_gate_samples_once_per_step():
+    conv_a = GatedConv2d(2, 8, 3, padding=1, theta_init=0.5)
+    conv_b = GatedConv2d(2, 8, 1, gate=conv_a.gate)
+    x = torch.rand(4, 2, 5, 5) + 0.1
+    with torch.no_grad():
+        conv_b.weight.fill_(1.0)
+        conv_a.weight.fill_(1.0)
+    ya, yb = conv_a(x), conv_b(x)  # owner first, as in every cadk model
+    assert torch.equal(ya[:, :, 0, 0] != 0, yb[:, :, 0, 0] != 0)
+
+
+def test_gate_validation():
+    with pytest.raises(ValueError, match="theta_init"):
+        UnitGate(3, theta_init=1.5)
+    with pytest.raises(ValueError, match="at least one unit"):
+        UnitGate(0)
+    with pytest.raises(ValueError, match="units"):
+        GatedLinear(4, 3, gate=UnitGate(5))

@@ -1,0 +1,304 @@
+"""Every compiled/Triton backend of cadk's ops against the reference: forward, all gradients, gates,
+registration (opcheck), torch.compile, input checks.
+
+Backends are called directly through their modules; one test checks that CADK_BACKEND routes the
+dispatch. Data are fresh each run: a failing test prints its data seed (rerun with CADK_TEST_SEED).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import cadk.kernels as kernels
+from cadk.kernels import philox, reference
+from kernel_cases import (ALIVE_KINDS, assert_close, bn_gate_act_case, data_seed, gate_apply_case,
+                          gated_conv2d_case, gated_linear_case, run)
+
+
+def _backend_params():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    params = []
+    for name in kernels.available_backends():
+        if name == "reference":
+            continue
+        module = importlib.import_module(f"cadk.kernels.{name}_backend")
+        params += [pytest.param((module, dev), id=f"{name}-{dev}") for dev in devices if module.supports(dev)]
+    if params:
+        return params
+    from cadk.kernels import cpp_backend
+    reason = ("no compiled or Triton backend supports the devices here" if cpp_backend.AVAILABLE else
+              "the cadk._C extension is not built (pip install --no-build-isolation -e .)")
+    return [pytest.param((None, None), id="no-backend", marks=pytest.mark.skip(reason=reason))]
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(data_seed())
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+LAYER_ALIVE = [("empty", "subset"), ("subset", "empty"), ("one", "one"), ("subset", "subset"), ("all", "all"),
+               ("all", "subset"), ("subset", "all")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference calls, with the empty-channel cases F.conv2d and F.batch_norm reject written out:
+# no input channels is a zero input channel; no output channels is an empty slice of one.
+
+
+def _reference_conv(x, weight, bias, theta, alive_in, alive_out, seed, *rest):
+    if alive_in.numel() == 0:
+        x = x.new_zeros((x.shape[0], 1, *x.shape[2:])) + x.sum()
+        alive_in = alive_in.new_zeros(1)
+    if alive_out.numel() == 0:
+        return reference.gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, *rest)[:, :0]
+    return reference.gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, *rest)
+
+
+def _reference_bn(x, weight, bias, running_mean, running_var, theta, alive, *rest):
+    if alive.numel() == 0:
+        return x * 0 + (weight.sum() + bias.sum() + (0 if theta is None else theta.sum())) * 0
+    return reference.bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, *rest)
+
+
+def _compare(op: str, fn, ref_fn, case, dtype, gen) -> None:
+    grad_seed = int(torch.randint(2**31, (1,), generator=gen))
+    y, grads, mutated = run(fn, case, grad_seed)
+    y_ref, grads_ref, mutated_ref = run(ref_fn, case, grad_seed)
+    assert_close(y, y_ref, f"{op} output", dtype)
+    for i in case.grad_args:
+        assert_close(grads[i], grads_ref[i], f"{op} grad of argument {i}", dtype)
+    for i in case.mutated:
+        assert_close(mutated[i], mutated_ref[i], f"{op} in-place update of argument {i}", dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and gradients against the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ALIVE_KINDS)
+def test_gate_apply(backend, gen, kind, training, channels_last, dtype):
+    module, device = backend
+    case = gate_apply_case(gen, device, dtype, kind, training, True, channels_last)
+    _compare("gate_apply", module.gate_apply, reference.gate_apply, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_theta", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kinds", LAYER_ALIVE, ids="-".join)
+def test_gated_linear(backend, gen, kinds, training, activation, with_theta, dtype):
+    module, device = backend
+    case = gated_linear_case(gen, device, dtype, kinds, training, activation, with_theta,
+                             with_bias=bool(int(torch.randint(2, (1,), generator=gen))))
+    _compare("gated_linear", module.gated_linear, reference.gated_linear, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_theta", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kinds", LAYER_ALIVE, ids="-".join)
+def test_gated_conv2d(backend, gen, kinds, training, activation, with_theta, channels_last, dtype):
+    module, device = backend
+    case = gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
+                             with_bias=bool(int(torch.randint(2, (1,), generator=gen))))
+    _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_theta", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ALIVE_KINDS)
+def test_bn_gate_act(backend, gen, kind, training, activation, with_theta, channels_last, dtype):
+    module, device = backend
+    case = bn_gate_act_case(gen, device, dtype, kind, training, activation, with_theta, channels_last)
+    _compare("bn_gate_act", module.bn_gate_act, _reference_bn, case, dtype, gen)
+
+
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
+def test_gradcheck_float64(backend, gen, op):
+    """Exact derivatives w.r.t. x and the parameters at a fixed gate sample (theta's gradient is
+    an estimator, compared with the reference above)."""
+    module, device = backend
+    if device == "cuda":
+        pytest.skip("float64 gradcheck runs on the CPU")
+    kinds = ("subset", "subset")
+    if op == "gated_linear":
+        case = gated_linear_case(gen, device, torch.float64, kinds, True, "relu", True)
+    elif op == "gated_conv2d":
+        case = gated_conv2d_case(gen, device, torch.float64, kinds, True, "relu", True, False)
+    else:
+        case = bn_gate_act_case(gen, device, torch.float64, "subset", True, "relu", True, False)
+        case.args[1:3] = [a.double() for a in case.args[1:3]]
+    args = list(case.args)
+    grad_args = [i for i in case.grad_args if i != (5 if op == "bn_gate_act" else 3)]
+    for i in grad_args:
+        args[i] = args[i].detach().clone().requires_grad_(True)
+
+    def fn(*leaves):
+        full = list(args)
+        for i, leaf in zip(grad_args, leaves):
+            full[i] = leaf
+        if op == "bn_gate_act":  # running statistics are updated in place: keep each call independent
+            full[3], full[4] = full[3].clone(), full[4].clone()
+        return getattr(module, op)(*full)
+
+    assert torch.autograd.gradcheck(fn, [args[i] for i in grad_args], eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates
+
+
+def _gates_via_op(module, device, seed, n, theta, alive):
+    ones = torch.ones(n, alive.numel(), device=device)
+    return module.gate_apply(ones, theta.to(device), alive.to(device), seed, True).cpu()
+
+
+def test_gates_bit_identical_to_philox(backend, gen):
+    module, device = backend
+    units = 100_003  # large offsets n * units + j
+    alive = torch.randperm(units, generator=gen)[:257].sort().values
+    theta = torch.rand(units, generator=gen)
+    theta[alive[:5]] = 0.0
+    theta[alive[5:10]] = 1.0
+    for seed in (0, 2**40 + 12345, -7):
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+        got = _gates_via_op(module, device, seed_t, 19, theta, alive)
+        assert torch.equal(got, philox.sample_gates(seed_t, 19, theta, alive)), f"gates differ for seed {seed}"
+
+
+def test_gate_mean_matches_theta(backend, gen):
+    module, device = backend
+    n, p = 20_000, torch.tensor([0.05, 0.3, 0.5, 0.9])
+    seed = torch.tensor(int(torch.randint(2**62, (1,), generator=gen)), dtype=torch.int64)
+    mean = _gates_via_op(module, device, seed, n, p, torch.arange(4)).mean(0)
+    bound = 5 * (p * (1 - p) / n).sqrt()  # binomial standard error, 5 sigma
+    assert ((mean - p).abs() <= bound).all(), f"gate means {mean.tolist()} vs theta {p.tolist()}"
+
+
+def test_deterministic_for_fixed_seed(backend, gen):
+    module, device = backend
+    case = gated_conv2d_case(gen, device, torch.float32, ("subset", "all"), True, "relu", True, True)
+    case.args[3] = torch.full_like(case.args[3], 0.5)
+    first, second = run(module.gated_conv2d, case, 1), run(module.gated_conv2d, case, 1)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(first[1][i], second[1][i]) for i in case.grad_args)
+    seed = case.args[6]
+    theta = torch.full((64,), 0.5)
+    gates = _gates_via_op(module, device, seed, 32, theta, torch.arange(64))
+    assert not torch.equal(gates, _gates_via_op(module, device, seed + 1, 32, theta, torch.arange(64))), \
+        "a new seed must resample the gates"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, compile, dispatch, input checks
+
+
+def _compiled_ops_only(module):
+    if not hasattr(torch.ops, "cadk") or not hasattr(torch.ops.cadk, "gated_linear_fwd"):
+        pytest.skip("backend does not use the torch.ops.cadk ops")
+    if module.__name__.endswith("triton_backend"):
+        pytest.skip("the Triton backend registers its own ops")
+
+
+def test_opcheck(backend, gen):
+    module, device = backend
+    _compiled_ops_only(module)
+    ops = torch.ops.cadk
+    cases = {
+        ops.gate_apply_fwd: gate_apply_case(gen, device, torch.float32, "subset", True, True, True),
+        ops.gated_linear_fwd: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
+                                                True),
+        ops.gated_conv2d_fwd: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
+                                                False, True),
+        ops.bn_gate_act_fwd: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, True),
+    }
+    for op, case in cases.items():
+        args = [a.detach().clone().requires_grad_(i in case.grad_args) if isinstance(a, torch.Tensor) else a
+                for i, a in enumerate(case.args)]
+        if op is ops.bn_gate_act_fwd:
+            del args[8]  # the op takes no momentum: the Python wrapper applies it
+        if op is ops.gated_conv2d_fwd:
+            args[7:10] = [list(v) for v in args[7:10]]
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_matches_eager(backend, gen):
+    module, device = backend
+    torch._dynamo.reset()
+    conv = gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "none", False, True,
+                             with_bias=False)
+    x, weight, _, _, alive_in, alive_out, seed = conv.args[:7]
+    units = weight.shape[0]
+    gamma, beta = torch.rand(units, device=device) + 0.5, torch.randn(units, device=device)
+    theta = torch.rand(units, device=device)
+
+    def step(x, weight, gamma, beta, theta, running_mean, running_var):
+        h = module.gated_conv2d(x, weight, None, None, alive_in, alive_out, seed, (1, 1), (1, 1), (1, 1),
+                                "none", True)
+        y = module.bn_gate_act(h, gamma, beta, running_mean, running_var, theta, alive_out, seed, 0.1, 1e-5,
+                               "relu", True)
+        return (y * y).sum()
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, gamma, beta, theta)]
+        stats = [torch.zeros(units, device=device), torch.ones(units, device=device)]
+        loss = fn(*leaves, *stats)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves] + stats
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(grads(compiled), grads(step)):
+        assert_close(got, want, "compiled vs eager", torch.float32)
+
+
+def test_cadk_backend_env_routes_dispatch(backend, gen, monkeypatch):
+    module, device = backend
+    name = module.__name__.rsplit(".", 1)[-1].removesuffix("_backend")
+    calls = []
+    original = module.gated_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "gated_linear", spy)
+    monkeypatch.setenv("CADK_BACKEND", name)
+    case = gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True)
+    assert kernels.backend_for(torch.device(device)) == name
+    y = kernels.gated_linear(*case.args)
+    assert len(calls) == 1 and torch.equal(y, original(*case.args))
+
+
+def test_bad_inputs_raise_clear_errors(backend, gen):
+    module, device = backend
+    case = gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True, False)
+    args = list(case.args)
+    with pytest.raises(RuntimeError, match="int64"):
+        module.gated_conv2d(*args[:4], args[4].int(), *args[5:])
+    with pytest.raises(RuntimeError, match="activation has"):
+        module.gated_conv2d(torch.cat([args[0], args[0][:, :1]], 1), *args[1:])
+    with pytest.raises(RuntimeError, match=r"must be \[N"):
+        module.gated_conv2d(args[0][0], *args[1:])
+    with pytest.raises(RuntimeError, match="sorted"):
+        module.gated_conv2d(args[0][:, :1].repeat(1, 2, 1, 1), *args[1:4], torch.tensor([2, 1], device=device),
+                            *args[5:])
+    bn = bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, False)
+    with pytest.raises(RuntimeError, match="0-dim int64"):
+        module.bn_gate_act(*bn.args[:7], torch.tensor([1, 2]), *bn.args[8:])

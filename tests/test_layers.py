@@ -1,0 +1,109 @@
+"""Gated layers compute only alive channels while parameters keep their full shape."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cadk
+from cadk.nn import GatedBasicBlock, GatedConv2d, GatedLinear, GatedSequential, UnitGate
+
+
+def test_full_gates_at_one_equal_plain_layers():
+    torch.manual_seed(0)
+    conv = GatedConv2d(3, 6, 3, stride=2, padding=1, bias=False, batch_norm=True, activation="relu")
+    plain_conv = nn.Conv2d(3, 6, 3, 2, 1, bias=False)
+    plain_bn = nn.BatchNorm2d(6)
+    plain_conv.weight.data.copy_(conv.weight.data)
+    x = torch.randn(4, 3, 9, 9)
+    torch.testing.assert_close(conv(x), F.relu(plain_bn(plain_conv(x))))  # training mode, theta = 1
+    torch.testing.assert_close(conv.bn.running_mean, plain_bn.running_mean)
+    torch.testing.assert_close(conv.bn.running_var, plain_bn.running_var)
+
+
+def test_pruned_channels_are_skipped_and_grads_stay_full_size():
+    torch.manual_seed(0)
+    a = GatedConv2d(3, 8, 3, padding=1, bias=False, batch_norm=True, activation="relu")
+    b = GatedConv2d(8, 5, 3, padding=1, in_gate=a.gate)
+    a.gate.prune(torch.tensor([1, 4, 6]))
+    x = torch.randn(2, 3, 6, 6)
+    h = a(x)
+    assert h.shape == (2, 5, 6, 6)  # only alive channels travel between layers
+    y = b(h)
+    y.sum().backward()
+    assert a.weight.grad.shape == a.weight.shape and b.weight.grad.shape == b.weight.shape
+    assert a.weight.grad[[1, 4, 6]].abs().sum() == 0
+    assert b.weight.grad[:, [1, 4, 6]].abs().sum() == 0
+    assert a.bn.weight.grad[[1, 4, 6]].abs().sum() == 0
+    assert a.weight.grad[[0, 2]].abs().sum() > 0
+    assert a.gate.theta.grad[[1, 4, 6]].abs().sum() == 0
+
+
+def test_bn_running_stats_of_pruned_channels_stay():
+    conv = GatedConv2d(2, 4, 1, batch_norm=True)
+    conv.gate.prune(torch.tensor([2]))
+    before = conv.bn.running_mean.clone()
+    conv(torch.randn(8, 2, 3, 3) + 3)
+    assert conv.bn.running_mean[2] == before[2]
+    assert (conv.bn.running_mean[[0, 1, 3]] != before[[0, 1, 3]]).all()
+
+
+def test_wrong_input_width_names_the_problem():
+    a = GatedLinear(6, 4)
+    b = GatedLinear(4, 3, in_gate=a.gate)
+    a.gate.prune(torch.tensor([0]))
+    with pytest.raises(ValueError, match="expects input .* with 3 channels"):
+        b(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="4 channels"):
+        GatedConv2d(4, 2, 1)(torch.randn(2, 4, 3))
+
+
+def test_unsupported_configurations_fail_early():
+    with pytest.raises(NotImplementedError, match="groups=1"):
+        GatedConv2d(4, 4, 3, groups=4)
+    with pytest.raises(ValueError, match="activation"):
+        GatedLinear(2, 2, activation="gelu")
+    with pytest.raises(ValueError, match="GatedSequential"):
+        GatedSequential(GatedLinear(4, 4), nn.Flatten(), GatedLinear(4, 2))
+
+
+def test_gated_sequential_wires_gates():
+    seq = GatedSequential(GatedLinear(5, 7, activation="relu"), nn.Dropout(0.0), GatedLinear(7, 2, gate=False))
+    assert seq[2].in_gate is seq[0].gate
+    seq[0].gate.prune(torch.tensor([0, 3]))
+    assert seq(torch.randn(3, 5)).shape == (3, 2)
+
+
+def test_pruned_block_is_skipped():
+    stem = GatedConv2d(3, 8, 3, padding=1, bias=False, batch_norm=True, activation="relu")
+    block = GatedBasicBlock(8, 8, in_gate=stem.gate)
+    x = stem(torch.randn(2, 3, 5, 5))
+    block.layer_gate.prune(torch.tensor([0]))
+    calls = []
+    block.branch[0].register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(block(x), F.relu(x))
+    assert not calls
+
+
+def test_state_dict_keys_are_stable_and_gates_saved_once():
+    m = cadk.build_model("resnet20", 1, 10)
+    keys = list(m.state_dict())
+    assert sum(k.endswith(".theta") for k in keys) == len(cadk.nn.gates_of(m))
+    m2 = cadk.build_model("resnet20", 1, 10)
+    m.blocks[3].branch[0].gate.prune(torch.tensor([0, 5]))
+    m2.load_state_dict(m.state_dict())
+    assert m2.blocks[3].branch[0].gate.num_alive == 30  # alive_idx rebuilt on load
+
+
+def test_torch_compile_traces_gated_model_without_graph_breaks():
+    torch.manual_seed(0)
+    m = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    m.layers[0].gate.prune(torch.tensor([2]))
+    x = torch.randn(5, 1, 4, 4)
+    cadk.nn.seed_gates(m, 3)
+    eager = m(x)
+    cadk.nn.seed_gates(m, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert m.layers[0].weight.grad.shape == (6, 16)

@@ -1,0 +1,112 @@
+"""The pruning rule, its guards, and that pruning is permanent, cheaper, and survives save/load."""
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import cadk
+from cadk.nn import gates_of
+
+
+def _setup(model, **kw):
+    weights, gates = cadk.split_parameters(model)
+    opt = torch.optim.SGD(weights, lr=0.01, momentum=0.9)
+    topt = cadk.ThetaSGD(gates, lr=0.1)
+    return opt, topt, cadk.Pruner(model, **kw)
+
+
+def test_theta_optimizer_projects_onto_unit_interval_and_pins_pruned():
+    gate = cadk.nn.UnitGate(4, theta_init=0.5)
+    gate.prune(torch.tensor([3]))
+    opt = cadk.ThetaSGD([gate], lr=1.0)
+    gate.theta.grad = torch.tensor([1.0, -1.0, 0.2, -5.0])
+    opt.step()
+    assert gate.theta.tolist() == [0.0, 1.0, 0.30000001192092896, 0.0]
+    adam = cadk.ThetaAdam([gate], lr=0.1)
+    gate.theta.grad = torch.tensor([-1.0, -1.0, -1.0, -1.0])
+    adam.step()
+    assert gate.theta[3] == 0 and gate.theta.max() <= 1
+
+
+def test_patience_eps_warmup_and_last_unit_guard():
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    gate = model.layers[0].gate
+    opt, topt, pruner = _setup(model, eps=0.01, patience=3, warmup_steps=4, every=1)
+    with torch.no_grad():
+        gate.theta.copy_(torch.tensor([0.0, 0.005, 0.5, 1.0, 0.0, 0.0]))
+    for _ in range(4):
+        assert pruner.step([opt, topt]) == []  # warm-up: nothing goes
+    pruner.step([opt, topt])
+    assert gate.alive_mask.tolist() == [False, False, True, True, False, False]
+    with torch.no_grad():
+        gate.theta.zero_()
+    for _ in range(3):
+        pruner.step([opt, topt])
+    assert gate.num_alive == 1  # a layer never loses its last unit through unit pruning
+
+
+def test_block_pruning_takes_internal_units_and_zeroes_weights_and_optimizer_state():
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    opt, topt, pruner = _setup(model, patience=1, every=1)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    block = model.blocks[2]
+    with torch.no_grad():
+        block.layer_gate.theta.zero_()
+        model.blocks[0].branch[0].gate.theta[:5] = 0
+    pruner.step([opt, topt])
+    assert block.is_pruned and all(g.is_pruned for g in block.internal_gates())
+    conv1 = block.branch[0]
+    assert conv1.weight.abs().sum() == 0
+    assert opt.state[conv1.weight]["momentum_buffer"].abs().sum() == 0
+    c = model.blocks[0].branch[0]
+    assert c.weight[:5].abs().sum() == 0 and c.weight[5:].abs().sum() > 0
+    # pruned weights stay zero through further training steps: they have left the optimizer step
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert conv1.weight.abs().sum() == 0 and c.weight[:5].abs().sum() == 0
+
+
+def _forward_flops(model, x):
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    return fc.get_total_flops()
+
+
+def test_forward_flops_fall_as_structures_are_pruned():
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    x = torch.randn(2, 1, 28, 28)
+    opt, topt, pruner = _setup(model, patience=1, every=1)
+    measured = [_forward_flops(model, x)]
+    # an inner unit group, a whole block, then half of the stage-3 residual stream
+    for target in (model.blocks[0].branch[0].gate, model.blocks[4].layer_gate, model.blocks[6].shortcut.gate):
+        with torch.no_grad():
+            target.theta[: max(1, target.num_units // 2)] = 0
+        pruner.step([opt, topt])
+        measured.append(_forward_flops(model, x))
+    assert all(b < a for a, b in zip(measured, measured[1:])), measured
+
+
+def test_save_load_resume_reproduces_structure_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    opt, topt, pruner = _setup(model, patience=1, every=1)
+    with torch.no_grad():
+        model.blocks[1].branch[0].gate.theta[:7] = 0
+        model.blocks[5].layer_gate.theta.zero_()
+    pruner.step([opt, topt])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "topt": topt.state_dict(),
+                "pruner": pruner.state_dict()}, path)
+    x = torch.randn(3, 1, 28, 28)
+    out = model(x)  # training forward: gates sampled from the saved seed
+    fresh = cadk.build_model("resnet20", 1, 10, seed=99)
+    state = torch.load(path)
+    fresh.load_state_dict(state["model"])
+    assert [g.num_alive for g in gates_of(fresh)] == [g.num_alive for g in gates_of(model)]
+    assert fresh.blocks[5].is_pruned
+    torch.testing.assert_close(fresh(x), out)

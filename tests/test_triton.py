@@ -1,0 +1,414 @@
+"""Tests specific to cadk's Triton backend: gates bit-identical to philox.py in every kernel, and
+each op's forward and gradients against reference.py, on small odd shapes.
+
+Without CUDA they run in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
+before triton is imported; this file sets it when it is first to import triton)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cadk.kernels import available_backends, philox  # noqa: E402
+from cadk.kernels import reference as ref  # noqa: E402
+from cadk.kernels import triton_backend as tb  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not tb.supports(DEVICE):
+    pytest.skip(f"the Triton backend does not run on {DEVICE}: "
+                f"{tb.UNAVAILABLE_REASON or 'TRITON_INTERPRET=1 was not set before triton was imported'}",
+                allow_module_level=True)
+
+SEED = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)  # high word non-zero: both key halves matter
+OPS = torch.ops.cadk
+
+
+def _alive(pattern: str, c: int) -> torch.Tensor:
+    if pattern == "some":
+        g = torch.Generator().manual_seed(c)
+        idx = torch.randperm(c, generator=g)[: c // 2 + 1].sort().values
+    else:
+        idx = torch.tensor({"empty": [], "one": [c // 2], "all": list(range(c))}[pattern], dtype=torch.int64)
+    return idx.to(DEVICE)
+
+
+def _randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def _theta(c: int) -> torch.Tensor:
+    return torch.rand(c, device=DEVICE) * 0.8 + 0.1
+
+
+def _differentiable(args, diff=None):
+    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            and (diff is None or i in diff)]
+
+
+def _run(fn, args, dtype, diff=None):
+    """y and the grads of the floating tensor arguments (those at `diff` if given; None for the
+    others) for loss = sum(y * gy); the other arguments are passed as they are."""
+    idx = _differentiable(args, diff)
+    args = [a.detach().clone().requires_grad_() if i in idx else a for i, a in enumerate(args)]
+    y = fn(*args)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    (y.float() * gy.float()).sum().backward()
+    return y.detach(), [a.grad if i in idx else None for i, a in enumerate(args)]
+
+
+def _close(actual, expected, dtype, atol=1e-5):
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)
+        return
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    err = (actual.float() - expected.float()).norm()
+    assert err <= 2e-2 * expected.float().norm() + 1e-3, f"relative error {err / expected.float().norm()}"
+
+
+def _compare(fn_name, args, dtype, expected=None):
+    """Triton op vs reference (or vs `expected` = (y, grads) where the reference cannot run)."""
+    y, grads = _run(getattr(tb, fn_name), args, dtype)
+    y_ref, grads_ref = expected if expected is not None else _run(getattr(ref, fn_name), args, dtype)
+    _close(y, y_ref, dtype)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert (g is None) == (g_ref is None), f"argument {i}: grad presence differs"
+        if g is not None:
+            _close(g, g_ref, dtype)
+
+
+def _zero_expected(y_shape, args, dtype, diff=None):
+    """(y, grads) of an op with no alive output units: an empty y, zero grads."""
+    idx = _differentiable(args, diff)
+    grads = [torch.zeros_like(a) if i in idx else None for i, a in enumerate(args)]
+    return torch.empty(y_shape, dtype=dtype, device=DEVICE), grads
+
+
+# ------------------------------------------------------------------------------------------------
+# Gates and uniforms: bit-identical to philox.py in every kernel that draws them
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, -5, 2**40 + 123, 2**63 - 1])
+def test_uniform_bit_identical(seed):
+    seed = torch.tensor(seed, dtype=torch.int64)
+    offsets = torch.cat([torch.arange(3000), torch.randint(0, philox.MAX_OFFSET, (2000,)),
+                         torch.tensor([philox.MAX_OFFSET])]).to(DEVICE)
+    assert torch.equal(tb.uniform(seed, offsets), philox.uniform(seed, offsets))
+
+
+@pytest.mark.parametrize("pattern", ["empty", "one", "some", "all"])
+def test_sample_gates_bit_identical(pattern):
+    theta = _theta(37)
+    alive = _alive(pattern, 37)
+    assert torch.equal(tb.sample_gates(SEED, 9, theta, alive), philox.sample_gates(SEED, 9, theta, alive))
+
+
+def test_gates_bit_identical_in_fused_epilogues():
+    """y == pre * xi exactly, xi from philox.py, for the GEMM, conv and BN epilogues."""
+    n, c_in, c_out = 6, 11, 13
+    theta, alive_in, alive_out = _theta(c_out), _alive("some", c_in), _alive("some", c_out)
+    xi = philox.sample_gates(SEED, n, theta, alive_out)
+    y, pre = OPS.triton_gated_linear_fwd(_randn(n, len(alive_in)), _randn(c_out, c_in), _randn(c_out),
+                                         theta, alive_in, alive_out, SEED, "none", True)
+    assert torch.equal(y, pre * xi)
+    y, pre = OPS.triton_gated_conv2d_fwd(_randn(n, len(alive_in), 5, 4), _randn(c_out, c_in, 3, 3), None,
+                                         theta, alive_in, alive_out, SEED, [1, 1], [1, 1], [1, 1],
+                                         "relu", True)
+    assert torch.equal(y, pre * xi[:, :, None, None])
+    y, pre, _, _ = OPS.triton_bn_gate_act_fwd(_randn(n, len(alive_out), 3, 2), _randn(c_out), _randn(c_out),
+                                              torch.zeros(c_out, device=DEVICE), torch.ones(c_out, device=DEVICE),
+                                              theta, alive_out, SEED, 1e-5, "none", True)
+    assert torch.equal(y, pre * xi[:, :, None, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops vs reference
+# ------------------------------------------------------------------------------------------------
+
+SETTINGS = [(act, training, gated) for act in ("relu", "none") for training in (True, False)
+            for gated in (True, False)]
+ALIVE_CASES = [("some", "some", s) for s in SETTINGS] + [
+    (p_in, p_out, s) for p_in, p_out in [("all", "all"), ("one", "one"), ("empty", "some"), ("some", "empty"),
+                                         ("all", "some"), ("some", "all")]
+    for s in [("relu", True, True), ("none", False, False)]]
+BF16_CASES = [("some", "some", ("relu", True, True)), ("all", "all", ("none", False, True))]
+
+
+def _case_id(case):
+    p_in, p_out, (act, training, gated) = case
+    return f"{p_in}-{p_out}-{act}-{'train' if training else 'eval'}-{'gate' if gated else 'nogate'}"
+
+
+def _linear_args(case, dtype, bias=True):
+    p_in, p_out, (act, training, gated) = case
+    n, c_in, c_out = 5, 11, 13
+    alive_in, alive_out = _alive(p_in, c_in), _alive(p_out, c_out)
+    return [_randn(n, len(alive_in), dtype=dtype), _randn(c_out, c_in, dtype=dtype, scale=0.3),
+            _randn(c_out, dtype=dtype) if bias else None, _theta(c_out) if gated else None,
+            alive_in, alive_out, SEED, act, training]
+
+
+@pytest.mark.parametrize("case", ALIVE_CASES, ids=_case_id)
+def test_gated_linear(case):
+    _compare("gated_linear", _linear_args(case, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=_case_id)
+def test_gated_linear_bf16(case):
+    _compare("gated_linear", _linear_args(case, torch.bfloat16), torch.bfloat16)
+
+
+def test_gated_linear_no_bias_tall_batch():
+    """More rows, outputs and inputs than one GEMM tile, no bias."""
+    n, c_in, c_out = 70, 45, 67
+    args = [_randn(n, c_in), _randn(c_out, c_in, scale=0.2), None, _theta(c_out), torch.arange(c_in, device=DEVICE),
+            _alive("some", c_out), SEED, "relu", True]
+    _compare("gated_linear", args, torch.float32)
+
+
+def _conv_args(case, dtype, channels_last=False, bias=True):
+    p_in, p_out, (act, training, gated) = case
+    n, c_in, c_out = 3, 7, 9
+    alive_in, alive_out = _alive(p_in, c_in), _alive(p_out, c_out)
+    x = _randn(n, len(alive_in), 7, 6, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return [x, _randn(c_out, c_in, 3, 3, dtype=dtype, scale=0.3), _randn(c_out, dtype=dtype) if bias else None,
+            _theta(c_out) if gated else None, alive_in, alive_out, SEED, (1, 2), (1, 0), (2, 1), act, training]
+
+
+def _conv_expected(args, dtype):
+    """Reference result; torch's conv rejects zero output channels and mis-shapes zero input
+    channels, so those cases are built another way (empty output / one all-zero input channel)."""
+    x, weight, _b, _t, alive_in, alive_out = args[:6]
+    if alive_out.numel() == 0:
+        return _zero_expected((x.shape[0], 0, 5, 2), args, dtype)  # H, W: (7, 6) -> (5, 2)
+    if alive_in.numel() == 0:
+        padded = [torch.zeros(x.shape[0], 1, *x.shape[2:], dtype=dtype, device=DEVICE)] + args[1:4] \
+            + [torch.zeros(1, dtype=torch.int64, device=DEVICE)] + args[5:]
+        y, grads = _run(ref.gated_conv2d, padded, dtype)
+        return y, [torch.zeros_like(x)] + grads[1:]
+    return None
+
+
+@pytest.mark.parametrize("case", ALIVE_CASES, ids=_case_id)
+def test_gated_conv2d(case):
+    args = _conv_args(case, torch.float32)
+    _compare("gated_conv2d", args, torch.float32, _conv_expected(args, torch.float32))
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=_case_id)
+def test_gated_conv2d_bf16(case):
+    _compare("gated_conv2d", _conv_args(case, torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("setting", [("none", True, False), ("relu", True, True)], ids=["plain", "relu-gate"])
+def test_no_bias(setting):
+    """Without bias, gate and activation the epilogue and prologue kernels are skipped entirely."""
+    _compare("gated_linear", _linear_args(("some", "some", setting), torch.float32, bias=False), torch.float32)
+    _compare("gated_conv2d", _conv_args(("some", "some", setting), torch.float32, bias=False), torch.float32)
+
+
+def test_gated_conv2d_channels_last():
+    _compare("gated_conv2d", _conv_args(("some", "some", ("relu", True, True)), torch.float32, True),
+             torch.float32)
+
+
+BN_DIFF = (0, 1, 2, 5)  # x, weight, bias, theta (not the running statistics)
+
+
+def _bn_args(pattern, setting, dtype, channels_last=False, offset=0.0):
+    act, training, gated = setting
+    n, c = 4, 9
+    alive = _alive(pattern, c)
+    x = _randn(n, len(alive), 3, 5, dtype=torch.float32) * 2 + offset
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    running = (_randn(c) * 0.1, torch.rand(c, device=DEVICE) + 0.5)
+    return [x, _randn(c) * 0.5 + 1, _randn(c) * 0.1, *running, _theta(c) if gated else None, alive, SEED,
+            0.1, 1e-5, act, training]
+
+
+def _check_bn(args, dtype, expected=None, atol=1e-5):
+    """Forward, grads and the running statistics left behind, vs the reference."""
+    ours, theirs = list(args), list(args)
+    ours[3:5] = [t.clone() for t in args[3:5]]
+    theirs[3:5] = [t.clone() for t in args[3:5]]
+    y, grads = _run(tb.bn_gate_act, ours, dtype, BN_DIFF)
+    y_ref, grads_ref = expected if expected is not None else _run(ref.bn_gate_act, theirs, dtype, BN_DIFF)
+    _close(y, y_ref, dtype, atol)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert (g is None) == (g_ref is None), f"argument {i}: grad presence differs"
+        if g is not None:
+            _close(g, g_ref, dtype, atol)
+    for mine, other in zip(ours[3:5], theirs[3:5]):
+        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6)
+
+
+BN_CASES = [("some", s) for s in SETTINGS] + [(p, ("relu", True, True)) for p in ("one", "all", "empty")]
+
+
+@pytest.mark.parametrize("pattern,setting", BN_CASES,
+                         ids=[_case_id((p, p, s)).split("-", 1)[1] for p, s in BN_CASES])
+def test_bn_gate_act(pattern, setting):
+    args = _bn_args(pattern, setting, torch.float32)
+    expected = None
+    if pattern == "empty":  # torch's batch_norm rejects zero channels
+        expected = _zero_expected(args[0].shape, args, torch.float32, BN_DIFF)
+    _check_bn(args, torch.float32, expected)
+
+
+def test_bn_gate_act_bf16():
+    _check_bn(_bn_args("some", ("relu", True, True), torch.bfloat16), torch.bfloat16)
+
+
+def test_bn_gate_act_channels_last_and_offset_data():
+    """channels_last strides, and data far from zero (mean 300, std 2): fp32 resolves 3e-5 there, and
+    statistics from plain E[x^2] - E[x]^2 would be off by ~1e-3 relative."""
+    _check_bn(_bn_args("some", ("relu", True, True), torch.float32, channels_last=True, offset=300.0),
+              torch.float32, atol=2e-4)
+
+
+@pytest.mark.parametrize("pattern", ["empty", "one", "some", "all"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gate_apply(pattern, training):
+    alive = _alive(pattern, 10)
+    for shape in [(5, len(alive)), (3, len(alive), 4, 3)]:
+        _compare("gate_apply", [_randn(*shape), _theta(10), alive, SEED, training], torch.float32)
+
+
+def test_gate_apply_bf16_and_expanded_grad():
+    """bf16 (eval: pre * bf16(theta) rounds to nearest even exactly like torch), and grad_y with
+    zero strides (from y.sum())."""
+    alive = _alive("some", 10)
+    pre, theta = _randn(4, len(alive), 3, dtype=torch.bfloat16, scale=5.0), _theta(10)
+    _compare("gate_apply", [pre, theta, alive, SEED, True], torch.bfloat16)
+    assert torch.equal(tb.gate_apply(pre, theta, alive, SEED, False), ref.gate_apply(pre, theta, alive, SEED, False))
+    pre, theta = _randn(4, len(alive), 3).requires_grad_(), _theta(10).requires_grad_()
+    tb.gate_apply(pre, theta, alive, SEED, True).sum().backward()
+    pre2, theta2 = pre.detach().clone().requires_grad_(), theta.detach().clone().requires_grad_()
+    ref.gate_apply(pre2, theta2, alive, SEED, True).sum().backward()
+    torch.testing.assert_close(pre.grad, pre2.grad)
+    torch.testing.assert_close(theta.grad, theta2.grad)
+
+
+def test_small_tiles(monkeypatch):
+    """Tiny tiles: several channel / position tiles, row steps and row chunks per launch, so the
+    masks, the loops and the partial sums across programs all run."""
+    monkeypatch.setattr(tb, "_TILE", 8)
+    monkeypatch.setattr(tb, "_TARGET_PROGRAMS", 3)
+    case = ("some", "all", ("relu", True, True))
+    _compare("gated_linear", _linear_args(case, torch.float32), torch.float32)
+    _compare("gated_conv2d", _conv_args(case, torch.float32, channels_last=True), torch.float32)
+    _check_bn(_bn_args("some", ("relu", True, True), torch.float32), torch.float32)
+    alive = _alive("some", 10)
+    _compare("gate_apply", [_randn(5, len(alive), 2, 5), _theta(10), alive, SEED, False], torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: dispatcher, opcheck, torch.compile, error messages
+# ------------------------------------------------------------------------------------------------
+
+def test_registered_with_dispatcher():
+    assert "triton" in available_backends()
+
+
+def test_opcheck():
+    """Schema, fake kernels and autograd registration; the slow dynamic-shape AOT check runs on the
+    cheaper ops only."""
+    lin = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
+    conv = _conv_args(("some", "some", ("relu", True, True)), torch.float32)
+    conv[7:10] = [list(v) for v in conv[7:10]]
+    bn = _bn_args("some", ("relu", True, True), torch.float32)
+    bn = bn[:8] + bn[9:]  # the op takes no momentum
+    alive = _alive("some", 9)
+    gate = [_randn(3, len(alive)), _theta(9), alive, SEED, True]
+    for op, args in [(OPS.triton_gated_linear_fwd, lin), (OPS.triton_gated_conv2d_fwd, conv),
+                     (OPS.triton_bn_gate_act_fwd, bn), (OPS.triton_gate_apply_fwd, gate)]:
+        args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+        if op in (OPS.triton_gated_linear_fwd, OPS.triton_gate_apply_fwd):
+            utils.append("test_aot_dispatch_dynamic")
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace without graph breaks; forward and grads match eager."""
+    args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
+
+    def loss(x, w, b, theta):
+        return tb.gated_linear(x, w, b, theta, *args[4:]).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    leaves = [a.detach().clone().requires_grad_() for a in args[:4]]
+    leaves_ref = [a.detach().clone().requires_grad_() for a in args[:4]]
+    out, out_ref = compiled(*leaves), loss(*leaves_ref)
+    out.backward()
+    out_ref.backward()
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(leaves, leaves_ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+_SM90_COMPILE = r"""
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = importlib.util.spec_from_file_location("cadk_triton_kernels", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+bf16 = dict(z_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", gy_ptr="*bf16", x_ptr="*bf16", g_ptr="*bf16",
+            dx_ptr="*bf16", w_ptr="*bf16", shift_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32",
+            mean_ptr="*fp32", scale_ptr="*fp32", rstd_ptr="*fp32", theta_ptr="*fp32", mean_g_ptr="*fp32",
+            coef_x_ptr="*fp32", alive_ptr="*i64", alive_out_ptr="*i64", seed_ptr="*i64")
+tile = dict(BLOCK_R=2, BLOCK_A=8, BLOCK_S=128)
+on = dict(HAS_GATE=True, TRAINING=True, RELU=True)
+for kernel, constexprs in [
+        (K.channel_fwd_kernel, dict(HAS_NORM=True, HAS_SHIFT=True, STORE_PRE=True, **on, **tile)),
+        (K.channel_bwd_kernel, dict(HAS_NORM=True, STORE_G=True, SUM_G=True, **on, **tile)),
+        (K.channel_stats_kernel, tile),
+        (K.bn_grad_input_kernel, dict(TRAINING=True, **tile)),
+        (K.gated_linear_fwd_kernel, dict(GATHER_OUT=True, HAS_BIAS=True, DOT_PRECISION="ieee",
+                                         UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, **on))]:
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else bf16.get(n, "i32") for n in names}
+    triton.compile(ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}),
+                   target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the op tests compile every kernel")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter accepts code the compiler rejects (non-constexpr globals, branch typing):
+    compile the fullest variant of each kernel for an H100 with the installed Triton, no GPU needed."""
+    import subprocess
+    import sys
+
+    kernels = os.path.join(os.path.dirname(tb.__file__), "triton_kernels.py")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE, kernels], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode and ("ptxas" in proc.stderr or "No module named 'triton.backends.nvidia" in proc.stderr):
+        pytest.skip(f"no NVIDIA toolchain in this Triton install: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_clear_errors():
+    args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
+    with pytest.raises(RuntimeError, match="should have 6 channels"):
+        tb.gated_linear(args[0][:, :-1], *args[1:])
+    with pytest.raises(RuntimeError, match="must share one of"):
+        tb.gated_linear(args[0].double(), *args[1:])
+    with pytest.raises(RuntimeError, match="0-dim int64"):
+        tb.gated_linear(*args[:6], torch.tensor([1, 2]), *args[7:])
+    with pytest.raises(ValueError, match="activation"):
+        tb.gated_linear(*args[:7], "gelu", True)
+    bn = _bn_args("some", ("relu", True, True), torch.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tb.bn_gate_act(bn[0][:1, :, :1, :1], *bn[1:])
