@@ -44,7 +44,7 @@ class TrainConfig:
     lam_lr: float = 0.01
     theta_optimizer: str = "sgd"
     theta_lr: float = 0.05
-    prune_eps: float = 1e-3
+    prune_eps: float = 0.02
     patience: int = 100
     warmup_epochs: float = 1.0
     prune_every: int = 50
@@ -135,6 +135,7 @@ class Run:
             seen += len(yb)
             if stats:
                 bar.set_postfix(loss=f"{losses / seen:.3f}", flops=f"{100 * stats['flops']:.0f}%",
+                                kept=f"{100 * stats.get('deployed_flops', stats['flops']):.0f}%",
                                 lam=f"{stats['lam']:.2f}", refresh=False)
         return {"train_loss": losses / seen, "train_acc": correct / seen, "epoch_time": time.perf_counter() - start,
                 "pruned": events, "lam": self.cost.lam if self.cost else None}

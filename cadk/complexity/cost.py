@@ -6,6 +6,11 @@ The per-structure regularization weights are lam * dC/dtheta_s: each unit's pric
 and storage it controls (including through its neighbours), recomputed every step as neighbours get
 pruned. Layer gates' gradients are scaled by alpha (layer vs unit pruning). In target mode lam is a
 dual variable: lam <- max(0, lam + lam_lr * (measured/target - 1)) every step until the budget holds.
+
+The budget is measured on the network that would be deployed: every alive structure with theta > 0
+counts in full (what compaction keeps), not its expectation. Fractional thetas can meet an expected
+budget while the compacted network is still large; this measure keeps raising lam until enough
+structures are actually pruned, after which the survivors' thetas are free to return to 1.
 """
 from __future__ import annotations
 
@@ -56,10 +61,19 @@ class ComplexityCost:
         self._adapt_lam(stats)
         return stats
 
+    def deployed_ratios(self) -> tuple[float, float]:
+        """FLOPs and params ratios of the network compaction would produce now (theta > 0 counts as 1)."""
+        with torch.no_grad():
+            kept = {g: (g.theta > 0).to(g.theta.dtype) for g in self.complexity.gates()}
+            flops, params = self.complexity.expected(kept)
+        return float(flops) / self.complexity.dense_flops, float(params) / self.complexity.dense_params
+
     def _adapt_lam(self, stats: dict[str, float]) -> None:
         if self.target is None:
             return
-        measured = stats[self.target_kind]
+        flops, params = self.deployed_ratios()
+        stats["deployed_flops"], stats["deployed_params"] = flops, params
+        measured = flops if self.target_kind == "flops" else params
         self.lam = max(0.0, self.lam + self.lam_lr * (measured / self.target - 1.0))
 
     def state_dict(self) -> dict:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import reference
+from . import flops, reference
 
 _BACKENDS = {"reference": reference}
 OP_NAMES = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
@@ -88,3 +88,4 @@ def _load_optional_backends() -> None:
 
 
 _load_optional_backends()
+flops.register_flop_formulas()

@@ -29,9 +29,14 @@ except (ImportError, OSError):  # not built (pure-Python install) or built again
 _OPS = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
 
 
+# Read once: registrations are fixed after the import, and torch.compile cannot trace the query.
+_KERNEL_KEYS = frozenset(k for k in ("CPU", "CUDA") if AVAILABLE and
+                         torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated_linear_fwd", k))
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension registered kernels for `dispatch_key` ("CPU", "CUDA")."""
-    return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated_linear_fwd", dispatch_key)
+    return dispatch_key in _KERNEL_KEYS
 
 
 def supports(device) -> bool:
@@ -232,7 +237,8 @@ def _register_fakes() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: each forward op's backward is the matching *_bwd op. Without a gate `pre` is empty
-# and `y` (equal to it) is saved instead.
+# and `y` (equal to it) is saved instead. Gradients are not materialised: `pre`, mean and var are
+# outputs only for the backward, and zero-filling a gradient for them would cost a full pass.
 
 
 def _pre_or_y(theta, y, pre):
@@ -241,11 +247,14 @@ def _pre_or_y(theta, y, pre):
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, theta, alive_in, alive_out, seed, activation, training = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
     ctx.args = (activation, training, bias is not None)
 
 
 def _linear_backward(ctx, grad_y, _grad_pre):
+    if grad_y is None:
+        return (None,) * 9
     x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
     gx, gw, gb, gt = torch.ops.cadk.gated_linear_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
                                                      *ctx.args)
@@ -254,11 +263,14 @@ def _linear_backward(ctx, grad_y, _grad_pre):
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation, activation, training = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
     ctx.args = (stride, padding, dilation, activation, training, bias is not None)
 
 
 def _conv_backward(ctx, grad_y, _grad_pre):
+    if grad_y is None:
+        return (None,) * 12
     x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
     gx, gw, gb, gt = torch.ops.cadk.gated_conv2d_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
                                                      *ctx.args)
@@ -280,11 +292,14 @@ def _gate_backward(ctx, grad_y):
 def _bn_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training = inputs
     y, pre, mean, var = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, _pre_or_y(theta, y, pre), mean, var, theta, alive, seed)
     ctx.args = (eps, activation, training)
 
 
 def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
+    if grad_y is None:
+        return (None,) * 11
     x, weight, pre, mean, var, theta, alive, seed = ctx.saved_tensors
     gx, gw, gb, gt = torch.ops.cadk.bn_gate_act_bwd(grad_y, x, weight, pre, mean, var, theta, alive, seed,
                                                     *ctx.args)

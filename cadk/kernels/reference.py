@@ -93,9 +93,18 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
 
+def safe_conv_input(x: torch.Tensor, weight: torch.Tensor, stride) -> torch.Tensor:
+    """torch's CPU convolution backward corrupts the heap for a channels-last input with a 1x1 kernel and
+    stride > 1 (seen with torch 2.13 at small channel counts); an NCHW input avoids that path."""
+    if x.device.type == "cpu" and tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1 and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     """Conv2d over alive input channels and alive output filters, then act and gate."""
+    x = safe_conv_input(x, weight, stride)
     z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out),
                  stride, padding, dilation)
     return _epilogue(z, theta, alive_out, seed, activation, training)

@@ -19,8 +19,10 @@ Any layout whose trailing (spatial) dims merge into one strided dim runs without
 channels_last included); others are made contiguous first. Forward ops return (y, pre) with pre the
 pre-gate output; without a gate y is pre and pre comes back empty (no second copy is written).
 
-Runs on CUDA devices, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1), which is
-how the tests exercise it without a GPU; the dispatcher only picks it by itself for CUDA.
+Runs on CUDA devices, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before
+triton is imported), which is how the tests exercise it without a GPU; the dispatcher only picks it by
+itself for CUDA. Interpreted kernels cannot be traced, so there the ops are opaque custom ops (same
+names, schemas and autograd) instead of triton_ops.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
 from .reference import check_activation, gather_weight
@@ -57,6 +60,9 @@ AVAILABLE = UNAVAILABLE_REASON is None
 # TRITON_INTERPRET=1 at import makes @triton.jit build interpreter functions that run on CPU tensors.
 INTERPRETED = AVAILABLE and not isinstance(channel_fwd_kernel, triton.runtime.JITFunction)
 
+# Storage dtypes of activations and weights; kernels compute in fp32 (float64 is left to the other
+# backends: fp64 on GPUs is slow and the interpreter too slow for gradcheck).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 2048             # elements per channel-wise step (16 fp32 per thread at 4 warps)
 _TARGET_PROGRAMS = 1024  # enough programs to fill a large GPU several times over
 
@@ -98,8 +104,6 @@ class _InterpretedLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            from torch._subclasses.fake_tensor import is_fake
-
             if not any(isinstance(a, Tensor) and is_fake(a) for a in (*args, *kwargs.values())):
                 self.kernel[grid](*args, **kwargs)
         return launch
@@ -120,17 +124,25 @@ def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
     return seed.to(device)  # kernels load it: it must live on their device (no-op when it does)
 
 
-def _check_channels(t: Tensor, alive: Tensor, what: str) -> None:
-    _check(t.dim() >= 2 and t.shape[1] == alive.numel(),
-           lambda: f"input of shape {tuple(t.shape)} should have {alive.numel()} channels (dim 1), "
-                   f"one per entry of {what}")
+def _check_input(x: Tensor, layout: str, ok_dims: bool) -> None:
+    _check(ok_dims, lambda: f"x must be {layout}, got shape {tuple(x.shape)}")
+    _check(x.dtype in SUPPORTED_DTYPES,
+           lambda: f"x dtype {x.dtype} is not supported here (use one of {SUPPORTED_DTYPES}, or another backend)")
 
 
-def _check_alive(alive: Tensor, size: int, what: str, device: torch.device) -> None:
-    _check(alive.dim() == 1 and alive.dtype in (torch.int64, torch.int32),
-           lambda: f"{what} must be a 1-D int64 index tensor, got shape {tuple(alive.shape)} and {alive.dtype}")
-    _check(alive.numel() <= size, lambda: f"{what} has {alive.numel()} entries for only {size} units")
-    _check(alive.device == device, lambda: f"{what} is on {alive.device} but the input is on {device}; move it")
+def _check_alive(alive: Tensor, count: int, full: int, name: str, device: torch.device) -> None:
+    """alive: sorted int64 indices of the `count` channels the activation holds, out of `full`."""
+    _check(alive.dtype == torch.int64,
+           lambda: f"{name} must be an int64 index tensor, got {alive.dtype}; build it with dtype=torch.int64")
+    _check(alive.dim() == 1, lambda: f"{name} must be 1-D, got shape {tuple(alive.shape)}")
+    _check(alive.device == device, lambda: f"{name} is on {alive.device} but x on {device}; move it")
+    _check(alive.shape[0] == count,
+           lambda: f"{name} lists {alive.shape[0]} channels but the activation has {count} (dim 1)")
+    _check(count <= full, lambda: f"{name} lists {count} channels but the parameters have only {full}")
+    if alive.device.type == "cpu" and count > 0 and not is_fake(alive):  # free here; on a GPU it would sync
+        _check(bool(alive[0] >= 0) and bool(alive[-1] < full) and bool((alive[1:] > alive[:-1]).all()),
+               lambda: f"{name} must be sorted, without repeats and within [0, {full}) "
+                       f"(e.g. torch.unique(idx)), got {alive.tolist()}")
 
 
 def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.device) -> None:
@@ -139,23 +151,22 @@ def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.devic
     _check(theta.dim() == 1 and theta.numel() == units and theta.is_floating_point(),
            lambda: f"theta must be a float vector of the {units} output units, got shape "
                    f"{tuple(theta.shape)} and {theta.dtype}")
-    _check(theta.device == device, lambda: f"theta is on {theta.device} but the input is on {device}; move it")
+    _check(theta.device == device, lambda: f"theta is on {theta.device} but x on {device}; move it")
     _check(n * units <= MAX_OFFSET,
            lambda: f"batch {n} x {units} units exceeds the 2^31 Philox offset range; split the batch")
 
 
 def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor, theta: Optional[Tensor],
-                 dims: int, what: str) -> None:
-    """Checks shared by gated_linear (dims=2) and gated_conv2d (dims=4)."""
-    _check(x.dim() == dims and weight.dim() == dims,
-           lambda: f"{what} expects {dims}-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    _check(x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16),
-           lambda: f"input ({x.dtype}) and weight ({weight.dtype}) must share one of float32, bfloat16, "
-                   "float16; cast one of them")
-    _check(x.device == weight.device, lambda: f"input is on {x.device} but weight on {weight.device}; move one")
-    _check_alive(alive_in, weight.shape[1], "alive_in", x.device)
-    _check_alive(alive_out, weight.shape[0], "alive_out", x.device)
-    _check_channels(x, alive_in, "alive_in")
+                 layout: str, weight_layout: str) -> None:
+    """Checks shared by gated_linear and gated_conv2d."""
+    dims = layout.count(",") + 1
+    _check_input(x, layout, x.dim() == dims)
+    _check(weight.dim() == dims, lambda: f"weight must be {weight_layout}, got shape {tuple(weight.shape)}")
+    _check(x.dtype == weight.dtype,
+           lambda: f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one of them")
+    _check(x.device == weight.device, lambda: f"x is on {x.device} but weight on {weight.device}; move one")
+    _check_alive(alive_in, x.shape[1], weight.shape[1], "alive_in", x.device)
+    _check_alive(alive_out, alive_out.shape[0], weight.shape[0], "alive_out", x.device)
     _check_gate(theta, x.shape[0], weight.shape[0], x.device)
 
 
@@ -241,7 +252,8 @@ def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor
     z3 = _nas(z)
     has_gate = theta is not None
     store_pre = has_gate and store_pre
-    reuse_z = reuse_z and (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last))
+    dense = z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))
+    reuse_z = reuse_z and dense
     y3 = z3 if reuse_z and not has_gate else torch.empty_like(z3)
     pre3 = (z3 if reuse_z else torch.empty_like(z3)) if store_pre else y3.new_empty(0)
     if z3.numel() > 0:
@@ -315,6 +327,7 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _bn_grad_input(g: Tensor, x: Tensor, scale: Tensor, mean_g: Tensor, mean: Tensor, coef_x: Tensor,
                    training: bool) -> Tensor:
+    """BatchNorm's input gradient from g = dL/d(BN output), in x's layout (see bn_grad_input_kernel)."""
     g3, x3 = _nas(g), _nas(x)
     dx3 = torch.empty_like(x3)
     n, a, s = x3.shape
@@ -331,8 +344,8 @@ def _bn_grad_input(g: Tensor, x: Tensor, scale: Tensor, mean_g: Tensor, mean: Te
 
 @_op("gate_apply_fwd")
 def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, training: bool) -> Tensor:
-    _check_alive(alive, theta.numel(), "alive", pre.device)
-    _check_channels(pre, alive, "alive")
+    _check_input(pre, "[N, units, ...]", pre.dim() >= 2)
+    _check_alive(alive, pre.shape[1], theta.numel(), "alive", pre.device)
     _check_gate(theta, pre.shape[0], theta.numel(), pre.device)
     y, _ = _channel_fwd(pre, theta, alive, _seed_on(seed, pre.device), training, False, store_pre=False)
     return y
@@ -349,11 +362,9 @@ def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, se
 # gated_linear
 # ----------------------------------------------------------------------------------------------
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _allow_tf32(dtype: torch.dtype) -> bool:
     """fp32 tl.dot follows torch's matmul setting: exact ("ieee") unless TF32 is allowed."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
 
 
 def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -366,13 +377,16 @@ def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
-    _check_dense(x, weight, alive_in, alive_out, theta, 2, "gated_linear")
+    _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
     relu = _relu(activation)
     n, k, a = x.shape[0], x.shape[1], alive_out.numel()
     y = x.new_empty((n, a))
     pre = x.new_empty((n, a) if theta is not None else (0,))
     if n == 0 or a == 0:
         return y, pre
+    if k == 0:  # no input features: z is the bias (and an empty x must not reach a kernel launch)
+        return _channel_fwd(x.new_zeros((n, a)), theta, alive_out, _seed_on(seed, x.device), training, relu,
+                            shift=_gather_vec(bias, alive_out), reuse_z=True)
     w = weight if k == weight.shape[1] else weight.index_select(1, alive_in)
     block_m, block_n, block_k = _linear_blocks(n, a, x.dtype)
     grid = (triton.cdiv(n, block_m), triton.cdiv(a, block_n))
@@ -383,7 +397,7 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         GATHER_OUT=a != weight.shape[0], HAS_BIAS=bias is not None, RELU=relu,
         HAS_GATE=theta is not None, TRAINING=training,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        ALLOW_TF32=_allow_tf32(x.dtype),
         UPCAST_DOT=INTERPRETED and x.dtype == torch.bfloat16,  # the interpreter's dot lacks bf16
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y, pre
@@ -418,17 +432,21 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
                      padding: list[int], dilation: list[int], activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
-    _check_dense(x, weight, alive_in, alive_out, theta, 4, "gated_conv2d")
+    _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
+                 "[out, in, kh, kw]")
     relu = _relu(activation)
     b = _gather_vec(bias, alive_out)
     if x.shape[0] == 0 or x.shape[1] == 0 or alive_out.numel() == 0:
         # No conv to run; torch's conv rejects zero output channels and mis-shapes zero inputs.
         z = x.new_zeros((x.shape[0], alive_out.numel(), *_conv_out_hw(x, weight, stride, padding, dilation)))
+        shift = b
     else:
-        z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), None, stride, padding, dilation)
-    if theta is None and not relu and b is None:
+        # The bias goes to the conv, which adds it before rounding to x's dtype as F.conv2d does.
+        z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), b, stride, padding, dilation)
+        shift = None
+    if theta is None and not relu and shift is None:
         return z, z.new_empty(0)
-    return _channel_fwd(z, theta, alive_out, _seed_on(seed, x.device), training, relu, shift=b,
+    return _channel_fwd(z, theta, alive_out, _seed_on(seed, x.device), training, relu, shift=shift,
                         reuse_z=True)
 
 
@@ -439,6 +457,8 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
     w = gather_weight(weight, alive_in, alive_out)
+    if x.device.type == "cpu" and w.shape[2:] == (1, 1) and max(stride) > 1:
+        x = x.contiguous()  # torch's CPU conv backward corrupts the heap on channels_last x here (2.13)
     if g.numel() == 0 or x.numel() == 0:
         grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
     else:
@@ -460,8 +480,8 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
 def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_alive(alive, weight.numel(), "alive", x.device)
-    _check_channels(x, alive, "alive")
+    _check_input(x, "[N, alive.numel(), ...]", x.dim() >= 2)
+    _check_alive(alive, x.shape[1], weight.numel(), "alive", x.device)
     _check_gate(theta, x.shape[0], weight.numel(), x.device)
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")

@@ -280,7 +280,7 @@ def gated_linear_fwd_kernel(
     sxn, sxk, swo, swk, syn, sya,
     GATHER_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
     HAS_GATE: tl.constexpr, TRAINING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[n, a] = xi * act(sum_k x[n, k] W[alive_out[a], k] + b[alive_out[a]]), fp32 accumulation.
@@ -308,7 +308,10 @@ def gated_linear_fwd_kernel(
         if UPCAST_DOT:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
     if HAS_BIAS:
@@ -321,11 +324,8 @@ def gated_linear_fwd_kernel(
     y_off = offs_m.to(tl.int64)[:, None] * syn + offs_n[None, :] * sya
     if HAS_GATE:
         theta_j = tl.load(theta_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
-        if TRAINING:
-            u = _uniform(tl.load(seed_ptr), offs_m[:, None] * C + rows.to(tl.int32)[None, :])
-            xi = (u < theta_j[None, :]).to(tl.float32)
-        else:
-            xi = _cast(theta_j, out_ty).to(tl.float32)[None, :]
+        xi = _gate(tl.load(seed_ptr), offs_m[:, None], C, rows.to(tl.int32)[None, :], theta_j[None, :], TRAINING)
+        xi = _cast(xi, out_ty).to(tl.float32)
         tl.store(pre_ptr + y_off, pre, mask=mask)
         tl.store(y_ptr + y_off, _cast(pre.to(tl.float32) * xi, out_ty), mask=mask)
     else:

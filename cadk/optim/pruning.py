@@ -12,7 +12,7 @@ from ..nn import GatedLayer, GatedResidualBlock, UnitGate, gates_of
 
 
 class Pruner:
-    def __init__(self, model: nn.Module, eps: float = 1e-3, patience: int = 100, warmup_steps: int = 0,
+    def __init__(self, model: nn.Module, eps: float = 0.02, patience: int = 100, warmup_steps: int = 0,
                  every: int = 50):
         if patience < 1 or every < 1 or warmup_steps < 0 or not 0 <= eps < 1:
             raise ValueError("Pruner needs patience >= 1, every >= 1, warmup_steps >= 0, 0 <= eps < 1")

@@ -26,40 +26,44 @@ int64_t values_per_channel(const Rows& v) { return v.N * v.S; }
 // Per-channel coefficient vector in the opmath dtype, contiguous.
 Tensor coef(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
-// Training statistics: mean and biased variance per channel, summed in double around a per-channel
-// shift (the channel's first value) so that large means do not cancel the variance.
+// Training statistics: mean and biased variance per channel, summed around a per-channel shift
+// (the channel's first value) so that a large mean does not cancel the variance.
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
-  Tensor shift = at::empty({v.C}, at::TensorOptions().dtype(at::kDouble));
+  Tensor shift;
   Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cadk_bn_stats", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    double* sp = shift.data_ptr<double>();
-    for (int64_t c = 0; c < v.C; ++c) sp[c] = double(xp[v.cl ? c : c * v.S]);
+    shift = at::empty({v.C}, at::TensorOptions().dtype(at::toOpMathType(x.scalar_type())));
+    acc_t* sp = shift.data_ptr<acc_t>();
+    for (int64_t c = 0; c < v.C; ++c) sp[c] = acc_t(xp[v.cl ? c : c * v.S]);
     with_bool(v.cl, [&](auto cl) {
       constexpr bool kCL = decltype(cl)::value;
       const int64_t len = v.len(), C = v.C;
       sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
+        Partials<acc_t> part(acc, 2, kCL ? C : 0);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t c = v.c_of(r);
           const scalar_t* xr = xp + r * len;
-          const double* k = sp + c;
-          double* s1 = acc + c;
-          double* s2 = acc + C + c;
-          double row1 = 0, row2 = 0;
-CADK_PRAGMA(omp simd reduction(+ : row1, row2))
+          const acc_t* k = sp + c;
+          acc_t *p1 = part[0], *p2 = part[1];
+          acc_t row1 = 0, row2 = 0;
+          CADK_PRAGMA(omp simd reduction(+ : row1, row2))
           for (int64_t i = 0; i < len; ++i) {
-            const double d = double(xr[i]) - k[kCL ? i : 0];
+            const acc_t d = acc_t(xr[i]) - k[kCL ? i : 0];
             if constexpr (kCL) {
-              s1[i] += d;
-              s2[i] += d * d;
+              p1[i] += d;
+              p2[i] += d * d;
             } else {
               row1 += d;
               row2 += d * d;
             }
           }
-          if constexpr (!kCL) {
-            s1[0] += row1;
-            s2[0] += row2;
+          if constexpr (kCL) {
+            part.next_row();
+          } else {
+            acc[c] += row1;
+            acc[C + c] += row2;
           }
         }
       });
@@ -67,7 +71,7 @@ CADK_PRAGMA(omp simd reduction(+ : row1, row2))
   });
   const double m = double(values_per_channel(v));
   const Tensor d1 = sums[0] / m;
-  return {shift + d1, (sums[1] / m - d1 * d1).clamp_min(0)};
+  return {shift.to(at::kDouble) + d1, (sums[1] / m - d1 * d1).clamp_min(0)};
 }
 
 }  // namespace
@@ -100,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor y = at::empty_like(xc, format_of(xc));
   Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cadk_bn_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -122,15 +126,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
               const acc_t* sc = scp + c;
               const acc_t* sh = shp + c;
               const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
+              CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
-                scalar_t p = scalar_t(acc_t(xr[i]) * sc[k] + sh[k]);
-                if constexpr (kRelu) p = acc_t(p) < acc_t(0) ? scalar_t(0) : p;
+                acc_t p = acc_t(scalar_t(acc_t(xr[i]) * sc[k] + sh[k]));  // z rounds to x's dtype
+                if constexpr (kRelu) p = p < acc_t(0) ? acc_t(0) : p;
                 if constexpr (kGate) {
-                  pr[i] = p;
-                  yr[i] = scalar_t(acc_t(p) * xi[k]);
+                  pr[i] = scalar_t(p);
+                  yr[i] = scalar_t(p * xi[k]);
                 } else {
-                  yr[i] = p;
+                  yr[i] = scalar_t(p);
                 }
               }
             }
@@ -163,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor grad_x = at::empty_like(xc, fmt);
   Tensor grad_w_alive, grad_b_alive, theta_sum;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cadk_bn_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
@@ -178,39 +183,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const int64_t len = v.len(), C = v.C;
           // Gradient reaching z (the normalised value): as the reference, grad_y * xi rounded to the
           // activation dtype, then the ReLU mask.
-          auto grad_z = [&](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
-            scalar_t g = kGate ? scalar_t(acc_t(gyr[i]) * xi[kCL ? i : 0]) : gyr[i];
-            if (kRelu && !(acc_t(pr[i]) > acc_t(0))) g = scalar_t(0);
-            return acc_t(g);
+          auto grad_z = [](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
+            const acc_t dy = acc_t(gyr[i]);
+            const acc_t g = kGate ? acc_t(scalar_t(dy * xi[kCL ? i : 0])) : dy;
+            return kRelu ? (acc_t(pr[i]) > acc_t(0) ? g : acc_t(0)) : g;
           };
           // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
           const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
+            Partials<acc_t> part(acc, 3, kCL ? C : 0);
             for (int64_t r = r0; r < r1; ++r) {
               const int64_t c = v.c_of(r);
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
               const acc_t* m = mup + c;
-              double *sg = acc + c, *sgx = acc + C + c, *st = acc + 2 * C + c;
+              acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
-CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
+              CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t g = grad_z(gyr, pr, xi, i);
                 const acc_t gx = g * (acc_t(xr[i]) - m[kCL ? i : 0]);
                 const acc_t t = kGate ? acc_t(gyr[i]) * acc_t(pr[i]) : acc_t(0);
                 if constexpr (kCL) {
-                  sg[i] += g;
-                  sgx[i] += gx;
-                  st[i] += t;
+                  pg[i] += g;
+                  pgx[i] += gx;
+                  if (kGate) pt[i] += t;
                 } else {
                   row_g += g;
                   row_gx += gx;
                   row_t += t;
                 }
               }
-              if constexpr (!kCL) {
-                sg[0] += row_g;
-                sgx[0] += row_gx;
-                st[0] += row_t;
+              if constexpr (kCL) {
+                part.next_row();
+              } else {
+                acc[c] += row_g;
+                acc[C + c] += row_gx;
+                acc[2 * C + c] += row_t;
               }
             }
           });
@@ -236,6 +244,7 @@ CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
               scalar_t* gxr = gxp + r * len;
               const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
               const acc_t *ac = ap + c, *bc = bp + c, *cc_ = cp + c, *mc = mup + c;
+              CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
                 const acc_t g = grad_z(gyr, pr, xi, i);

@@ -140,10 +140,14 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
     std::vector<float> drawn(sampled);
     for (int64_t n = b; n < e; ++n) {
       float* row = tp + n * A;
+      const uint32_t base = static_cast<uint32_t>(n * units);
+      if (sampled == A) {  // no fixed unit: draw straight into the row
+        philox_gates(key, base, plan.unit.data(), plan.theta.data(), A, row);
+        continue;
+      }
       std::copy(plan.fixed.begin(), plan.fixed.end(), row);
       if (sampled == 0) continue;
-      philox_gates(key, static_cast<uint32_t>(n * units), plan.unit.data(), plan.theta.data(), sampled,
-                   drawn.data());
+      philox_gates(key, base, plan.unit.data(), plan.theta.data(), sampled, drawn.data());
       for (int64_t k = 0; k < sampled; ++k) row[plan.pos[k]] = drawn[k];
     }
   });
@@ -186,9 +190,30 @@ std::vector<int64_t> inverse_index(const Tensor& alive, int64_t full) {
   return inv;
 }
 
+// Memory for a tensor used only within the current op call, reused across calls on this thread:
+// a fresh allocation of a gathered weight page-faults on first touch, which costs as much as the
+// gather itself. Falls back to a fresh tensor while a previous result is still referenced.
+Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+  constexpr int64_t kMaxCachedBytes = int64_t(64) << 20;
+  thread_local at::Storage cached;
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(c10::elementSize(options.dtype().toScalarType()));
+  if (bytes > kMaxCachedBytes) return at::empty(sizes, options.memory_format(fmt));
+  if (!cached || cached.use_count() > 1 || int64_t(cached.nbytes()) < bytes) {
+    cached = at::empty({bytes}, options.dtype(at::kByte)).storage();
+  }
+  std::vector<int64_t> strides;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    strides = c10::get_channels_last_strides_2d(sizes);
+  } else {
+    const auto dense = c10::contiguous_strides(sizes);
+    strides.assign(dense.begin(), dense.end());
+  }
+  return at::empty({0}, options).set_(cached, 0, sizes, strides);
+}
+
 }  // namespace
 
-Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch) {
   const WeightShape s = weight_shape(weight);
   if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return weight;
   const auto fmt = format_of(weight);
@@ -197,23 +222,25 @@ Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor&
   auto sizes = weight.sizes().vec();
   sizes[0] = ao;
   sizes[1] = ai;
-  Tensor out = at::empty(sizes, weight.options().memory_format(fmt));
+  Tensor out = scratch ? scratch_tensor(sizes, weight.options(), fmt) : at::empty(sizes, weight.options().memory_format(fmt));
   const Tensor in_idx = alive_in.contiguous(), out_idx = alive_out.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t* op = out_idx.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ai * s.taps));
   with_bits(weight, [&](auto bits) {
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(src.data_ptr());
     B* dp = static_cast<B*>(out.data_ptr());
-    at::parallel_for(0, ao, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, ai * s.taps)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, ao, grain, [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {
         const B* srow = sp + op[o] * s.in * s.taps;
         B* drow = dp + o * ai * s.taps;
-        if (s.in_inner) {
+        if (s.in_inner) {  // [taps, C_in] rows
           for (int64_t k = 0; k < s.taps; ++k)
             for (int64_t i = 0; i < ai; ++i) drow[k * ai + i] = srow[k * s.in + ip[i]];
-        } else {
-          for (int64_t i = 0; i < ai; ++i) std::memcpy(drow + i * s.taps, srow + ip[i] * s.taps, s.taps * sizeof(B));
+        } else {  // [C_in, taps] rows
+          for (int64_t i = 0; i < ai; ++i)
+            for (int64_t k = 0; k < s.taps; ++k) drow[i * s.taps + k] = srow[ip[i] * s.taps + k];
         }
       }
     });
@@ -229,29 +256,27 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return src;
   const int64_t ai = alive_in.numel();
   Tensor out = at::empty(full_like.sizes(), full_like.options().memory_format(fmt));
-  const std::vector<int64_t> inv_in = inverse_index(alive_in, s.in);
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
+  const Tensor in_idx = alive_in.contiguous();
+  const int64_t* ip = in_idx.data_ptr<int64_t>();
+  const int64_t row = s.in * s.taps;
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(src.data_ptr());
     B* dp = static_cast<B*>(out.data_ptr());
-    const int64_t row = s.in * s.taps;
-    at::parallel_for(0, s.out, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row)), [&](int64_t b, int64_t e) {
+    // Zero each row, then write its alive entries: one streaming pass plus a sparse one.
+    at::parallel_for(0, s.out, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row)), [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {
         B* drow = dp + o * row;
-        if (inv_out[o] < 0) {
-          std::memset(drow, 0, row * sizeof(B));
-          continue;
-        }
+        std::memset(drow, 0, row * sizeof(B));
+        if (inv_out[o] < 0) continue;
         const B* srow = sp + inv_out[o] * ai * s.taps;
         if (s.in_inner) {
           for (int64_t k = 0; k < s.taps; ++k)
-            for (int64_t i = 0; i < s.in; ++i) drow[k * s.in + i] = inv_in[i] < 0 ? B(0) : srow[k * ai + inv_in[i]];
+            for (int64_t i = 0; i < ai; ++i) drow[k * s.in + ip[i]] = srow[k * ai + i];
         } else {
-          for (int64_t i = 0; i < s.in; ++i) {
-            if (inv_in[i] < 0) std::memset(drow + i * s.taps, 0, s.taps * sizeof(B));
-            else std::memcpy(drow + i * s.taps, srow + inv_in[i] * s.taps, s.taps * sizeof(B));
-          }
+          for (int64_t i = 0; i < ai; ++i)
+            for (int64_t k = 0; k < s.taps; ++k) drow[ip[i] * s.taps + k] = srow[i * s.taps + k];
         }
       }
     });
@@ -282,7 +307,7 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
   }
   const Rows v = rows_of(z);
   Tensor y = at::empty_like(z, format_of(z));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "cadk_epilogue_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "cadk_epilogue_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -295,13 +320,14 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
             scalar_t* zr = zp + r * len;
             scalar_t* yr = yp + r * len;
             const acc_t* xi = gates.row<acc_t>(v.n_of(r)) + v.c_of(r);
+            CADK_PRAGMA(omp simd)
             for (int64_t i = 0; i < len; ++i) {
-              scalar_t p = zr[i];
+              acc_t p = acc_t(zr[i]);
               if constexpr (kRelu) {
-                p = acc_t(p) < acc_t(0) ? scalar_t(0) : p;
-                zr[i] = p;
+                p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
+                zr[i] = scalar_t(p);
               }
-              yr[i] = scalar_t(acc_t(p) * xi[kCL ? i : 0]);
+              yr[i] = scalar_t(p * xi[kCL ? i : 0]);
             }
           }
         });
@@ -315,10 +341,9 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
                                 bool want_bias_sum) {
   const Rows v = rows_of(pre);
   const bool gated = gates.defined(), relu = act == Act::kRelu;
-  const int64_t n_acc = int64_t(gated) + int64_t(want_bias_sum);
   Tensor grad_z = at::empty_like(pre, format_of(pre));
   Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pre.scalar_type(), "cadk_epilogue_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pre.scalar_type(), "cadk_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
     const scalar_t* pp = pre.data_ptr<scalar_t>();
@@ -326,41 +351,45 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
     with_bool(v.cl, [&](auto cl) {
       with_bool(relu, [&](auto use_relu) {
         with_bool(gated, [&](auto use_gate) {
-          with_bool(want_bias_sum, [&](auto use_bias) {
-            constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-            constexpr bool kGate = decltype(use_gate)::value, kBias = decltype(use_bias)::value;
-            const int64_t len = v.len(), C = v.C;
-            sums = reduce_rows(v, n_acc, [&](int64_t r0, int64_t r1, double* acc) {
-              for (int64_t r = r0; r < r1; ++r) {
-                const int64_t c = v.c_of(r);
-                const scalar_t* gy = gyp + r * len;
-                const scalar_t* p = pp + r * len;
-                scalar_t* gz = gzp + r * len;
-                const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
-                double* acc_theta = acc + c;
-                double* acc_bias = acc + (kGate ? C : 0) + c;
-                acc_t row_theta = 0, row_bias = 0;
-CADK_PRAGMA(omp simd reduction(+ : row_theta, row_bias))
-                for (int64_t i = 0; i < len; ++i) {
-                  const acc_t dy = acc_t(gy[i]);
-                  const acc_t pv = acc_t(p[i]);
-                  scalar_t g = kGate ? scalar_t(dy * xi[kCL ? i : 0]) : gy[i];
-                  if (kRelu && !(pv > acc_t(0))) g = scalar_t(0);
-                  gz[i] = g;
-                  if constexpr (kCL) {
-                    if (kGate) acc_theta[i] += dy * pv;
-                    if (kBias) acc_bias[i] += acc_t(g);
-                  } else {
-                    row_theta += dy * pv;
-                    row_bias += acc_t(g);
-                  }
-                }
-                if constexpr (!kCL) {
-                  if (kGate) acc_theta[0] += row_theta;
-                  if (kBias) acc_bias[0] += row_bias;
+          constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
+          constexpr bool kGate = decltype(use_gate)::value;
+          const int64_t len = v.len(), C = v.C;
+          // Accumulators: [0] theta (sum grad_y * pre), [1] bias (sum grad_z); both always summed
+          // (the bias sum is nearly free in the same pass).
+          sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
+            Partials<acc_t> part(acc, 2, kCL ? C : 0);
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t c = v.c_of(r);
+              const scalar_t* gy = gyp + r * len;
+              const scalar_t* p = pp + r * len;
+              scalar_t* gz = gzp + r * len;
+              const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
+              acc_t* part_theta = part[0];
+              acc_t* part_bias = part[1];
+              acc_t row_theta = 0, row_bias = 0;
+              CADK_PRAGMA(omp simd reduction(+ : row_theta, row_bias))
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t dy = acc_t(gy[i]);
+                const acc_t pv = acc_t(p[i]);
+                // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask.
+                acc_t g = kGate ? acc_t(scalar_t(dy * xi[kCL ? i : 0])) : dy;
+                if constexpr (kRelu) g = pv > acc_t(0) ? g : acc_t(0);
+                gz[i] = scalar_t(g);
+                if constexpr (kCL) {
+                  part_theta[i] += dy * pv;
+                  part_bias[i] += g;
+                } else {
+                  row_theta += dy * pv;
+                  row_bias += g;
                 }
               }
-            });
+              if constexpr (kCL) {
+                part.next_row();
+              } else {
+                acc[c] += row_theta;
+                acc[C + c] += row_bias;
+              }
+            }
           });
         });
       });
@@ -369,7 +398,7 @@ CADK_PRAGMA(omp simd reduction(+ : row_theta, row_bias))
   EpilogueGrads out;
   out.grad_z = grad_z;
   if (gated) out.theta_sum = sums[0];
-  if (want_bias_sum) out.bias_sum = sums[gated ? 1 : 0];
+  if (want_bias_sum) out.bias_sum = sums[1];
   return out;
 }
 

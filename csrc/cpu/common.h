@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 // A pragma usable inside macro arguments (AT_DISPATCH bodies), where #pragma is not.
 #define CADK_PRAGMA(x) _Pragma(#x)
@@ -80,6 +81,34 @@ Tensor reduce_rows(const Rows& v, int64_t n_acc, const F& f) {
   return acc.sum(0);
 }
 
+// Per-channel sums of channels-last rows: inner loops add into opmath partials (vectorisable),
+// flushed into the double accumulators every kFlushRows rows to bound fp32 rounding.
+template <typename T>
+class Partials {
+ public:
+  static constexpr int64_t kFlushRows = 64;
+  Partials(double* acc, int64_t n_acc, int64_t C) : acc_(acc), C_(C), buf_(n_acc * C, T(0)) {}
+  Partials(const Partials&) = delete;
+  Partials& operator=(const Partials&) = delete;
+  ~Partials() { flush(); }
+  T* operator[](int64_t k) { return buf_.data() + k * C_; }
+  void next_row() {
+    if (++rows_ == kFlushRows) flush();
+  }
+  void flush() {
+    for (size_t k = 0; k < buf_.size(); ++k) {
+      acc_[k] += double(buf_[k]);
+      buf_[k] = T(0);
+    }
+    rows_ = 0;
+  }
+
+ private:
+  double* acc_;
+  int64_t C_, rows_ = 0;
+  std::vector<T> buf_;
+};
+
 // Calls f(std::integral_constant<bool, b>) so a runtime flag becomes a template parameter.
 template <typename F>
 decltype(auto) with_bool(bool b, const F& f) {
@@ -110,8 +139,9 @@ void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const fl
 // Full-size <-> compact tensors
 
 // weight[alive_out][:, alive_in] ([C_out, C_in, *k]), in weight's memory format; weight itself when
-// both index sets are full.
-Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out);
+// both index sets are full. `scratch`: the result is dropped before the op returns, so it may live
+// in memory reused by the next call on this thread.
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch = false);
 // A full-size tensor shaped and formatted like `full_like`: `compact` at alive_out rows and alive_in
 // columns, zero elsewhere, each element written once.
 Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,

@@ -68,7 +68,7 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
   } else {
-    const Tensor w = gather_weight(weight, alive_in, alive_out);
+    const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
     z = in_format(at::convolution(x, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
   }
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   } else {
-    const Tensor w = gather_weight(weight, alive_in, alive_out);
+    const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
     const bool conv_bias = has_bias && !fused;
     const std::vector<int64_t> bias_sizes{alive_out.numel()};
     Tensor grad_bc;
