@@ -44,7 +44,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--target-params", type=float, default=None, help="params budget as a fraction of dense")
     p.add_argument("--alpha", type=float, default=d.alpha, help="layer vs unit pruning (scales layer gates' price)")
     p.add_argument("--beta", type=float, default=d.beta, help="FLOPs (1) vs parameters (0) in the cost")
-    p.add_argument("--lam-lr", type=float, default=d.lam_lr, help="dual-ascent step for lam in target mode")
+    p.add_argument("--lam-lr", type=float, default=d.lam_lr,
+                   help="target mode: relative step of lam per step (lam *= exp(lam_lr * error))")
+    p.add_argument("--ramp-epochs", type=float, default=d.ramp_epochs,
+                   help="target mode: epochs after the warm-up over which the budget anneals from 1 to the target")
+    p.add_argument("--settle-epoch", type=float, default=d.settle_epoch,
+                   help="round the structure here (theta > threshold meeting the budget) and fix it; 0: never")
     p.add_argument("--theta-optimizer", choices=["sgd", "adam"], default=d.theta_optimizer)
     p.add_argument("--theta-lr", type=float, default=d.theta_lr)
     p.add_argument("--prune-eps", type=float, default=d.prune_eps)

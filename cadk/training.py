@@ -36,14 +36,16 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lam: float = 1.0
+    lam: float = 0.1
     alpha: float = 1.0
     beta: float = 0.5
     target_flops: float | None = None
     target_params: float | None = None
-    lam_lr: float = 0.01
-    theta_optimizer: str = "sgd"
-    theta_lr: float = 0.05
+    lam_lr: float = 0.02
+    ramp_epochs: float = 4.0
+    settle_epoch: float = 6.0
+    theta_optimizer: str = "adam"
+    theta_lr: float = 2e-3
     prune_eps: float = 0.02
     patience: int = 100
     warmup_epochs: float = 1.0
@@ -80,13 +82,14 @@ class Run:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.cost = self.pruner = self.theta_opt = None
+        self.cost = self.pruner = self.theta_opt = self.settle_step = None
         if not cfg.dense:
             self.cost = ComplexityCost(self.model, self.example, cfg.lam, cfg.alpha, cfg.beta, cfg.target_flops,
-                                       cfg.target_params, cfg.lam_lr)
+                                       cfg.target_params, cfg.lam_lr, int(cfg.ramp_epochs * self.steps_per_epoch))
             opt_cls = {"sgd": ThetaSGD, "adam": ThetaAdam}[cfg.theta_optimizer]
             self.theta_opt = opt_cls(gates, lr=cfg.theta_lr)
             self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
+            self.settle_step = int(cfg.settle_epoch * self.steps_per_epoch) if cfg.settle_epoch > 0 else None
             self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
         self.step = 0
         self.epoch = 0
@@ -119,17 +122,20 @@ class Run:
             if self.theta_opt is not None:
                 self.theta_opt.zero_grad(set_to_none=True)
             loss.backward()
-            if self.cost is not None:
+            learning_structure = self.cost is not None and not self.settled
+            if learning_structure:
                 if self.step >= self.warmup_steps:
                     stats = self.cost.add_grad_()
                 else:  # warm-up: weights settle before any structure is priced
                     for g in self.theta_opt._gates:
                         g.theta.grad = None
             self.opt.step()
-            if self.theta_opt is not None:
+            if learning_structure:
                 self.theta_opt.step()
                 events += self.pruner.step([self.opt, self.theta_opt])
             self.step += 1
+            if learning_structure and self.step == self.settle_step:
+                events += self.settle()
             losses += float(loss.detach()) * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
@@ -139,6 +145,18 @@ class Run:
                                 lam=f"{stats['lam']:.2f}", refresh=False)
         return {"train_loss": losses / seen, "train_acc": correct / seen, "epoch_time": time.perf_counter() - start,
                 "pruned": events, "lam": self.cost.lam if self.cost else None}
+
+    @property
+    def settled(self) -> bool:
+        return self.settle_step is not None and self.step >= self.settle_step
+
+    def settle(self) -> list[str]:
+        """Round the structure at the threshold that meets the budget; thetas are fixed from here on."""
+        threshold = self.cost.settle_threshold()
+        events = self.pruner.settle(threshold, [self.opt, self.theta_opt])
+        flops, params = self.cost.deployed_ratios()
+        return events + [f"settled at theta > {threshold:.3f}: FLOPs {100 * flops:.1f}%, params {100 * params:.1f}% "
+                         "of dense; thetas fixed at 1 from here on"]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> float:
@@ -156,7 +174,9 @@ class Run:
         with torch.no_grad():
             _, flops, params = self.cost.value()
         blocks = [m for m in self.model.modules() if isinstance(m, GatedResidualBlock)]
-        return {"flops": float(flops), "params": float(params), "widths": self.cost.complexity.per_layer(),
+        deployed_flops, deployed_params = self.cost.deployed_ratios()
+        return {"flops": float(flops), "params": float(params), "deployed_flops": deployed_flops,
+                "deployed_params": deployed_params, "widths": self.cost.complexity.per_layer(),
                 "blocks_alive": sum(not b.is_pruned for b in blocks), "blocks_total": len(blocks)}
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -194,7 +214,9 @@ def load_checkpoint(path: str) -> dict:
 
 def _format_epoch(rec: dict) -> str:
     line = (f"epoch {rec['epoch']:3d} | loss {rec['train_loss']:.4f} | test acc {100 * rec['test_acc']:.2f}% | "
-            f"FLOPs {100 * rec['flops']:.1f}% | params {100 * rec['params']:.1f}% | time {rec['epoch_time']:.1f}s")
+            f"E[FLOPs] {100 * rec['flops']:.1f}% | E[params] {100 * rec['params']:.1f}% | time {rec['epoch_time']:.1f}s")
+    if "deployed_flops" in rec:
+        line += f" | compacted now: FLOPs {100 * rec['deployed_flops']:.1f}% params {100 * rec['deployed_params']:.1f}%"
     if rec.get("blocks_alive") is not None:
         widths = " ".join(f"{w['alive']}" for w in rec["widths"])
         line += f" | blocks {rec['blocks_alive']}/{rec['blocks_total']} | lam {rec['lam']:.3f} | widths {widths}"
@@ -224,7 +246,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         run.history.append(rec)
         log(_format_epoch(rec))
         for ev in rec["pruned"]:
-            log(f"    pruned {ev}")
+            log(f"    {ev}" if ev.startswith("settled") else f"    pruned {ev}")
         atomic_write(ckpt, lambda f: torch.save(run.state(), f))
     return finish(run, log)
 

@@ -37,6 +37,24 @@ def test_compacted_model_matches_gated_eval_outputs(name, model, x):
     assert cadk.param_count(plain) < cadk.ComplexityModel(model, x).dense_params
 
 
+def test_gate_with_every_theta_at_zero_compacts_to_one_zero_unit():
+    """Unit pruning never removes a gate's last unit, but every alive theta can still sit at 0: the
+    compacted layer keeps one unit whose output is exactly zero instead of failing on zero width."""
+    gen = torch.Generator().manual_seed(2)
+    model = cadk.build_model("resnet20", 1, 10)
+    randomize_bn(model, gen)
+    with torch.no_grad():
+        model.blocks[1].branch[0].gate.theta.zero_()  # an inner unit group
+        model.stem.gate.theta.zero_()                  # the stage-1 stream
+    model.eval()
+    plain = cadk.compact(model)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        ref, out = model(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert plain[0][0].out_channels == 1
+
+
 def test_custom_parents_compact_child_by_child():
     class Custom(nn.Module):
         def __init__(self):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import cadk
 from cadk.compaction import flop_count, param_count
@@ -24,6 +25,22 @@ def test_binary_thetas_count_exactly_what_flop_counter_measures(name, model, x):
         plain = cadk.compact(model)
         assert flops.item() == flop_count(plain, x[:1])
         assert params.item() == param_count(plain)
+
+
+@pytest.mark.parametrize("name,model,x", small_models()[:3], ids=lambda v: v if isinstance(v, str) else "")
+def test_gated_forward_computes_only_what_the_compacted_model_does(name, model, x):
+    """Once the theta = 0 structures are pruned, FlopCounterMode counts the same FLOPs in the gated
+    model's forward (cadk ops over alive channels) as in the compacted model's."""
+    gen = torch.Generator().manual_seed(1)
+    random_thetas(model, gen, binary=True)
+    with torch.no_grad():
+        for g in gates_of(model):
+            g.prune(g.theta == 0)
+    model.eval()
+    plain = cadk.compact(model)
+    with FlopCounterMode(display=False) as fc:
+        model(x[:1])
+    assert fc.get_total_flops() == flop_count(plain, x[:1]) < cadk.ComplexityModel(model, x).dense_flops
 
 
 def test_fractional_thetas_equal_mean_over_sampled_structures():
@@ -74,19 +91,50 @@ def test_cost_gradient_prices_units_by_what_they_control():
 
 def test_target_mode_adapts_lam_both_ways():
     model = cadk.build_model("mlp", 1, 10, image_size=8, hidden=(16,))
-    cost = cadk.ComplexityCost(model, torch.randn(1, 1, 8, 8), lam=0.0, target_flops=0.5, lam_lr=0.1)
+    cost = cadk.ComplexityCost(model, torch.randn(1, 1, 8, 8), lam=0.0, target_flops=0.6, lam_lr=0.1)
     cost.add_grad_()
     assert cost.lam > 0  # dense model is over budget
     with torch.no_grad():
-        model.layers[0].gate.theta.fill_(0.1)
+        model.layers[0].gate.theta.fill_(0.55)
     lam = cost.lam
-    cost.add_grad_()
-    # fractional thetas meet the expected budget but compaction would keep every unit: lam keeps rising
-    assert cost.lam > lam
+    stats = cost.add_grad_()
+    # fractional thetas meet the expected budget but rounding them keeps every unit: lam keeps rising
+    assert stats["flops"] < 0.6 < stats["rounded_flops"] and cost.lam > lam
+    with torch.no_grad():
+        model.layers[0].gate.theta[:12] = 0.45
+    lam = cost.lam
+    stats = cost.add_grad_()
+    # units below 1/2 no longer count, though compaction would still keep them: lam relaxes
+    assert stats["rounded_flops"] < 0.6 < stats["deployed_flops"] and cost.lam < lam
+    with torch.no_grad():
+        model.layers[0].gate.theta[:12] = 0.55
     model.layers[0].gate.prune(torch.arange(12))
     lam = cost.lam
     stats = cost.add_grad_()
-    assert stats["deployed_flops"] < 0.5 and cost.lam < lam  # under budget once units are gone: lam relaxes
+    assert stats["deployed_flops"] < 0.6 and cost.lam < lam  # under budget once units are gone: lam relaxes
+
+
+def test_target_anneals_over_ramp_and_lam_steps_are_relative():
+    model = cadk.build_model("mlp", 1, 10, image_size=8, hidden=(16,))
+    cost = cadk.ComplexityCost(model, torch.randn(1, 1, 8, 8), lam=2.0, target_flops=0.4, lam_lr=0.1,
+                               ramp_steps=10)
+    assert cost.target_now() == pytest.approx(1.0)
+    stats = cost.add_grad_()
+    # the dense model meets the annealed target of the first step exactly: lam holds
+    assert stats["target"] == pytest.approx(1.0) and cost.lam == pytest.approx(2.0)
+    for _ in range(4):
+        stats = cost.add_grad_()
+    assert stats["target"] == pytest.approx(1 - 0.6 * 0.4)
+    # over budget by 1/0.76 - 1: one relative step of lam_lr times that error
+    lam = cost.lam
+    cost.add_grad_()
+    assert cost.lam == pytest.approx(lam * math.exp(0.1 * (1 / (1 - 0.6 * 0.5) - 1)))
+    for _ in range(20):
+        cost.add_grad_()
+    assert cost.target_now() == pytest.approx(0.4)  # the ramp ends at the budget and stays there
+    restored = cadk.ComplexityCost(model, torch.randn(1, 1, 8, 8), target_flops=0.4, ramp_steps=10)
+    restored.load_state_dict(cost.state_dict())
+    assert restored.lam == cost.lam and restored.target_now() == cost.target_now()
 
 
 def test_cost_rejects_bad_knobs():

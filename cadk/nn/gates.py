@@ -82,8 +82,14 @@ class UnitGate(nn.Module):
         self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
 
     def keep_idx(self) -> torch.Tensor:
-        """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing)."""
-        return torch.nonzero(self.alive_mask & (self.theta.detach() > 0)).flatten()
+        """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing).
+
+        A unit gate whose alive units all sit at theta == 0 keeps its first alive unit: a layer cannot
+        have zero width, and that unit's output is exactly 0 once theta is folded into the weights."""
+        keep = torch.nonzero(self.alive_mask & (self.theta.detach() > 0)).flatten()
+        if keep.numel() == 0 and self.kind == "unit" and self.num_alive > 0:
+            return self.alive_idx[:1]
+        return keep
 
     def expected_alive(self) -> torch.Tensor:
         """E[number of live units] = sum of theta over alive units (differentiable)."""

@@ -2,7 +2,12 @@
 fell below `eps`, after a warm-up, applied every `every` steps (a coarse cadence bounds torch.compile
 recompiles). Guards: unit pruning never removes a gate's last unit (its block's layer gate decides that);
 a pruned block takes its internal units with it. Pruned rows/columns of weights and their optimizer state
-are zeroed, so they stay out of every later optimizer step while shapes never change."""
+are zeroed, so they stay out of every later optimizer step while shapes never change.
+
+`settle` rounds the structure once the budget has been reached (cadk): thetas of this estimator can
+rest at fractional values for many epochs (a network trained under a structure's noise keeps it),
+while the method's solutions are deterministic networks. Rounding prunes the structures below the
+threshold and sets the rest to 1; the remaining epochs train that deterministic network."""
 from __future__ import annotations
 
 import torch
@@ -31,12 +36,32 @@ class Pruner:
             g.zero_steps.copy_(torch.where(at_zero, g.zero_steps + 1, torch.zeros_like(g.zero_steps)))
         if self.steps <= self.warmup_steps or self.steps % self.every:
             return []
-        events = []
+        events = self._prune({g: g.alive_mask & ((g.zero_steps >= self.patience) | (g.theta < self.eps))
+                              for g in self.gates})
+        if events:
+            self.zero_pruned(optimizers)
+        return events
+
+    @torch.no_grad()
+    def settle(self, threshold: float = 0.5, optimizers=()) -> list[str]:
+        """Round the structure: prune every alive structure with theta <= `threshold`, set the survivors'
+        theta to 1. Afterwards the network is deterministic (the state the method converges to) and
+        training continues on it without theta updates."""
+        events = self._prune({g: g.alive_mask & (g.theta <= threshold) for g in self.gates})
         for g in self.gates:
-            doomed = g.alive_mask & ((g.zero_steps >= self.patience) | (g.theta < self.eps))
+            g.theta[g.alive_mask] = 1.0
+            g.zero_steps.zero_()
+        self.zero_pruned(optimizers)
+        return events
+
+    def _prune(self, doomed_of: dict) -> list[str]:
+        """Prune the `doomed` units of every gate, with the guards: a unit gate keeps its best unit (its
+        block's layer gate decides about the layer), a pruned block takes its internal units along."""
+        events = []
+        for g, doomed in doomed_of.items():
             if g.kind == "unit" and doomed.sum() == g.num_alive and g.num_alive > 0:
                 keep = torch.where(g.alive_mask, g.theta, torch.full_like(g.theta, -1.0)).argmax()
-                doomed[keep] = False  # the last unit stays; the layer gate decides about the layer
+                doomed[keep] = False
             if doomed.any():
                 g.prune(doomed)
                 events.append(f"{self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
@@ -44,8 +69,6 @@ class Pruner:
             if b.is_pruned and any(not g.is_pruned for g in b.internal_gates()):
                 for g in b.internal_gates():
                     g.prune(torch.ones_like(g.alive_mask))
-        if events:
-            self.zero_pruned(optimizers)
         return events
 
     def _name(self, gate: UnitGate) -> str:

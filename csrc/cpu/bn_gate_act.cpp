@@ -100,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   // z = x * scale + shift, the form ATen's batch norm uses.
   const Tensor scale = coef(gather_vector(weight, alive), acc_type) * (var + eps).rsqrt();
   const Tensor shift = coef(gather_vector(bias, alive), acc_type) - mean * scale;
-  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kForward);
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor y = at::empty_like(xc, format_of(xc));
   Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());
@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   const auto acc_type = at::toOpMathType(x.scalar_type());
   const Tensor mu = coef(mean, acc_type);
   const Tensor invstd = (coef(var, acc_type) + eps).rsqrt();
-  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kBackward);
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor grad_x = at::empty_like(xc, fmt);
   Tensor grad_w_alive, grad_b_alive, theta_sum;

@@ -3,9 +3,15 @@
 #include <ATen/Dispatch.h>
 
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <vector>
 
 #include "../philox.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace cadk::cpu {
 
@@ -84,9 +90,99 @@ Rows rows_of(const Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Results of a training forward kept for its backward
+
+namespace {
+
+// Tensors a forward computed, each taken by the backward whose key equals the forward's. A key
+// holds everything its tensor depends on, so a hit is exact; a miss recomputes. Bounded, oldest
+// dropped first, so results of forwards that get no backward cannot pile up.
+template <typename Key>
+class KeptForBackward {
+ public:
+  void put(Key key, const Tensor& value) {
+    const int64_t bytes = value.nbytes();
+    if (bytes > kMaxBytes) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {  // a repeated forward replaces
+      if (it->first == key) {
+        drop(it);
+        break;
+      }
+    }
+    while (!entries_.empty() && (bytes_ + bytes > kMaxBytes || int64_t(entries_.size()) >= kMaxEntries)) {
+      drop(entries_.begin());
+    }
+    entries_.emplace_back(std::move(key), value);
+    bytes_ += bytes;
+  }
+
+  Tensor take(const Key& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {  // backward runs newest-first
+      if (!(it->first == key)) continue;
+      Tensor value = std::move(it->second);
+      drop(std::next(it).base());
+      return value;
+    }
+    return {};
+  }
+
+ private:
+  using Entries = std::deque<std::pair<Key, Tensor>>;
+  static constexpr int64_t kMaxBytes = int64_t(32) << 20;
+  static constexpr int64_t kMaxEntries = 256;
+
+  void drop(typename Entries::iterator it) {
+    bytes_ -= it->second.defined() ? int64_t(it->second.nbytes()) : 0;
+    entries_.erase(it);
+  }
+
+  std::mutex mu_;
+  Entries entries_;
+  int64_t bytes_ = 0;
+};
+
+std::vector<int64_t> index_list(const Tensor& alive) {
+  const Tensor a = alive.contiguous();
+  const int64_t* p = a.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + a.numel());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
 // Gates
 
 namespace {
+
+// Everything a training gate table depends on.
+struct GateKey {
+  uint64_t seed = 0;
+  int64_t batch = 0, units = 0;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> alive;
+  std::vector<float> theta;  // theta at alive, as compared against the uniforms
+  bool operator==(const GateKey& o) const {
+    return seed == o.seed && batch == o.batch && units == o.units && dtype == o.dtype && alive == o.alive &&
+           theta == o.theta;
+  }
+};
+
+GateKey gate_key(const Tensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
+                 at::ScalarType dtype) {
+  const Tensor th = theta.detach().to(at::kFloat).contiguous();
+  const float* tp = th.data_ptr<float>();
+  GateKey key{seed_value(seed), batch, theta.numel(), dtype, index_list(alive), {}};
+  key.theta.reserve(key.alive.size());
+  for (const int64_t j : key.alive) key.theta.push_back(tp[j]);
+  return key;
+}
+
+KeptForBackward<GateKey>& kept_gates() {
+  static KeptForBackward<GateKey> kept;
+  return kept;
+}
 
 // Units whose theta is 0 or 1 (or NaN) have a fixed gate (u in [0, 1) never reaches 1, and never
 // falls below 0): only the others need Philox words. Converged gates sit at exactly 0 or 1.
@@ -97,18 +193,14 @@ struct GatePlan {
   std::vector<float> theta;     // their theta
 };
 
-GatePlan plan_gates(const Tensor& theta, const Tensor& alive) {
-  const Tensor th = theta.detach().to(at::kFloat).contiguous();
-  const Tensor al = alive.contiguous();
-  const float* tp = th.data_ptr<float>();
-  const int64_t* ap = al.data_ptr<int64_t>();
+GatePlan plan_gates(const GateKey& key) {
   GatePlan plan;
-  plan.fixed.resize(al.numel());
-  for (int64_t k = 0; k < al.numel(); ++k) {
-    const float t = tp[ap[k]];
+  plan.fixed.resize(key.alive.size());
+  for (size_t k = 0; k < key.alive.size(); ++k) {
+    const float t = key.theta[k];
     if (t > 0.0f && t < 1.0f) {
-      plan.pos.push_back(k);
-      plan.unit.push_back(static_cast<uint32_t>(ap[k]));
+      plan.pos.push_back(int64_t(k));
+      plan.unit.push_back(static_cast<uint32_t>(key.alive[k]));
       plan.theta.push_back(t);
     }
     plan.fixed[k] = t >= 1.0f ? 1.0f : 0.0f;
@@ -116,22 +208,10 @@ GatePlan plan_gates(const Tensor& theta, const Tensor& alive) {
   return plan;
 }
 
-}  // namespace
-
-Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch, bool training,
-                 at::ScalarType act_dtype) {
-  if (!theta.has_value()) return {};
-  const int64_t A = alive.numel();
-  const auto opmath = at::toOpMathType(act_dtype);
-  if (!training) {
-    Tensor xi = gather_vector(*theta, alive).detach().to(act_dtype).to(opmath).reshape({1, A}).contiguous();
-    return {xi, 0};
-  }
-  const int64_t units = theta->numel();
-  TORCH_CHECK(batch * units <= kPhiloxMaxOffset, "cadk gates: batch ", batch, " x ", units,
-              " units exceeds the 2^31 Philox offset range; split the batch");
-  const uint64_t key = seed_value(seed);
-  const GatePlan plan = plan_gates(*theta, alive);
+// The [batch, A] float table of sampled gates.
+Tensor draw_gates(const GateKey& key) {
+  const int64_t A = int64_t(key.alive.size()), batch = key.batch, units = key.units;
+  const GatePlan plan = plan_gates(key);
   const int64_t sampled = static_cast<int64_t>(plan.pos.size());
   Tensor table = at::empty({batch, A}, at::TensorOptions().dtype(at::kFloat));
   float* tp = table.data_ptr<float>();
@@ -142,16 +222,40 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
       float* row = tp + n * A;
       const uint32_t base = static_cast<uint32_t>(n * units);
       if (sampled == A) {  // no fixed unit: draw straight into the row
-        philox_gates(key, base, plan.unit.data(), plan.theta.data(), A, row);
+        philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), A, row);
         continue;
       }
       std::copy(plan.fixed.begin(), plan.fixed.end(), row);
       if (sampled == 0) continue;
-      philox_gates(key, base, plan.unit.data(), plan.theta.data(), sampled, drawn.data());
+      philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), sampled, drawn.data());
       for (int64_t k = 0; k < sampled; ++k) row[plan.pos[k]] = drawn[k];
     }
   });
-  return {opmath == at::kFloat ? table : table.to(opmath), A};
+  return table;
+}
+
+}  // namespace
+
+Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch, bool training,
+                 at::ScalarType act_dtype, Pass pass) {
+  if (!theta.has_value()) return {};
+  const int64_t A = alive.numel();
+  const auto opmath = at::toOpMathType(act_dtype);
+  if (!training) {
+    Tensor xi = gather_vector(*theta, alive).detach().to(act_dtype).to(opmath).reshape({1, A}).contiguous();
+    return {xi, 0};
+  }
+  TORCH_CHECK(batch * theta->numel() <= kPhiloxMaxOffset, "cadk gates: batch ", batch, " x ", theta->numel(),
+              " units exceeds the 2^31 Philox offset range; split the batch");
+  GateKey key = gate_key(*theta, alive, seed, batch, opmath);
+  if (pass == Pass::kBackward) {
+    Tensor kept = kept_gates().take(key);
+    if (kept.defined()) return {kept, A};
+  }
+  Tensor table = draw_gates(key);
+  if (opmath != at::kFloat) table = table.to(opmath);
+  if (pass == Pass::kForward) kept_gates().put(std::move(key), table);
+  return {table, A};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,9 +317,10 @@ Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, a
 
 }  // namespace
 
-Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch) {
+namespace {
+
+Tensor gather_into(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch) {
   const WeightShape s = weight_shape(weight);
-  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return weight;
   const auto fmt = format_of(weight);
   const Tensor src = weight.contiguous(fmt);
   const int64_t ai = alive_in.numel(), ao = alive_out.numel();
@@ -235,7 +340,7 @@ Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor&
       for (int64_t o = b; o < e; ++o) {
         const B* srow = sp + op[o] * s.in * s.taps;
         B* drow = dp + o * ai * s.taps;
-        if (s.in_inner) {  // [taps, C_in] rows
+        if (s.in_inner || s.taps == 1) {  // [taps, C_in] rows (a linear weight's too)
           for (int64_t k = 0; k < s.taps; ++k)
             for (int64_t i = 0; i < ai; ++i) drow[k * ai + i] = srow[k * s.in + ip[i]];
         } else {  // [C_in, taps] rows
@@ -248,38 +353,113 @@ Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor&
   return out;
 }
 
+// The weight's identity and version counter stand for its contents, as for autograd's saved
+// tensors; holding the weight keeps its identity from passing to a new tensor.
+struct WeightKey {
+  Tensor weight;
+  int64_t version = 0;
+  const void* data = nullptr;
+  std::vector<int64_t> alive_in, alive_out;
+  bool operator==(const WeightKey& o) const {
+    return weight.is_same(o.weight) && version == o.version && data == o.data && alive_in == o.alive_in &&
+           alive_out == o.alive_out;
+  }
+};
+
+KeptForBackward<WeightKey>& kept_weights() {
+  static KeptForBackward<WeightKey> kept;
+  return kept;
+}
+
+}  // namespace
+
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, Pass pass) {
+  const WeightShape s = weight_shape(weight);
+  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return weight;
+  if (pass == Pass::kAlone || weight.is_inference()) return gather_into(weight, alive_in, alive_out, true);
+  WeightKey key{weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)};
+  if (pass == Pass::kBackward) {
+    Tensor kept = kept_weights().take(key);
+    return kept.defined() ? kept : gather_into(weight, alive_in, alive_out, true);
+  }
+  Tensor out = gather_into(weight, alive_in, alive_out, false);
+  kept_weights().put(std::move(key), out);
+  return out;
+}
+
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// out[j] = inv[j] >= 0 ? src[inv[j]] : 0 for 4-byte elements: a full-size row in one sequential
+// write, cheaper than zeroing it and scattering into it when the row is not in cache.
+__attribute__((target("avx512f"))) void expand_row32_avx512(const uint32_t* src, const int32_t* inv, int64_t n,
+                                                           uint32_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i idx = _mm512_loadu_si512(inv + j);
+    const __mmask16 alive = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+    _mm512_storeu_si512(out + j, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), alive, idx, src, 4));
+  }
+  for (; j < n; ++j) out[j] = inv[j] >= 0 ? src[inv[j]] : 0;
+}
+
+bool expand_rows_fast(const WeightShape& s, int64_t element_size) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && element_size == 4 && (s.in_inner || s.taps == 1);
+}
+#else
+void expand_row32_avx512(const uint32_t*, const int32_t*, int64_t, uint32_t*) {}
+bool expand_rows_fast(const WeightShape&, int64_t) { return false; }
+#endif
+
+// Full-size rows o of `dp` from compact rows inv_out[o] of `sp` (zero rows where inv_out[o] < 0).
+template <typename B>
+void scatter_rows(const WeightShape& s, const std::vector<int64_t>& inv_out, const Tensor& alive_in,
+                  const B* sp, B* dp) {
+  const int64_t ai = alive_in.numel(), row = s.in * s.taps;
+  const Tensor in_idx = alive_in.contiguous();
+  const int64_t* ip = in_idx.data_ptr<int64_t>();
+  const bool fast = expand_rows_fast(s, sizeof(B));
+  std::vector<int32_t> inv_in(fast ? s.in : 0, -1);
+  for (int64_t i = 0; fast && i < ai; ++i) inv_in[ip[i]] = static_cast<int32_t>(i);
+  at::parallel_for(0, s.out, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row)), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      B* drow = dp + o * row;
+      const B* srow = sp + std::max<int64_t>(inv_out[o], 0) * ai * s.taps;
+      if (inv_out[o] >= 0 && fast) {
+        for (int64_t k = 0; k < s.taps; ++k) {
+          expand_row32_avx512(reinterpret_cast<const uint32_t*>(srow + k * ai), inv_in.data(), s.in,
+                              reinterpret_cast<uint32_t*>(drow + k * s.in));
+        }
+        continue;
+      }
+      // Zero the row, then write its alive entries: one streaming pass plus a sparse one.
+      std::memset(drow, 0, row * sizeof(B));
+      if (inv_out[o] < 0) continue;
+      if (s.in_inner || s.taps == 1) {
+        for (int64_t k = 0; k < s.taps; ++k)
+          for (int64_t i = 0; i < ai; ++i) drow[k * s.in + ip[i]] = srow[k * ai + i];
+      } else {
+        for (int64_t i = 0; i < ai; ++i)
+          for (int64_t k = 0; k < s.taps; ++k) drow[ip[i] * s.taps + k] = srow[i * s.taps + k];
+      }
+    }
+  });
+}
+
+}  // namespace
+
 Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,
                       const Tensor& alive_out) {
   const WeightShape s = weight_shape(full_like);
   const auto fmt = format_of(full_like);
   const Tensor src = compact.to(full_like.scalar_type()).contiguous(fmt);
   if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return src;
-  const int64_t ai = alive_in.numel();
   Tensor out = at::empty(full_like.sizes(), full_like.options().memory_format(fmt));
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
-  const Tensor in_idx = alive_in.contiguous();
-  const int64_t* ip = in_idx.data_ptr<int64_t>();
-  const int64_t row = s.in * s.taps;
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
-    const B* sp = static_cast<const B*>(src.data_ptr());
-    B* dp = static_cast<B*>(out.data_ptr());
-    // Zero each row, then write its alive entries: one streaming pass plus a sparse one.
-    at::parallel_for(0, s.out, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row)), [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) {
-        B* drow = dp + o * row;
-        std::memset(drow, 0, row * sizeof(B));
-        if (inv_out[o] < 0) continue;
-        const B* srow = sp + inv_out[o] * ai * s.taps;
-        if (s.in_inner) {
-          for (int64_t k = 0; k < s.taps; ++k)
-            for (int64_t i = 0; i < ai; ++i) drow[k * s.in + ip[i]] = srow[k * ai + i];
-        } else {
-          for (int64_t i = 0; i < ai; ++i)
-            for (int64_t k = 0; k < s.taps; ++k) drow[ip[i] * s.taps + k] = srow[i * s.taps + k];
-        }
-      }
-    });
+    scatter_rows<B>(s, inv_out, alive_in, static_cast<const B*>(src.data_ptr()), static_cast<B*>(out.data_ptr()));
   });
   return out;
 }

@@ -115,6 +115,11 @@ decltype(auto) with_bool(bool b, const F& f) {
   return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// Which pass asks for a gate table or a gathered weight. A training forward keeps them for its
+// backward, which takes them rather than computing them again; they are found by everything they
+// depend on, so a backward that finds none recomputes them. kAlone: a forward without a backward.
+enum class Pass { kForward, kBackward, kAlone };
+
 // ---------------------------------------------------------------------------------------------
 // Gates: xi as an opmath table, [N, A] in training (Philox samples), [1, A] in eval (theta
 // rounded through the activation dtype, as the reference's theta.to(pre.dtype)).
@@ -128,7 +133,7 @@ struct Gates {
 };
 
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
-                 bool training, at::ScalarType act_dtype);
+                 bool training, at::ScalarType act_dtype, Pass pass);
 
 // out[k] = uniform(seed, base + offset[k]) < theta[k] for k < count (csrc/philox.h semantics),
 // vectorised where the CPU allows.
@@ -139,9 +144,9 @@ void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const fl
 // Full-size <-> compact tensors
 
 // weight[alive_out][:, alive_in] ([C_out, C_in, *k]), in weight's memory format; weight itself when
-// both index sets are full. `scratch`: the result is dropped before the op returns, so it may live
-// in memory reused by the next call on this thread.
-Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch = false);
+// both index sets are full. The caller must drop the result before the op returns: it may live in
+// memory reused by the next call on this thread.
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, Pass pass);
 // A full-size tensor shaped and formatted like `full_like`: `compact` at alive_out rows and alive_in
 // columns, zero elsewhere, each element written once.
 Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,

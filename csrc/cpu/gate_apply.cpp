@@ -19,7 +19,7 @@ Tensor gate_apply_fwd(const Tensor& pre, const Tensor& theta, const Tensor& aliv
                       bool training) {
   check_gate_inputs(pre, theta, alive, seed);
   const Tensor p = in_format(pre, format_of(pre));
-  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type());
+  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), Pass::kForward);
   return std::get<0>(epilogue_forward(p, gates, Act::kNone));  // no activation: p is only read
 }
 
@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pr
               grad_y.scalar_type(), " vs ", pre.sizes(), " ", pre.scalar_type());
   const auto fmt = format_of(pre);
   const Tensor p = in_format(pre, fmt);
-  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type());
+  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), Pass::kBackward);
   EpilogueGrads g = epilogue_backward(in_format(grad_y, fmt), p, gates, Act::kNone, false);
   return {g.grad_z, scatter_vector(g.theta_sum, alive, theta.numel(), theta.scalar_type())};
 }

@@ -68,10 +68,10 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
   } else {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
+    const Tensor w = gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone);
     z = in_format(at::convolution(x, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
   }
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
   return epilogue_forward(z, gates, act);
 }
 
@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   const std::vector<int64_t> out_shape{x.size(0), alive_out.numel(), geo.out_h, geo.out_w};
   TORCH_CHECK(grad_y.sizes() == out_shape && pre.sizes() == out_shape, "cadk gated_conv2d: grad_y ",
               grad_y.sizes(), " and pre ", pre.sizes(), " must both be ", at::IntArrayRef(out_shape));
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kBackward);
   // With a gate or an activation the epilogue pass also sums the bias gradient; otherwise the
   // convolution backward does.
   const bool fused = gates.defined() || act != Act::kNone;
@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   } else {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
+    const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
     const bool conv_bias = has_bias && !fused;
     const std::vector<int64_t> bias_sizes{alive_out.numel()};
     Tensor grad_bc;

@@ -32,10 +32,10 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
                                             c10::string_view activation, bool training) {
   check_linear(x, weight, bias, theta, alive_in, alive_out, seed);
   const Act act = parse_activation(activation);
-  const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
+  const Tensor w = gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone);
   const Tensor xc = x.contiguous();
   Tensor z = bias.has_value() ? at::addmm(gather_vector(*bias, alive_out), xc, w.t()) : at::mm(xc, w.t());
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
   return epilogue_forward(z, gates, act);
 }
 
@@ -48,7 +48,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
   const std::vector<int64_t> out_shape{x.size(0), alive_out.numel()};
   TORCH_CHECK(grad_y.sizes() == out_shape && pre.sizes() == out_shape, "cadk gated_linear: grad_y ",
               grad_y.sizes(), " and pre ", pre.sizes(), " must both be ", at::IntArrayRef(out_shape));
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type());
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kBackward);
   EpilogueGrads g;
   if (gates.defined() || act != Act::kNone) {
     g = epilogue_backward(grad_y.contiguous(), pre.contiguous(), gates, act, has_bias);
@@ -56,7 +56,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     g.grad_z = grad_y.contiguous();
     if (has_bias) g.bias_sum = g.grad_z.sum(0, false, at::kDouble);
   }
-  const Tensor w = gather_weight(weight, alive_in, alive_out, /*scratch=*/true);
+  const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
   const Tensor grad_x = at::mm(g.grad_z, w);
   const Tensor grad_w = scatter_weight(at::mm(g.grad_z.t(), x.contiguous()), weight, alive_in, alive_out);
   const int64_t units = weight.size(0);
