@@ -47,9 +47,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--lam-lr", type=float, default=d.lam_lr,
                    help="target mode: relative step of lam per step (lam *= exp(lam_lr * error))")
     p.add_argument("--ramp-epochs", type=float, default=d.ramp_epochs,
-                   help="target mode: epochs after the warm-up over which the budget anneals from 1 to the target")
+                   help="target mode: epochs after the warm-up over which the budget anneals from 1 to the target "
+                        "(default: 80%% of the time between warm-up and settling)")
     p.add_argument("--settle-epoch", type=float, default=d.settle_epoch,
-                   help="round the structure here (theta > threshold meeting the budget) and fix it; 0: never")
+                   help="round the structure here (theta > threshold meeting the budget) and fix it "
+                        "(default: at 40%% of the epochs; 0: never)")
     p.add_argument("--theta-optimizer", choices=["sgd", "adam"], default=d.theta_optimizer)
     p.add_argument("--theta-lr", type=float, default=d.theta_lr)
     p.add_argument("--prune-eps", type=float, default=d.prune_eps)

@@ -42,8 +42,8 @@ class TrainConfig:
     target_flops: float | None = None
     target_params: float | None = None
     lam_lr: float = 0.02
-    ramp_epochs: float = 4.0
-    settle_epoch: float = 6.0
+    ramp_epochs: float | None = None   # None: 80% of the time between warm-up and settling
+    settle_epoch: float | None = None  # None: at 40% of the epochs (6 of 15); 0: never
     theta_optimizer: str = "adam"
     theta_lr: float = 2e-3
     prune_eps: float = 0.02
@@ -85,16 +85,28 @@ class Run:
         self.cost = self.pruner = self.theta_opt = self.settle_step = None
         if not cfg.dense:
             self.cost = ComplexityCost(self.model, self.example, cfg.lam, cfg.alpha, cfg.beta, cfg.target_flops,
-                                       cfg.target_params, cfg.lam_lr, int(cfg.ramp_epochs * self.steps_per_epoch))
+                                       cfg.target_params, cfg.lam_lr, int(self._ramp_epochs() * self.steps_per_epoch))
             opt_cls = {"sgd": ThetaSGD, "adam": ThetaAdam}[cfg.theta_optimizer]
             self.theta_opt = opt_cls(gates, lr=cfg.theta_lr)
             self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
-            self.settle_step = int(cfg.settle_epoch * self.steps_per_epoch) if cfg.settle_epoch > 0 else None
+            settle = self._settle_epoch()
+            self.settle_step = int(settle * self.steps_per_epoch) if settle > 0 else None
             self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
         self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _settle_epoch(self) -> float:
+        return self.cfg.settle_epoch if self.cfg.settle_epoch is not None else 0.4 * self.cfg.epochs
+
+    def _ramp_epochs(self) -> float:
+        cfg = self.cfg
+        if cfg.ramp_epochs is not None:
+            return cfg.ramp_epochs
+        settle = self._settle_epoch()
+        end = settle if settle > 0 else cfg.epochs
+        return max(0.0, 0.8 * (end - cfg.warmup_epochs))
 
     # ---- one epoch ----------------------------------------------------------------------------------
     def _set_lr(self) -> None:

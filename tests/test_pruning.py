@@ -1,4 +1,5 @@
 """The pruning rule, its guards, and that pruning is permanent, cheaper, and survives save/load."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -110,3 +111,40 @@ def test_save_load_resume_reproduces_structure_and_outputs(tmp_path):
     assert [g.num_alive for g in gates_of(fresh)] == [g.num_alive for g in gates_of(model)]
     assert fresh.blocks[5].is_pruned
     torch.testing.assert_close(fresh(x), out)
+
+
+def test_settle_rounds_to_a_deterministic_network_within_the_budget():
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    x = torch.randn(2, 1, 28, 28)
+    cost = cadk.ComplexityCost(model, x, target_flops=0.25)
+    opt, topt, pruner = _setup(model)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for g in gates_of(model):
+            g.theta.copy_(0.3 + 0.7 * torch.rand(g.num_units, generator=gen))
+    threshold = cost.settle_threshold()
+    assert threshold >= 0.5
+    assert cost.deployed_ratios(threshold)[0] <= 0.25 < cost.deployed_ratios(0.5)[0]
+    events = pruner.settle(threshold, [opt, topt])
+    assert events
+    for g in gates_of(model):  # every survivor at 1, every other structure pruned for good
+        assert bool((g.theta[g.alive_mask] == 1).all()) and bool((g.theta[~g.alive_mask] == 0).all())
+    flops, _ = cost.deployed_ratios()
+    assert flops <= 0.25 and float(cost.value()[1].detach()) == pytest.approx(flops)  # E[FLOPs] is now exact
+    model.eval()
+    plain = cadk.compact(model)
+    assert cadk.flop_count(plain, x[:1]) == pytest.approx(flops * cost.complexity.dense_flops)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_settle_keeps_the_best_unit_of_a_gate_below_the_threshold():
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    gate = model.layers[0].gate
+    opt, topt, pruner = _setup(model)
+    with torch.no_grad():
+        gate.theta.copy_(torch.tensor([0.1, 0.3, 0.2, 0.05, 0.4, 0.0]))
+    pruner.settle(0.5, [opt, topt])
+    assert gate.alive_mask.tolist() == [False, False, False, False, True, False]
+    assert gate.theta.tolist() == [0, 0, 0, 0, 1, 0]
