@@ -43,9 +43,9 @@ ROUND_AT = 0.5      # the controller measures the network that rounding the thet
 
 
 class ComplexityCost:
-    def __init__(self, model: nn.Module, example: torch.Tensor, lam: float = 1.0, alpha: float = 1.0,
+    def __init__(self, model: nn.Module, example: torch.Tensor, lam: float = 0.1, alpha: float = 1.0,
                  beta: float = 0.5, target_flops: float | None = None, target_params: float | None = None,
-                 lam_lr: float = 0.01, ramp_steps: int = 0):
+                 lam_lr: float = 0.02, ramp_steps: int = 0):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta (FLOPs vs params weight) must lie in [0, 1], got {beta}")
         if alpha < 0 or lam < 0:
