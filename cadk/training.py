@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         run.history.append(rec)
         log(_format_epoch(rec))
         for ev in rec["pruned"]:
-            log(f"    {ev}" if ev.startswith("settled") else f"    pruned {ev}")
+            log(f"    {ev}")
         atomic_write(ckpt, lambda f: torch.save(run.state(), f))
     return finish(run, log)
 

@@ -64,7 +64,7 @@ class Pruner:
                 doomed[keep] = False
             if doomed.any():
                 g.prune(doomed)
-                events.append(f"{self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
+                events.append(f"pruned {self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
         for b in self.blocks:
             if b.is_pruned and any(not g.is_pruned for g in b.internal_gates()):
                 for g in b.internal_gates():
