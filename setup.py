@@ -7,6 +7,8 @@ runs on the reference ops (and Triton where available).
 import glob
 import os
 import shutil
+import subprocess
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -31,12 +33,58 @@ def _cuda_toolkit_found() -> bool:
     return bool(home and os.path.exists(os.path.join(home, "bin", "nvcc"))) or shutil.which("nvcc") is not None
 
 
+def _links_libstdcxx_statically(compiler: str) -> bool:
+    """Whether `compiler` builds shared libraries with its own copy of libstdc++ (some toolchain
+    wrappers add -static-libstdc++). Such an extension mixes that copy with the libstdc++ torch
+    loads, and the first error message that formats a number crashes the process."""
+    probe = "#include <sstream>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write(probe)
+        try:
+            built = subprocess.run([compiler, "-shared", "-fPIC", src, "-o", out], capture_output=True).returncode == 0
+        except OSError:
+            return False
+        if not built:
+            return False
+        with open(out, "rb") as f:
+            return b"libstdc++.so" not in f.read()  # a dynamic libstdc++ is a NEEDED entry
+
+
+def _use_compatible_compiler() -> None:
+    """Build with a compiler that links libstdc++ dynamically, as torch itself does."""
+    if os.name != "posix":
+        return
+    cxx = os.environ.get("CXX") or shutil.which("c++") or "c++"
+    if not _links_libstdcxx_statically(cxx):
+        return
+    for alt_cxx, alt_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):
+        if os.path.exists(alt_cxx) and not _links_libstdcxx_statically(alt_cxx):
+            print(f"cadk: {cxx} links libstdc++ statically into shared libraries, which crashes inside "
+                  f"torch; building with {alt_cxx} instead")
+            os.environ["CXX"] = alt_cxx
+            if os.path.exists(alt_cc):
+                os.environ["CC"] = alt_cc
+            return
+    raise SystemExit(f"cadk: {cxx} links libstdc++ statically into shared libraries, which crashes inside "
+                     "torch (two libstdc++ copies in one process). Set CXX and CC to a compiler that links "
+                     "it dynamically (e.g. the system g++) and build again.")
+
+
 def _extensions():
     if os.environ.get("CADK_NO_EXTENSION") == "1":
         return [], {}
-    from torch.utils import cpp_extension
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        raise SystemExit("cadk's extension builds against the installed torch, which was not importable "
+                         f"({e}). Install torch first, then build without isolation: "
+                         "pip install --no-build-isolation -e .  (or set CADK_NO_EXTENSION=1 for the "
+                         "pure-Python package)") from e
 
-    sources = ["csrc/cadk_ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    _use_compatible_compiler()
+    sources = ["csrc/cadk_ops.cpp", "csrc/autograd.cpp"] + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     if cuda_sources and _cuda_toolkit_found():
         ext = cpp_extension.CUDAExtension(
@@ -49,23 +97,24 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import its helpers
+    ext_modules, cmdclass = _extensions()
 
-setup(
-    name="cadk",
-    version="0.1.0",
-    description="Complexity-aware training for PyTorch: learned Bernoulli gates that prune units, "
-                "filters and blocks during training, with kernels that skip pruned channels",
-    packages=find_packages(include=["cadk", "cadk.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.11",
-        "numpy",
-        "tqdm",
-        "matplotlib",
-        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
-    entry_points={"console_scripts": ["cadk = cadk.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    setup(
+        name="cadk",
+        version="0.1.0",
+        description="Complexity-aware training for PyTorch: learned Bernoulli gates that prune units, "
+                    "filters and blocks during training, with kernels that skip pruned channels",
+        packages=find_packages(include=["cadk", "cadk.*"]),
+        python_requires=">=3.10",
+        install_requires=[
+            "torch>=2.11",
+            "numpy",
+            "tqdm",
+            "matplotlib",
+            "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
+        entry_points={"console_scripts": ["cadk = cadk.cli:main"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

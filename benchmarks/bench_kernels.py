@@ -27,12 +27,19 @@ KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
 BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-def layer_specs(small: bool) -> dict:
-    if small:
-        return {"linear": dict(batch=128, c_in=256, c_out=256),
-                "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16)}
-    return {"linear": dict(batch=512, c_in=1024, c_out=1024),
-            "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32)}
+SIZES = {
+    "small": {"linear": dict(batch=128, c_in=256, c_out=256),
+              "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16)},
+    "default": {"linear": dict(batch=512, c_in=1024, c_out=1024),
+                "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32)},
+    # Enough work to keep a data-centre GPU busy, so launch and host overheads do not dominate.
+    "large": {"linear": dict(batch=4096, c_in=4096, c_out=4096),
+              "conv3x3": dict(batch=128, c_in=128, c_out=128, hw=56)},
+}
+
+
+def layer_specs(size: str) -> dict:
+    return SIZES[size]
 
 
 def alive_subset(full: int, keep: float, gen: torch.Generator) -> torch.Tensor:
@@ -132,6 +139,24 @@ def time_round_robin(steps: dict, device, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
 
+def profile(steps: dict, device, iters: int = 5) -> None:
+    """Where each variant's time goes: kernels launched, device time and host time per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, step in steps.items():
+        with torch_profile(activities=activities) as prof:
+            for _ in range(iters):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        print(f"--- profile {name}: {iters} steps")
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
+
+
 def backend_module(name: str):
     return importlib.import_module("cadk.kernels." + (name if name == "reference" else f"{name}_backend"))
 
@@ -146,7 +171,11 @@ def backends_for(device: str) -> list[str]:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--small", action="store_true", help="small shapes for a quick run")
+    p.add_argument("--size", default="default", choices=sorted(SIZES),
+                   help="layer shapes: small (a quick run), default, large (fills a GPU)")
+    p.add_argument("--small", action="store_true", help="same as --size small")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a torch.profiler table of each variant at the first layer and keep")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
                    help="layout of conv activations and weights")
@@ -163,19 +192,22 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     backends = args.backends.split(",") if args.backends else backends_for(args.device)
-    specs = layer_specs(args.small)
+    size = "small" if args.small else args.size
+    specs = layer_specs(size)
     gen = torch.Generator().manual_seed(0)
     results = []
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"format={args.memory_format} backends={backends}")
+          f"format={args.memory_format} size={size} backends={backends}")
     print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
     for kind in args.layers.split(","):
-        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and not args.small else 15)
+        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and size != "small" else 15)
         for keep in map(float, args.keeps.split(",")):
             layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
             steps = {f"gated[{b}]": layer.gated(b) for b in backends}
             steps.update(masked=layer.masked(), floor=layer.floor())
             ms = time_round_robin(steps, args.device, args.warmup, repeats)
+            if args.profile and not results:
+                profile(steps, args.device)
             for name, t in ms.items():
                 gated = name.startswith("gated")
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (torch with CUDA and triton installed, no network needed):
-# builds cadk's extension in place, prints the environment, runs the test suite (whose kernel tests
-# then cover the CUDA and Triton backends) and the kernel benchmarks on CUDA and, for comparison,
-# CPU.
+# builds cadk's extension in place, prints the environment, runs the kernel tests of the CUDA and
+# Triton backends and the kernel benchmarks on CUDA (float32 and bf16; default and large shapes),
+# then a profile of one point.
 #
 #   benchmarks/gpu_check.sh                 # logs and JSON under ${OUT:-/tmp/cadk_gpu}
 #
 # Every step runs even if an earlier one failed; the exit status is non-zero if any step failed.
-# The steps share a time budget (BUDGET_S, default 540 s) so the whole run stays under 10 minutes;
+# The steps share a time budget (BUDGET_S, default 560 s) so the whole run stays under 10 minutes;
 # a step that would exceed it is cut off and counted as failed. Env: PYTHON (python3),
 # MAX_JOBS (parallel compile jobs, default: all cores), TORCH_CUDA_ARCH_LIST (default: this GPU's).
 set -uo pipefail
@@ -17,7 +17,7 @@ cd "$ROOT"
 OUT="${OUT:-/tmp/cadk_gpu}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-560}"
 START=$(date +%s)
 FAILED=()
 SUMMARY=()
@@ -52,6 +52,8 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # compile for this GPU only: a much
     export TORCH_CUDA_ARCH_LIST
 fi
 
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build imports from here too
+
 step env 30 bash -c 'nvidia-smi; "$0" -c "import torch, triton
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)
 print(\"gpu\", torch.cuda.get_device_name())"' "$PYTHON"
@@ -59,9 +61,20 @@ print(\"gpu\", torch.cuda.get_device_name())"' "$PYTHON"
 step build 300 bash -c '"$0" -m pip install --no-deps --no-build-isolation --no-index -e . ||
   { echo "pip install -e . failed; trying setup.py build_ext --inplace"; "$0" setup.py build_ext --inplace; }' "$PYTHON"
 step info 60 "$PYTHON" -m cadk info
-step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/
-step bench_cuda 150 "$PYTHON" benchmarks/bench_kernels.py --device cuda --json "$OUT/bench_kernels_cuda.json"
-step bench_cpu 90 "$PYTHON" benchmarks/bench_kernels.py --device cpu --json "$OUT/bench_kernels_cpu.json"
+# The GPU kernel tests, in three processes at once (the CPU ones run in CI): the CUDA backend's and
+# the Triton backend's cases of test_kernels.py, and test_triton.py.
+step tests 300 bash -c '
+  "$0" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda-cuda" >"$1/tests_cuda.log" 2>&1 & a=$!
+  "$0" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "triton-cuda" >"$1/tests_triton.log" 2>&1 & b=$!
+  "$0" -m pytest -q -p no:cacheprovider tests/test_triton.py >"$1/tests_triton_ops.log" 2>&1 & c=$!
+  rc=0; for p in $a $b $c; do wait $p || rc=1; done
+  tail -n 3 "$1"/tests_cuda.log "$1"/tests_triton.log "$1"/tests_triton_ops.log; exit $rc' "$PYTHON" "$OUT"
+BENCH=("$PYTHON" benchmarks/bench_kernels.py --device cuda)
+step bench_fp32 120 "${BENCH[@]}" --json "$OUT/bench_kernels_cuda_fp32.json"
+step bench_bf16 120 "${BENCH[@]}" --dtype bfloat16 --json "$OUT/bench_kernels_cuda_bf16.json"
+step bench_large_fp32 150 "${BENCH[@]}" --size large --json "$OUT/bench_kernels_cuda_large_fp32.json"
+step bench_large_bf16 150 "${BENCH[@]}" --size large --dtype bfloat16 --json "$OUT/bench_kernels_cuda_large_bf16.json"
+step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends cuda,triton --profile
 
 echo "=== summary ($(( $(date +%s) - START ))s, logs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

@@ -1,6 +1,6 @@
 // Schemas of cadk's ops. Importing the built extension (cadk._C) runs these registrations;
-// kernels register per device in csrc/cpu (CPU) and csrc/cuda (CUDA). Python adds fake and
-// autograd implementations in cadk/kernels/cpp_backend.py.
+// kernels register per device in csrc/cpu (CPU) and csrc/cuda (CUDA), autograd in csrc/autograd.cpp,
+// and Python adds the fake (meta) implementations in cadk/kernels/cpp_backend.py.
 //
 // Conventions (see cadk/kernels/reference.py, the definition every kernel is tested against):
 // full-size parameters, compact activations over sorted int64 alive index lists, gates regenerated

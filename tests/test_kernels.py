@@ -299,9 +299,10 @@ def test_bad_inputs_raise_clear_errors(backend, gen):
         module.gated_conv2d(torch.cat([args[0], args[0][:, :1]], 1), *args[1:])
     with pytest.raises(RuntimeError, match=r"must be \[N"):
         module.gated_conv2d(args[0][0], *args[1:])
-    with pytest.raises(RuntimeError, match="sorted"):
-        module.gated_conv2d(args[0][:, :1].repeat(1, 2, 1, 1), *args[1:4], torch.tensor([2, 1], device=device),
-                            *args[5:])
+    if device == "cpu":  # on a GPU alive's values are not read on the host: that would synchronise
+        with pytest.raises(RuntimeError, match="sorted"):
+            module.gated_conv2d(args[0][:, :1].repeat(1, 2, 1, 1), *args[1:4],
+                                torch.tensor([2, 1], device=device), *args[5:])
     bn = bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, False)
     with pytest.raises(RuntimeError, match="0-dim int64"):
         module.bn_gate_act(*bn.args[:7], torch.tensor([1, 2]), *bn.args[8:])

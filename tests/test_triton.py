@@ -413,8 +413,9 @@ def test_clear_errors():
     args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
     with pytest.raises(RuntimeError, match="the activation has 5"):
         tb.gated_linear(args[0][:, :-1], *args[1:])
-    with pytest.raises(RuntimeError, match="sorted"):
-        tb.gated_linear(args[0], args[1], args[2], args[3], args[4].flip(0), *args[5:])
+    if DEVICE.type == "cpu":  # on a GPU alive's values are not read on the host: that would synchronise
+        with pytest.raises(RuntimeError, match="sorted"):
+            tb.gated_linear(args[0], args[1], args[2], args[3], args[4].flip(0), *args[5:])
     with pytest.raises(RuntimeError, match=r"x must be \[N"):
         tb.gated_linear(args[0][None], *args[1:])
     with pytest.raises(RuntimeError, match="same dtype"):

@@ -1,10 +1,10 @@
 """Compiled backend: cadk's ops as torch.ops.cadk.* from the extension cadk._C.
 
 Importing cadk._C registers the op schemas (csrc/cadk_ops.cpp) and their CPU (csrc/cpu) and, in CUDA
-builds, CUDA (csrc/cuda) kernels. This module adds what PyTorch needs around them: fake kernels
-(shapes, dtypes and memory formats for torch.compile and meta tensors) and autograd formulas whose
-backward is itself an op, so forward and backward both compile without graph breaks. The four
-functions below have the signatures of reference.py; cuda_backend.py re-exports them for CUDA.
+builds, CUDA (csrc/cuda) kernels. The extension also registers their autograd (csrc/autograd.cpp: each
+forward op's backward is itself an op, so forward and backward both compile without graph breaks).
+This module adds the fake kernels (shapes, dtypes and memory formats for torch.compile and meta
+tensors). The four functions below have the signatures of reference.py; cuda_backend.py re-exports them for CUDA.
 
 Output conventions shared by every kernel of these ops (the fake kernels below state them):
 - forward ops return `pre` (the pre-gate, post-activation output) only when theta is given; without
@@ -235,84 +235,5 @@ def _register_fakes() -> None:
                 _empty((units,), theta) if theta is not None else _no_grad(x))
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd: each forward op's backward is the matching *_bwd op. Without a gate `pre` is empty
-# and `y` (equal to it) is saved instead. Gradients are not materialised: `pre`, mean and var are
-# outputs only for the backward, and zero-filling a gradient for them would cost a full pass.
-
-
-def _pre_or_y(theta, y, pre):
-    return pre if theta is not None else y
-
-
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, theta, alive_in, alive_out, seed, activation, training = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
-    ctx.args = (activation, training, bias is not None)
-
-
-def _linear_backward(ctx, grad_y, _grad_pre):
-    if grad_y is None:
-        return (None,) * 9
-    x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
-    gx, gw, gb, gt = torch.ops.cadk.gated_linear_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
-                                                     *ctx.args)
-    return (gx, gw, gb if ctx.args[2] else None, gt if theta is not None else None) + (None,) * 5
-
-
-def _conv_setup(ctx, inputs, output):
-    x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation, activation, training = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, _pre_or_y(theta, *output), theta, alive_in, alive_out, seed)
-    ctx.args = (stride, padding, dilation, activation, training, bias is not None)
-
-
-def _conv_backward(ctx, grad_y, _grad_pre):
-    if grad_y is None:
-        return (None,) * 12
-    x, weight, pre, theta, alive_in, alive_out, seed = ctx.saved_tensors
-    gx, gw, gb, gt = torch.ops.cadk.gated_conv2d_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, seed,
-                                                     *ctx.args)
-    return (gx, gw, gb if ctx.args[-1] else None, gt if theta is not None else None) + (None,) * 8
-
-
-def _gate_setup(ctx, inputs, output):
-    pre, theta, alive, seed, training = inputs
-    ctx.save_for_backward(pre, theta, alive, seed)
-    ctx.training = training
-
-
-def _gate_backward(ctx, grad_y):
-    pre, theta, alive, seed = ctx.saved_tensors
-    gp, gt = torch.ops.cadk.gate_apply_bwd(grad_y, pre, theta, alive, seed, ctx.training)
-    return gp, gt, None, None, None
-
-
-def _bn_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training = inputs
-    y, pre, mean, var = output
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, _pre_or_y(theta, y, pre), mean, var, theta, alive, seed)
-    ctx.args = (eps, activation, training)
-
-
-def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
-    if grad_y is None:
-        return (None,) * 11
-    x, weight, pre, mean, var, theta, alive, seed = ctx.saved_tensors
-    gx, gw, gb, gt = torch.ops.cadk.bn_gate_act_bwd(grad_y, x, weight, pre, mean, var, theta, alive, seed,
-                                                    *ctx.args)
-    return (gx, gw, gb, None, None, gt if theta is not None else None) + (None,) * 5
-
-
-def _register_autograd() -> None:
-    torch.library.register_autograd("cadk::gate_apply_fwd", _gate_backward, setup_context=_gate_setup)
-    torch.library.register_autograd("cadk::gated_linear_fwd", _linear_backward, setup_context=_linear_setup)
-    torch.library.register_autograd("cadk::gated_conv2d_fwd", _conv_backward, setup_context=_conv_setup)
-    torch.library.register_autograd("cadk::bn_gate_act_fwd", _bn_backward, setup_context=_bn_setup)
-
-
 if AVAILABLE:
     _register_fakes()
-    _register_autograd()
