@@ -28,6 +28,9 @@ BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")
 
 
 SIZES = {
+    # Per-call overhead: the host work around a layer's kernels, which small networks pay per layer.
+    "tiny": {"linear": dict(batch=2, c_in=8, c_out=8),
+             "conv3x3": dict(batch=1, c_in=4, c_out=4, hw=4)},
     "small": {"linear": dict(batch=128, c_in=256, c_out=256),
               "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16)},
     "default": {"linear": dict(batch=512, c_in=1024, c_out=1024),
@@ -172,7 +175,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="default", choices=sorted(SIZES),
-                   help="layer shapes: small (a quick run), default, large (fills a GPU)")
+                   help="layer shapes: tiny (per-call overhead), small (a quick run), default, large (fills a GPU)")
     p.add_argument("--small", action="store_true", help="same as --size small")
     p.add_argument("--profile", action="store_true",
                    help="also print a torch.profiler table of each variant at the first layer and keep")
@@ -200,7 +203,7 @@ def main(argv=None) -> list[dict]:
           f"format={args.memory_format} size={size} backends={backends}")
     print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
     for kind in args.layers.split(","):
-        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and size != "small" else 15)
+        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and size in ("default", "large") else 15)
         for keep in map(float, args.keeps.split(",")):
             layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
             steps = {f"gated[{b}]": layer.gated(b) for b in backends}

@@ -35,6 +35,30 @@ OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::n
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
 
+using Grads4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// What the linear and conv layers' backward ops need besides their geometry.
+void save_layer(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& y, const Tensor& pre,
+                const OptTensor& theta, const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed,
+                const std::string& activation, bool training, bool has_bias) {
+  ctx->set_materialize_grads(false);
+  ctx->save_for_backward({x, weight, theta ? pre : y, or_undefined(theta), alive_in, alive_out, seed});
+  ctx->saved_data["activation"] = activation;
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->mark_non_differentiable({pre});
+}
+
+// Grads of a layer's `count` inputs: x, weight, bias, theta, then non-differentiable ones.
+variable_list layer_grads(size_t count, const Grads4& g, bool has_bias, bool has_theta) {
+  variable_list out(count);
+  out[0] = std::get<0>(g);
+  out[1] = std::get<1>(g);
+  out[2] = if_needed(has_bias, std::get<2>(g));
+  out[3] = if_needed(has_theta, std::get<3>(g));
+  return out;
+}
+
 using GateFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool);
 using GateBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                            const Tensor&, bool);
@@ -88,30 +112,20 @@ struct GatedLinear : Function<GatedLinear> {
     static const auto fwd = op<LinearFwd>("cadk::gated_linear_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, pre] = fwd.call(x, weight, bias, theta, alive_in, alive_out, seed, activation, training);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, weight, theta ? pre : y, or_undefined(theta), alive_in, alive_out, seed});
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->mark_non_differentiable({pre});
+    save_layer(ctx, x, weight, y, pre, theta, alive_in, alive_out, seed, activation, training, bias.has_value());
     return {y, pre};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<LinearBwd>("cadk::gated_linear_bwd");
-    variable_list out(9);
-    if (!grads[0].defined()) return out;
+    if (!grads[0].defined()) return variable_list(9);
     const variable_list s = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto& d = ctx->saved_data;
     const OptTensor theta = optional(s[3]);
-    auto [gx, gw, gb, gt] = bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6],
-                                     ctx->saved_data["activation"].toStringRef(),
-                                     ctx->saved_data["training"].toBool(), has_bias);
-    out[0] = gx;
-    out[1] = gw;
-    out[2] = if_needed(has_bias, gb);
-    out[3] = if_needed(theta.has_value(), gt);
-    return out;
+    const bool has_bias = d["has_bias"].toBool();
+    return layer_grads(9, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["activation"].toStringRef(),
+                                   d["training"].toBool(), has_bias),
+                       has_bias, theta.has_value());
   }
 };
 
@@ -125,34 +139,24 @@ struct GatedConv2d : Function<GatedConv2d> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, pre] = fwd.call(x, weight, bias, theta, alive_in, alive_out, seed, stride, padding, dilation,
                              activation, training);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, weight, theta ? pre : y, or_undefined(theta), alive_in, alive_out, seed});
+    save_layer(ctx, x, weight, y, pre, theta, alive_in, alive_out, seed, activation, training, bias.has_value());
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->mark_non_differentiable({pre});
     return {y, pre};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<ConvBwd>("cadk::gated_conv2d_bwd");
-    variable_list out(12);
-    if (!grads[0].defined()) return out;
+    if (!grads[0].defined()) return variable_list(12);
     const variable_list s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
-    const bool has_bias = d["has_bias"].toBool();
     const OptTensor theta = optional(s[3]);
-    auto [gx, gw, gb, gt] = bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["stride"].toIntVector(),
-                                     d["padding"].toIntVector(), d["dilation"].toIntVector(),
-                                     d["activation"].toStringRef(), d["training"].toBool(), has_bias);
-    out[0] = gx;
-    out[1] = gw;
-    out[2] = if_needed(has_bias, gb);
-    out[3] = if_needed(theta.has_value(), gt);
-    return out;
+    const bool has_bias = d["has_bias"].toBool();
+    return layer_grads(12, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["stride"].toIntVector(),
+                                    d["padding"].toIntVector(), d["dilation"].toIntVector(),
+                                    d["activation"].toStringRef(), d["training"].toBool(), has_bias),
+                       has_bias, theta.has_value());
   }
 };
 
