@@ -306,3 +306,29 @@ def test_bad_inputs_raise_clear_errors(backend, gen):
     bn = bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, False)
     with pytest.raises(RuntimeError, match="0-dim int64"):
         module.bn_gate_act(*bn.args[:7], torch.tensor([1, 2]), *bn.args[8:])
+
+
+def test_layout_rule_matches_pytorch():
+    """format_of (C++) and its mirror for the fake kernels decide channels-last from the strides, as
+    ATen's suggest_memory_format: [N, 1, H, W] weights moved to channels-last count as channels-last,
+    so a gated conv's output has the layout F.conv2d would give."""
+    from torch._prims_common import suggest_memory_format
+
+    from cadk.kernels import cpp_backend
+
+    cl = torch.channels_last
+    cases = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).contiguous(memory_format=cl),
+             torch.randn(4, 1, 3, 3).contiguous(memory_format=cl), torch.randn(4, 1, 3, 3),
+             torch.randn(4, 1, 3, 3).to(memory_format=cl), torch.randn(2, 3, 1, 1).to(memory_format=cl),
+             torch.randn(1, 3, 1, 5).transpose(1, 3), torch.randn(2, 6, 4, 4)[:, ::2],
+             torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1), torch.randn(0, 3, 4, 5), torch.randn(2, 3)]
+    for t in cases:
+        want = t.dim() == 4 and suggest_memory_format(t) == cl
+        assert cpp_backend._is_channels_last(t) == want, (tuple(t.shape), t.stride())
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(2, 1, 6, 6)
+    w = torch.randn(3, 1, 3, 3).to(memory_format=cl)
+    y = cpp_backend.gated_conv2d(x, w, None, None, torch.arange(1), torch.arange(3), 0, (1, 1), (1, 1), (1, 1),
+                                 "none", False)
+    assert y.stride() == torch.nn.functional.conv2d(x, w, padding=1).stride()

@@ -107,3 +107,41 @@ def test_torch_compile_traces_gated_model_without_graph_breaks():
     torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert m.layers[0].weight.grad.shape == (6, 16)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_model_stays_channels_last():
+    """A model moved to channels-last keeps that layout through every gated layer and block, as plain
+    PyTorch layers do, even from a 1-channel input (whose layout only the weights' strides tell), so
+    no layer pays for converting activations."""
+    model = cadk.build_model("resnet20", 1, 10).to(memory_format=torch.channels_last).train()
+    outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert outputs and all(_is_channels_last(o) for o in outputs)
+
+
+def test_block_gate_keeps_layout_and_values():
+    """The residual-block gate multiplies each example by one sampled gate, in NCHW and channels-last
+    alike, with the same gates and theta gradient for both layouts."""
+    torch.manual_seed(0)
+    block = GatedBasicBlock(6, 6, stride=1, theta_init=0.5).train()
+    x = torch.randn(5, 6, 7, 7)
+    state = {k: v.clone() for k, v in block.state_dict().items()}  # the same seeds for both runs
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        b = block.to(memory_format=fmt)
+        b.load_state_dict(state)
+        xi = x.contiguous(memory_format=fmt).detach().requires_grad_(True)
+        y = b(xi)
+        y.sum().backward()
+        assert y.is_contiguous(memory_format=fmt)
+        results.append((y.detach().contiguous(), xi.grad.contiguous(), b.layer_gate.theta.grad.clone()))
+        b.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

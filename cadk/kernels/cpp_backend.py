@@ -109,8 +109,20 @@ def _pair(v) -> list[int]:
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
-    """Mirror of format_of in csrc/cpu/common.cpp."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """Mirror of format_of in csrc/cpu/common.cpp, which is ATen's suggest_memory_format(): the layout
+    the strides suggest, as PyTorch's own ops decide it (is_channels_last_strides_2d). Strides decide
+    where the shape alone is ambiguous: a [C_out, 1, 3, 3] weight moved to channels-last is."""
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    low = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < low or (d == 0 and low == strides[1]):
+            return False
+        low = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def _format(*ts: torch.Tensor) -> torch.memory_format:

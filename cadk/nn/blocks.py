@@ -69,7 +69,7 @@ class GatedResidualBlock(nn.Module):
         b = x
         for conv in self.branch:
             b = conv(b)
-        b = K.gate_apply(b.unsqueeze(1), gate.theta, gate.alive_idx, seed, self.training).squeeze(1)
+        b = _gate_examples(b, gate, seed, self.training)
         return F.relu(s + b)
 
     def compact(self) -> nn.Module:
@@ -118,3 +118,13 @@ class GatedBottleneck(GatedResidualBlock):
                             gate=stream if stream is not None else False, in_gate=conv2.out_gate)
         self.branch = nn.ModuleList([conv1, conv2, conv3])
         self._finish(theta_init)
+
+
+def _gate_examples(b: torch.Tensor, gate: UnitGate, seed, training: bool) -> torch.Tensor:
+    """The block gate xi[n] (one unit) times each example of b. gate_apply sees b as [N, 1, M] with each
+    example one dense run: a view for NCHW and channels-last alike, so neither direction copies."""
+    n = b.shape[0]
+    channels_last = b.dim() == 4 and not b.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last)
+    v = b.permute(0, 2, 3, 1) if channels_last else b
+    y = K.gate_apply(v.reshape(n, 1, -1), gate.theta, gate.alive_idx, seed, training).view(v.shape)
+    return y.permute(0, 3, 1, 2) if channels_last else y

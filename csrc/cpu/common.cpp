@@ -73,10 +73,7 @@ void check_vector(const OptTensor& t, int64_t full, const char* name) {
 // Layout
 
 at::MemoryFormat format_of(const Tensor& t) {
-  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
+  return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }
 
 Rows rows_of(const Tensor& t) {

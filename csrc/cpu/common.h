@@ -41,8 +41,8 @@ inline bool is_full(const Tensor& alive, int64_t full) { return alive.numel() ==
 // Layout: an activation [N, C, *spatial] as contiguous rows. Channel-major storage gives rows
 // (n, c) of S spatial values; channels-last storage (and S == 1) gives rows (n, s) of C channels.
 
-// ChannelsLast iff a 4-D tensor is stored channels-last and not also plainly contiguous; this rule
-// is mirrored by the fake kernels in cadk/kernels/cpp_backend.py.
+// The layout a 4-D tensor's strides suggest (ATen's suggest_memory_format, as PyTorch's own ops
+// decide it); this rule is mirrored by the fake kernels in cadk/kernels/cpp_backend.py.
 at::MemoryFormat format_of(const Tensor& t);
 
 struct Rows {

@@ -94,13 +94,10 @@ inline void check_vector(const OptTensor& t, int64_t full, const Tensor& ref, co
 // ---------------------------------------------------------------------------------------------
 // Layout
 
-// ChannelsLast iff a 4-D tensor is stored channels-last and not also plainly contiguous (the rule
-// of csrc/cpu and of the fake kernels). Other layouts are made contiguous by the callers.
+// The layout a 4-D tensor's strides suggest, as PyTorch's own ops decide it (the rule of csrc/cpu and
+// of the fake kernels). Other layouts are made contiguous by the callers.
 inline at::MemoryFormat format_of(const Tensor& t) {
-  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
+  return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;
 }
 
 // An activation [N, A, *spatial] (S = prod(spatial)) as N*S rows r = n*S + s per channel c.
