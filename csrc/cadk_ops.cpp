@@ -8,7 +8,8 @@
 // Forward ops return the pre-gate output `pre` as well: backward needs it for the theta gradient
 // and the ReLU derivative (pre > 0), and regenerates the gate instead of storing it.
 // Backward ops return full-size grads, zero outside alive rows/columns; grads of absent optional
-// inputs (bias, theta) come back as empty tensors.
+// inputs (bias, theta) come back as empty tensors, and so does grad_x when need_grad_x is false (an
+// input layer's data needs none).
 #include <torch/library.h>
 
 TORCH_LIBRARY(cadk, m) {
@@ -18,14 +19,16 @@ TORCH_LIBRARY(cadk, m) {
   m.def("gated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? theta, Tensor alive_in,"
         " Tensor alive_out, Tensor seed, str activation, bool training) -> (Tensor, Tensor)");
   m.def("gated_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor? theta,"
-        " Tensor alive_in, Tensor alive_out, Tensor seed, str activation, bool training, bool has_bias)"
+        " Tensor alive_in, Tensor alive_out, Tensor seed, str activation, bool training, bool has_bias,"
+        " bool need_grad_x=True)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? theta, Tensor alive_in,"
         " Tensor alive_out, Tensor seed, int[2] stride, int[2] padding, int[2] dilation, str activation,"
         " bool training) -> (Tensor, Tensor)");
   m.def("gated_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor? theta,"
         " Tensor alive_in, Tensor alive_out, Tensor seed, int[2] stride, int[2] padding, int[2] dilation,"
-        " str activation, bool training, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+        " str activation, bool training, bool has_bias, bool need_grad_x=True)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   // BN over alive channels. Returns (y, pre, mean, var): in training the batch mean and biased
   // variance of the alive channels, which the caller folds into the running statistics (the op
   // itself mutates nothing); in eval the running statistics it used.

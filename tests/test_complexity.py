@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import cadk
@@ -146,3 +147,20 @@ def test_cost_rejects_bad_knobs():
         cadk.ComplexityCost(model, x, target_flops=0.0)
     with pytest.raises(ValueError, match="no cadk gated layers"):
         cadk.ComplexityModel(torch.nn.Linear(2, 2), torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["data", "hidden"])
+def test_training_step_flops_match_plain_layer(input_grad):
+    """Forward + backward of a gated conv with every unit alive counts what the plain conv counts: no
+    input gradient for data (as autograd skips it), input and weight gradients otherwise."""
+    from cadk.nn import GatedConv2d
+
+    gated = GatedConv2d(3, 8, 3, padding=1, bias=True, theta_init=1.0).train()
+    plain = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+    counts = []
+    for layer in (gated, plain):
+        x = torch.randn(2, 3, 9, 9, requires_grad=input_grad)
+        with FlopCounterMode(display=False) as fc:
+            layer(x).sum().backward()
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1]

@@ -332,3 +332,38 @@ def test_layout_rule_matches_pytorch():
     y = cpp_backend.gated_conv2d(x, w, None, None, torch.arange(1), torch.arange(3), 0, (1, 1), (1, 1), (1, 1),
                                  "none", False)
     assert y.stride() == torch.nn.functional.conv2d(x, w, padding=1).stride()
+
+
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d"])
+def test_input_gradient_skipped_when_not_needed(backend, gen, op):
+    """An input that needs no gradient (a network's data) gets none, the other gradients are unchanged,
+    and the backward op then returns an empty grad_x, also under the fake kernel (opcheck)."""
+    module, device = backend
+    _compiled_ops_only(module)
+    if op == "gated_linear":
+        case = gated_linear_case(gen, device, torch.float32, ("subset", "all"), True, "relu", True)
+    else:
+        case = gated_conv2d_case(gen, device, torch.float32, ("subset", "all"), True, "relu", True, True)
+    fn = getattr(module, op)
+    _, with_x, _ = run(fn, case, 3)
+    case.grad_args = [i for i in case.grad_args if i != 0]
+    args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in case.args]
+    for i in case.grad_args:
+        args[i].requires_grad_(True)
+    y = fn(*args)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype).to(y.device))
+    assert args[0].grad is None
+    for i in case.grad_args:
+        assert_close(args[i].grad, with_x[i], f"{op} grad {i} without grad_x", torch.float32)
+
+    ops = torch.ops.cadk
+    saved = [a.detach() if isinstance(a, torch.Tensor) else a for a in case.args]
+    fwd, bwd = (ops.gated_linear_fwd, ops.gated_linear_bwd) if op == "gated_linear" else \
+        (ops.gated_conv2d_fwd, ops.gated_conv2d_bwd)
+    head, tail = saved[:7], saved[7:]  # (x, weight, bias, theta, alive_in, alive_out, seed), the rest
+    y, pre = fwd(*head, *[list(t) if isinstance(t, tuple) else t for t in tail])
+    bwd_args = [torch.randn_like(y), head[0], head[1], pre, *head[3:7],
+                *[list(t) if isinstance(t, tuple) else t for t in tail], True, False]
+    grads = bwd(*bwd_args)
+    assert grads[0].numel() == 0
+    torch.library.opcheck(bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))

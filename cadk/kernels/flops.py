@@ -2,7 +2,8 @@
 
 They count what the kernels compute: the GEMM / convolution over alive input and output channels
 only (2 FLOPs per multiply-add, as FlopCounterMode counts aten ops); a backward op computes the
-input and the weight gradient, twice the forward. Elementwise ops (gate, BN, activation) count 0,
+input and the weight gradient, twice the forward (once, for the weight gradient alone, when the
+input needs none). Elementwise ops (gate, BN, activation) count 0,
 as FlopCounterMode counts their aten counterparts.
 """
 from __future__ import annotations
@@ -15,8 +16,15 @@ def _linear_fwd(x, weight, bias, theta, alive_in, alive_out, *rest, out_shape=No
     return 2 * x[0] * alive_in[0] * alive_out[0]
 
 
+def _gradients(rest, need_grad_x_at: int, kw) -> int:
+    """How many GEMM-sized products a backward op computes: 2, or 1 when need_grad_x is false."""
+    need = kw.get("need_grad_x", rest[need_grad_x_at] if len(rest) > need_grad_x_at else True)
+    return 2 if need else 1
+
+
 def _linear_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, *rest, out_shape=None, **kw) -> int:
-    return 2 * _linear_fwd(x, weight, None, theta, alive_in, alive_out)
+    # rest: seed, activation, training, has_bias, need_grad_x
+    return _gradients(rest, 4, kw) * _linear_fwd(x, weight, None, theta, alive_in, alive_out)
 
 
 def _conv_fwd(x, weight, bias, theta, alive_in, alive_out, *rest, out_shape=None, **kw) -> int:
@@ -25,7 +33,8 @@ def _conv_fwd(x, weight, bias, theta, alive_in, alive_out, *rest, out_shape=None
 
 
 def _conv_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, *rest, out_shape=None, **kw) -> int:
-    return 2 * conv_flop_count(list(x), [alive_out[0], alive_in[0], *weight[2:]], list(grad_y))
+    # rest: seed, stride, padding, dilation, activation, training, has_bias, need_grad_x
+    return _gradients(rest, 7, kw) * conv_flop_count(list(x), [alive_out[0], alive_in[0], *weight[2:]], list(grad_y))
 
 
 _FORMULAS = {"gated_linear_fwd": _linear_fwd, "gated_linear_bwd": _linear_bwd,

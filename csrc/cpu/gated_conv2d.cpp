@@ -79,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
-    bool has_bias) {
+    bool has_bias, bool need_grad_x) {
   const ConvGeometry geo =
       check_conv(x, weight, std::nullopt, theta, alive_in, alive_out, seed, stride, padding, dilation);
   const Act act = parse_activation(activation);
@@ -96,9 +96,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   } else {
     g.grad_z = in_format(grad_y, geo.fmt);
   }
-  Tensor grad_x, grad_wc;
+  Tensor grad_x = no_grad_like(x), grad_wc;
   if (degenerate(alive_in, alive_out)) {
-    grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
+    if (need_grad_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
     grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   } else {
@@ -106,10 +106,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const bool conv_bias = has_bias && !fused;
     const std::vector<int64_t> bias_sizes{alive_out.numel()};
     Tensor grad_bc;
-    std::tie(grad_x, grad_wc, grad_bc) = at::convolution_backward(
+    Tensor gx;
+    std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
         g.grad_z, x, w, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
-        false, {0, 0}, 1, {true, true, conv_bias});
-    grad_x = in_format(grad_x, geo.fmt);
+        false, {0, 0}, 1, {need_grad_x, true, conv_bias});
+    if (need_grad_x) grad_x = in_format(gx, geo.fmt);
     if (conv_bias) g.bias_sum = grad_bc;
   }
   const int64_t units = weight.size(0);

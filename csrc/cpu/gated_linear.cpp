@@ -42,7 +42,7 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, c10::string_view activation,
-    bool training, bool has_bias) {
+    bool training, bool has_bias, bool need_grad_x) {
   check_linear(x, weight, std::nullopt, theta, alive_in, alive_out, seed);
   const Act act = parse_activation(activation);
   const std::vector<int64_t> out_shape{x.size(0), alive_out.numel()};
@@ -56,8 +56,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     g.grad_z = grad_y.contiguous();
     if (has_bias) g.bias_sum = g.grad_z.sum(0, false, at::kDouble);
   }
-  const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
-  const Tensor grad_x = at::mm(g.grad_z, w);
+  const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);  // also frees the kept copy
+  const Tensor grad_x = need_grad_x ? at::mm(g.grad_z, w) : no_grad_like(x);
   const Tensor grad_w = scatter_weight(at::mm(g.grad_z.t(), x.contiguous()), weight, alive_in, alive_out);
   const int64_t units = weight.size(0);
   Tensor grad_b = has_bias ? scatter_vector(g.bias_sum, alive_out, units, x.scalar_type()) : no_grad_like(x);
