@@ -8,6 +8,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 
 from setuptools import find_packages, setup
@@ -38,6 +39,7 @@ def _links_libstdcxx_statically(compiler: str) -> bool:
     wrappers add -static-libstdc++). Such an extension mixes that copy with the libstdc++ torch
     loads, and the first error message that formats a number crashes the process."""
     probe = "#include <sstream>\nstd::string f(long v) { std::ostringstream s; s << v; return s.str(); }\n"
+    dynamic = (b"libstdc++.so", b"libc++.so", b"libc++.1.dylib")  # NEEDED entries of a dynamic C++ runtime
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
         with open(src, "w") as f:
@@ -49,14 +51,16 @@ def _links_libstdcxx_statically(compiler: str) -> bool:
         if not built:
             return False
         with open(out, "rb") as f:
-            return b"libstdc++.so" not in f.read()  # a dynamic libstdc++ is a NEEDED entry
+            data = f.read()
+        return not any(name in data for name in dynamic)
 
 
 def _use_compatible_compiler() -> None:
     """Build with a compiler that links libstdc++ dynamically, as torch itself does."""
     if os.name != "posix":
         return
-    cxx = os.environ.get("CXX") or shutil.which("c++") or "c++"
+    # The compiler setuptools will link with: $CXX, else the one Python was built with.
+    cxx = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
     if not _links_libstdcxx_statically(cxx):
         return
     for alt_cxx, alt_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):

@@ -7,7 +7,8 @@
 //
 // Saved for backward: the inputs the *_bwd op takes and `pre` (or `y` when there is no gate: then
 // the op returns an empty `pre` and y equals it). Gradients are not materialised for `pre`, mean
-// and var, which are outputs only for the backward.
+// and var, which are outputs only for the backward; they are not marked non-differentiable either,
+// since compiled autograd rejects Functions that mark outputs so.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -32,6 +33,12 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 }
 
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The *_bwd ops have no derivatives of their own.
+void check_first_order() {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "cadk ops have no second derivatives: backward with "
+              "create_graph=True (double backward) is not supported");
+}
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
 
@@ -46,7 +53,6 @@ void save_layer(AutogradContext* ctx, const Tensor& x, const Tensor& weight, con
   ctx->saved_data["activation"] = activation;
   ctx->saved_data["training"] = training;
   ctx->saved_data["has_bias"] = has_bias;
-  ctx->mark_non_differentiable({pre});
 }
 
 // Grads of a layer's `count` inputs: x, weight, bias, theta, then non-differentiable ones.
@@ -99,6 +105,7 @@ struct GateApply : Function<GateApply> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<GateBwd>("cadk::gate_apply_bwd");
+    check_first_order();
     const variable_list s = ctx->get_saved_variables();
     auto [grad_pre, grad_theta] = bwd.call(grads[0], s[0], s[1], s[2], s[3], ctx->saved_data["training"].toBool());
     return {grad_pre, grad_theta, Tensor(), Tensor(), Tensor()};
@@ -118,6 +125,7 @@ struct GatedLinear : Function<GatedLinear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<LinearBwd>("cadk::gated_linear_bwd");
+    check_first_order();
     if (!grads[0].defined()) return variable_list(9);
     const variable_list s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
@@ -148,6 +156,7 @@ struct GatedConv2d : Function<GatedConv2d> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<ConvBwd>("cadk::gated_conv2d_bwd");
+    check_first_order();
     if (!grads[0].defined()) return variable_list(12);
     const variable_list s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
@@ -174,12 +183,12 @@ struct BnGateAct : Function<BnGateAct> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["training"] = training;
-    ctx->mark_non_differentiable({pre, mean, var});
     return {y, pre, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op<BnBwd>("cadk::bn_gate_act_bwd");
+    check_first_order();
     variable_list out(11);
     if (!grads[0].defined()) return out;
     const variable_list s = ctx->get_saved_variables();

@@ -224,15 +224,17 @@ def test_opcheck(backend, gen):
     module, device = backend
     _compiled_ops_only(module)
     ops = torch.ops.cadk
-    cases = {
-        ops.gate_apply_fwd: gate_apply_case(gen, device, torch.float32, "subset", True, True, True),
-        ops.gated_linear_fwd: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
-                                                True),
-        ops.gated_conv2d_fwd: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
-                                                False, True),
-        ops.bn_gate_act_fwd: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, True),
-    }
-    for op, case in cases.items():
+    cases = [
+        (ops.gate_apply_fwd, gate_apply_case(gen, device, torch.float32, "subset", True, True, True)),
+        (ops.gated_linear_fwd, gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
+                                                 True)),
+        (ops.gated_conv2d_fwd, gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
+                                                 False, True)),
+        (ops.bn_gate_act_fwd, bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, True)),
+        # eval with every channel alive: mean and var must not alias the running statistics
+        (ops.bn_gate_act_fwd, bn_gate_act_case(gen, device, torch.float32, "all", False, "relu", True, False)),
+    ]
+    for op, case in cases:
         args = [a.detach().clone().requires_grad_(i in case.grad_args) if isinstance(a, torch.Tensor) else a
                 for i, a in enumerate(case.args)]
         if op is ops.bn_gate_act_fwd:

@@ -145,3 +145,25 @@ def test_block_gate_keeps_layout_and_values():
         b.zero_grad(set_to_none=True)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_under_compiled_autograd():
+    """cadk's C++ autograd Functions trace under compiled autograd (torch.compile of the backward)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layer = GatedConv2d(3, 4, 3, padding=1, theta_init=0.5).train()
+    x = torch.randn(2, 3, 6, 6)
+    try:
+        with torch._dynamo.config.patch(compiled_autograd=True):
+            torch.compile(lambda loss: loss.backward(), backend="eager")(layer(x).sum())
+    finally:
+        torch._dynamo.reset()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_double_backward_fails_clearly():
+    layer = GatedLinear(5, 4, theta_init=0.5).train()
+    x = torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)

@@ -15,6 +15,8 @@ Output conventions shared by every kernel of these ops (the fake kernels below s
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .reference import check_activation
@@ -24,6 +26,12 @@ try:
 
     AVAILABLE = True
 except (ImportError, OSError):  # not built (pure-Python install) or built against another torch
+    AVAILABLE = False
+
+if AVAILABLE and not torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated_linear_fwd", "Autograd"):
+    # A library built from older sources, whose autograd lived in Python: its gradients would be wrong.
+    warnings.warn("cadk._C was built from older sources (its ops have no autograd kernels); the compiled "
+                  "backends stay off until it is rebuilt: pip install --no-deps --no-build-isolation -e .")
     AVAILABLE = False
 
 _OPS = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")

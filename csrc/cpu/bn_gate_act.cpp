@@ -94,8 +94,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     mean = mean.to(acc_type);
     var = var.to(acc_type);
   } else {
-    mean = coef(gather_vector(running_mean, alive), acc_type);
-    var = coef(gather_vector(running_var, alive), acc_type);
+    // Fresh tensors: with every channel alive the gather would return the running statistics themselves.
+    mean = coef(gather_vector(running_mean, alive), acc_type).clone();
+    var = coef(gather_vector(running_var, alive), acc_type).clone();
   }
   // z = x * scale + shift, the form ATen's batch norm uses.
   const Tensor scale = coef(gather_vector(weight, alive), acc_type) * (var + eps).rsqrt();

@@ -82,7 +82,8 @@ Rows rows_of(const Tensor& t) {
   v.C = t.size(1);
   v.S = 1;
   for (int64_t d = 2; d < t.dim(); ++d) v.S *= t.size(d);
-  v.cl = format_of(t) == at::MemoryFormat::ChannelsLast || v.S == 1;
+  // One channel stored channels-last is the same memory as NCHW: keep the per-channel runs.
+  v.cl = (format_of(t) == at::MemoryFormat::ChannelsLast && v.C > 1) || v.S == 1;
   return v;
 }
 
@@ -382,6 +383,12 @@ Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor&
   Tensor out = gather_into(weight, alive_in, alive_out, false);
   kept_weights().put(std::move(key), out);
   return out;
+}
+
+void release_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  const WeightShape s = weight_shape(weight);
+  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return;
+  kept_weights().take({weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)});
 }
 
 namespace {

@@ -147,6 +147,8 @@ void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const fl
 // both index sets are full. The caller must drop the result before the op returns: it may live in
 // memory reused by the next call on this thread.
 Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, Pass pass);
+// Drops what a training forward kept for gather_weight(kBackward), for a backward that needs no weight.
+void release_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out);
 // A full-size tensor shaped and formatted like `full_like`: `compact` at alive_out rows and alive_in
 // columns, zero elsewhere, each element written once.
 Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,

@@ -56,8 +56,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     g.grad_z = grad_y.contiguous();
     if (has_bias) g.bias_sum = g.grad_z.sum(0, false, at::kDouble);
   }
-  const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);  // also frees the kept copy
-  const Tensor grad_x = need_grad_x ? at::mm(g.grad_z, w) : no_grad_like(x);
+  Tensor grad_x = no_grad_like(x);
+  if (need_grad_x) {
+    grad_x = at::mm(g.grad_z, gather_weight(weight, alive_in, alive_out, Pass::kBackward));
+  } else {
+    release_weight(weight, alive_in, alive_out);
+  }
   const Tensor grad_w = scatter_weight(at::mm(g.grad_z.t(), x.contiguous()), weight, alive_in, alive_out);
   const int64_t units = weight.size(0);
   Tensor grad_b = has_bias ? scatter_vector(g.bias_sum, alive_out, units, x.scalar_type()) : no_grad_like(x);

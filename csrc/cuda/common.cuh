@@ -121,7 +121,8 @@ inline Layout layout_of(const Tensor& t) {
   L.N = t.size(0);
   L.A = t.size(1);
   for (int64_t d = 2; d < t.dim(); ++d) L.S *= t.size(d);
-  L.planar = L.S > 1 && format_of(t) == at::MemoryFormat::Contiguous;
+  // One channel stored channels-last is the same memory as NCHW: planar either way.
+  L.planar = L.S > 1 && (format_of(t) == at::MemoryFormat::Contiguous || L.A == 1);
   return L;
 }
 
