@@ -1,8 +1,10 @@
 """Training-step time of a pruned gated model against the same model before pruning.
 
     python benchmarks/bench_train_step.py runs/resnet20-fashion-mnist-cadk-s0 [--batch 128] [--threads N]
+    python benchmarks/bench_train_step.py --random-keep 0.5 [--model resnet20] [--device cuda]
 
-Loads the run's last checkpoint and times one training step (forward, backward, weight and theta
+Loads the run's last checkpoint (or, with --random-keep, builds the model and prunes each unit gate to
+that fraction of its units at random, for machines without a run) and times one training step (forward, backward, weight and theta
 updates) for: the gated model with its pruned structure; the same gated model with every structure
 alive (what the first epoch pays); the dense plain model; the compacted plain model (the floor for the
 pruned structure). Rounds are interleaved and medians reported, so machine noise hits all alike.
@@ -40,28 +42,70 @@ def _step_fn(model, x, y):
     return step
 
 
-def _timed(step, repeats):
+def _timed(step, repeats, sync):
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         step()
+    sync()
     return (time.perf_counter() - start) / repeats
+
+
+def _random_prune(model, keep: float, gen: torch.Generator) -> None:
+    """Keep a random `keep` fraction (at least one) of every unit gate's units; layer gates stay."""
+    with torch.no_grad():
+        for g in gates_of(model):
+            if g.kind != "unit":
+                continue
+            drop = torch.randperm(g.num_units, generator=gen)[max(1, round(keep * g.num_units)):]
+            g.prune(drop)
+            g.refresh()
+
+
+def _load(args):
+    """(pruned gated model, its config) from the run's checkpoint or a random pruning."""
+    if args.random_keep is not None:
+        cfg = {"model": args.model, "data": args.data}
+        in_ch, classes = _shape_of(cfg)[:2]
+        model = cadk.build_model(args.model, in_ch, classes)
+        _random_prune(model, args.random_keep, torch.Generator().manual_seed(0))
+        return model, cfg
+    state = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"))
+    cfg = state["config"]
+    in_ch, classes = _shape_of(cfg)[:2]
+    model = cadk.build_model(cfg["model"], in_ch, classes)
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def _shape_of(cfg) -> tuple[int, int, int]:
+    """(input channels, classes, image size) of the run's data."""
+    if cfg["data"] == "fashion-mnist":
+        return 1, 10, 28
+    return 3, 100 if cfg["data"] == "cifar100" else 10, 32
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?", help="a run directory (omit with --random-keep)")
+    p.add_argument("--random-keep", type=float, default=None,
+                   help="no checkpoint: keep this fraction of each unit gate's units, chosen at random")
+    p.add_argument("--model", default="resnet20", help="with --random-keep")
+    p.add_argument("--data", default="fashion-mnist", help="with --random-keep: input shape and classes")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
+    if (args.run_dir is None) == (args.random_keep is None):
+        p.error("give either a run directory or --random-keep")
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"))
-    cfg = state["config"]
-    in_ch, classes, size = (1, 10, 28) if cfg["data"] == "fashion-mnist" else (3, 100 if cfg["data"] == "cifar100" else 10, 32)
-    pruned = cadk.build_model(cfg["model"], in_ch, classes)
-    pruned.load_state_dict(state["model"])
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pruned, cfg = _load(args)
+    in_ch, classes, size = _shape_of(cfg)
     unpruned = copy.deepcopy(pruned)
     with torch.no_grad():
         for g in gates_of(unpruned):
@@ -76,17 +120,23 @@ def main() -> None:
         "dense plain": cadk.compact(unpruned).train(),
         "compacted plain (floor)": cadk.compact(pruned).train(),
     }
-    steps = {k: _step_fn(m.to(memory_format=torch.channels_last).train(), x, y) for k, m in variants.items()}
+    flops = {k: cadk.flop_count(m, x[:1]) for k, m in variants.items()}
+    x, y = x.to(device), y.to(device)
+    steps = {}
+    for k, m in variants.items():
+        m = m.to(device, memory_format=torch.channels_last).train()
+        for g in gates_of(m):
+            g.refresh()  # alive index lists follow the model to the device
+        steps[k] = _step_fn(m, x, y)
     for s in steps.values():
         s()  # warm-up
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for k, s in steps.items():
-            times[k].append(_timed(s, args.repeats))
+            times[k].append(_timed(s, args.repeats, sync))
     med = {k: statistics.median(v) for k, v in times.items()}
-    flops = {k: cadk.flop_count(m, x[:1]) for k, m in variants.items()}
     base = "gated, all alive (epoch 1)"
-    print(f"{cfg['model']} train step, batch {args.batch}, backend {cadk.kernels.backend_for(x.device)}, "
+    print(f"{cfg['model']} train step, batch {args.batch}, device {device}, backend {cadk.kernels.backend_for(device)}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'variant':<28} {'ms/step':>9} {'time vs epoch 1':>16} {'FLOPs vs epoch 1':>17}")
     for k in steps:

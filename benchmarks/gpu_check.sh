@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (torch with CUDA and triton installed, no network needed):
 # builds cadk's extension in place, prints the environment, runs the kernel tests of the CUDA and
-# Triton backends and the kernel benchmarks on CUDA (float32 and bf16; default and large shapes),
-# then a profile of one point.
+# Triton backends, the kernel benchmarks on CUDA (float32 and bf16; default and large shapes), a
+# training-step benchmark, then profiles.
 #
 #   benchmarks/gpu_check.sh                 # logs and JSON under ${OUT:-/tmp/cadk_gpu}
 #
@@ -76,6 +76,8 @@ step bench_fp32 120 "${BENCH[@]}" --json "$OUT/bench_kernels_cuda_fp32.json"
 step bench_bf16 120 "${BENCH[@]}" --dtype bfloat16 --json "$OUT/bench_kernels_cuda_bf16.json"
 step bench_large_fp32 150 "${BENCH[@]}" --size large --json "$OUT/bench_kernels_cuda_large_fp32.json"
 step bench_large_bf16 150 "${BENCH[@]}" --size large --dtype bfloat16 --json "$OUT/bench_kernels_cuda_large_bf16.json"
+# A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
+step train_step 90 "$PYTHON" benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10
 step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends cuda,triton --profile
 # Where the bf16 epilogues' time goes at a GPU-bound size (nothing pruned: only cadk's own passes differ).
 step profile_large_bf16 60 "${BENCH[@]}" --size large --dtype bfloat16 --layers linear --keeps 1.0 --repeats 3 \

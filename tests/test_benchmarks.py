@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on tiny settings (their figures are not checked here)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_bench_kernels_tiny(tmp_path):
+    stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "1.0,0.5", "--repeats", "2",
+                  "--warmup", "1", "--json", str(tmp_path / "k.json"))
+    assert "gated[reference]" in stdout and "floor" in stdout and (tmp_path / "k.json").exists()
+
+
+def test_bench_train_step_random_pruning():
+    stdout = _run("benchmarks/bench_train_step.py", "--random-keep", "0.5", "--batch", "2", "--rounds", "1",
+                  "--repeats", "1")
+    assert "gated, pruned (last epoch)" in stdout and "compacted plain (floor)" in stdout
