@@ -41,10 +41,6 @@ SIZES = {
 }
 
 
-def layer_specs(size: str) -> dict:
-    return SIZES[size]
-
-
 def alive_subset(full: int, keep: float, gen: torch.Generator) -> torch.Tensor:
     count = max(1, round(keep * full))
     return torch.randperm(full, generator=gen)[:count].sort().values
@@ -196,7 +192,7 @@ def main(argv=None) -> list[dict]:
     fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     backends = args.backends.split(",") if args.backends else backends_for(args.device)
     size = "small" if args.small else args.size
-    specs = layer_specs(size)
+    specs = SIZES[size]
     gen = torch.Generator().manual_seed(0)
     results = []
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "

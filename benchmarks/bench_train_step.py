@@ -64,17 +64,14 @@ def _random_prune(model, keep: float, gen: torch.Generator) -> None:
 
 def _load(args):
     """(pruned gated model, its config) from the run's checkpoint or a random pruning."""
-    if args.random_keep is not None:
-        cfg = {"model": args.model, "data": args.data}
-        in_ch, classes = _shape_of(cfg)[:2]
-        model = cadk.build_model(args.model, in_ch, classes)
-        _random_prune(model, args.random_keep, torch.Generator().manual_seed(0))
-        return model, cfg
-    state = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"))
-    cfg = state["config"]
-    in_ch, classes = _shape_of(cfg)[:2]
+    state = None if args.random_keep is not None else load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"))
+    cfg = {"model": args.model, "data": args.data} if state is None else state["config"]
+    in_ch, classes, _ = _shape_of(cfg)
     model = cadk.build_model(cfg["model"], in_ch, classes)
-    model.load_state_dict(state["model"])
+    if state is None:
+        _random_prune(model, args.random_keep, torch.Generator().manual_seed(0))
+    else:
+        model.load_state_dict(state["model"])
     return model, cfg
 
 

@@ -364,18 +364,26 @@ struct WeightKey {
   }
 };
 
+WeightKey weight_key(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  return {weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)};
+}
+
 KeptForBackward<WeightKey>& kept_weights() {
   static KeptForBackward<WeightKey> kept;
   return kept;
 }
 
+bool all_alive(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  const WeightShape s = weight_shape(weight);
+  return is_full(alive_in, s.in) && is_full(alive_out, s.out);
+}
+
 }  // namespace
 
 Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, Pass pass) {
-  const WeightShape s = weight_shape(weight);
-  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return weight;
+  if (all_alive(weight, alive_in, alive_out)) return weight;
   if (pass == Pass::kAlone || weight.is_inference()) return gather_into(weight, alive_in, alive_out, true);
-  WeightKey key{weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)};
+  WeightKey key = weight_key(weight, alive_in, alive_out);
   if (pass == Pass::kBackward) {
     Tensor kept = kept_weights().take(key);
     return kept.defined() ? kept : gather_into(weight, alive_in, alive_out, true);
@@ -386,9 +394,7 @@ Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor&
 }
 
 void release_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
-  const WeightShape s = weight_shape(weight);
-  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return;
-  kept_weights().take({weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)});
+  if (!all_alive(weight, alive_in, alive_out)) kept_weights().take(weight_key(weight, alive_in, alive_out));
 }
 
 namespace {
@@ -408,8 +414,7 @@ __attribute__((target("avx512f"))) void expand_row32_avx512(const uint32_t* src,
 }
 
 bool expand_rows_fast(const WeightShape& s, int64_t element_size) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && element_size == 4 && (s.in_inner || s.taps == 1);
+  return cpu_has_avx512() && element_size == 4 && (s.in_inner || s.taps == 1);
 }
 #else
 void expand_row32_avx512(const uint32_t*, const int32_t*, int64_t, uint32_t*) {}

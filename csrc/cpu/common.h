@@ -135,6 +135,9 @@ struct Gates {
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
                  bool training, at::ScalarType act_dtype, Pass pass);
 
+// Whether this CPU runs AVX-512F code (read once).
+bool cpu_has_avx512();
+
 // out[k] = uniform(seed, base + offset[k]) < theta[k] for k < count (csrc/philox.h semantics),
 // vectorised where the CPU allows.
 void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,

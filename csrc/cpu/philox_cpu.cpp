@@ -182,11 +182,6 @@ __attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint3
   philox_gates_avx2(seed, base, offset + k, theta + k, count - k, out + k);
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -195,6 +190,15 @@ bool cpu_has_avx2() {
 #endif  // CADK_HAVE_AVX2_PATH
 
 }  // namespace
+
+bool cpu_has_avx512() {
+#ifdef CADK_HAVE_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
 
 void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,
                   float* out) {
