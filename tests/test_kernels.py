@@ -369,3 +369,19 @@ def test_input_gradient_skipped_when_not_needed(backend, gen, op):
     grads = bwd(*bwd_args)
     assert grads[0].numel() == 0
     torch.library.opcheck(bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_one_channel_channels_last_conv_is_correct(backend):
+    """torch's CPU convolution (2.13) computes a one-channel channels-last input into a one-column output
+    wrongly; every backend must still match a float64 NCHW convolution there."""
+    module, device = backend
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(x, w, stride=(1, 2)).float()
+    x_cl = x.float().as_strided(x.shape, (16, 1, 4, 1)).clone(memory_format=torch.preserve_format)
+    w_cl = torch.empty_strided(w.shape, (9, 1, 3, 1)).copy_(w)
+    for xs, ws in ((x_cl, w.float()), (x.float(), w_cl), (x_cl, w_cl)):
+        y = module.gated_conv2d(xs.to(device), ws.to(device), None, None, torch.arange(1, device=device),
+                                torch.arange(3, device=device), torch.tensor(0), (1, 2), (0, 0), (1, 1),
+                                "none", False)
+        assert_close(y, want.to(device), "one-channel conv output", torch.float32)

@@ -93,19 +93,32 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
 
-def safe_conv_input(x: torch.Tensor, weight: torch.Tensor, stride) -> torch.Tensor:
-    """torch's CPU convolution backward corrupts the heap for a channels-last input with a 1x1 kernel and
-    stride > 1 (seen with torch 2.13 at small channel counts); an NCHW input avoids that path."""
-    if x.device.type == "cpu" and tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1 and not x.is_contiguous():
-        return x.contiguous()
-    return x
+def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight laid out to dodge two bugs of torch's CPU convolution (seen with torch 2.13):
+    - the forward returns wrong values when one input channel is stored with channels-last strides and
+      the output is one column wide; with one channel both layouts are the same memory, so NCHW strides
+      are a free view (csrc/cpu/gated_conv2d.cpp does the same);
+    - the backward corrupts the heap for a channels-last input with a 1x1 kernel and stride > 1 at small
+      channel counts; an NCHW input avoids that path."""
+    if x.device.type != "cpu":
+        return x, weight
+    if x.shape[1] == 1:
+        x, weight = _nchw_view(x), _nchw_view(weight)
+    if tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1 and not x.is_contiguous():
+        x = x.contiguous()
+    return x, weight
+
+
+def _nchw_view(t: torch.Tensor) -> torch.Tensor:
+    """t with NCHW strides; t must already be NCHW-contiguous up to the strides of size-1 dims."""
+    return t.as_strided(t.shape, torch.empty(t.shape, device="meta").stride()) if t.is_contiguous() else t.contiguous()
 
 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     """Conv2d over alive input channels and alive output filters, then act and gate."""
-    x = safe_conv_input(x, weight, stride)
-    z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out),
+    x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+    z = F.conv2d(x, w, _gather_bias(bias, alive_out),
                  stride, padding, dilation)
     return _epilogue(z, theta, alive_out, seed, activation, training)
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import check_activation, gather_weight
+from .reference import check_activation, gather_weight, safe_conv_args
 
 try:
     import triton
@@ -442,7 +442,8 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
         shift = b
     else:
         # The bias goes to the conv, which adds it before rounding to x's dtype as F.conv2d does.
-        z = F.conv2d(x, gather_weight(weight, alive_in, alive_out), b, stride, padding, dilation)
+        xs, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+        z = F.conv2d(xs, w, b, stride, padding, dilation)
         shift = None
     if theta is None and not relu and shift is None:
         return z, z.new_empty(0)
@@ -456,9 +457,7 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
                      padding: list[int], dilation: list[int], activation: str, training: bool,
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
-    w = gather_weight(weight, alive_in, alive_out)
-    if x.device.type == "cpu" and w.shape[2:] == (1, 1) and max(stride) > 1:
-        x = x.contiguous()  # torch's CPU conv backward corrupts the heap on channels_last x here (2.13)
+    x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
     if g.numel() == 0 or x.numel() == 0:
         grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
     else:

@@ -182,4 +182,16 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
 // t in memory format `fmt`, copying only when needed.
 inline Tensor in_format(const Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }
 
+// torch's CPU convolution forward (2.13) returns wrong values when one input channel is stored with
+// channels-last strides and the output is one column wide. With one channel both layouts are the
+// same memory, so NCHW strides are a free view. Mirrors safe_conv_args in cadk/kernels/reference.py,
+// which applies it at any width (it has no output shape at hand); here other widths keep the layout.
+inline Tensor nchw_view(const Tensor& t) {
+  return t.is_contiguous() ? t.as_strided(t.sizes(), c10::contiguous_strides(t.sizes())) : t.contiguous();
+}
+inline std::pair<Tensor, Tensor> safe_conv_args(const Tensor& x, const Tensor& weight, int64_t out_w) {
+  if (x.size(1) != 1 || out_w != 1) return {x, weight};
+  return {nchw_view(x), nchw_view(weight)};
+}
+
 }  // namespace cadk::cpu

@@ -68,8 +68,10 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
   } else {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone);
-    z = in_format(at::convolution(x, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
+    const auto [xs, w] =
+        safe_conv_args(x, gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone),
+                       geo.out_w);
+    z = in_format(at::convolution(xs, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
   }
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
   return epilogue_forward(z, gates, act);
