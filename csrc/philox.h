@@ -1,10 +1,13 @@
 // Philox4x32-10: the one definition of cadk's gate randomness (see cadk/kernels/philox.py).
 //
-//   word    = philox4x32_10(counter=(offset, 0, 0, 0), key=(seed & 0xffffffff, seed >> 32))[0]
+//   words   = philox4x32_10(counter=(c, 0, 0, 0), key=(seed & 0xffffffff, seed >> 32))   4 x 32 bits
+//   gate of example n, unit j (of C units):  c = (n / 4) * C + j,  word = words[n % 4]
 //   uniform = (word >> 8) * 2^-24        exact in fp32, in [0, 1)
-//   gate    = uniform < theta[j],  offset = n * C + j
+//   gate    = uniform < theta[j]
 //
-// Header-only and usable from C++ and CUDA, so every backend produces bit-identical gates.
+// Four consecutive examples share one counter and take its four words, so a CPU draws four gates
+// per Philox evaluation whatever the alive set. Header-only and usable from C++ and CUDA, so every
+// backend produces bit-identical gates.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +25,7 @@ constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
-constexpr int64_t kPhiloxMaxOffset = 2147483647;  // offsets are int32 in every backend
+constexpr int64_t kPhiloxMaxOffset = 2147483647;  // batch * units must stay below it (int32 counters)
 
 CADK_HD uint32_t philox_mulhi(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__
@@ -32,11 +35,15 @@ CADK_HD uint32_t philox_mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First 32-bit word of Philox4x32-10 at counter (offset, 0, 0, 0) under key (seed lo, seed hi).
-CADK_HD uint32_t philox_word(uint64_t seed, uint32_t offset) {
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+// Philox4x32-10 at counter (counter, 0, 0, 0) under key (seed lo, seed hi).
+CADK_HD PhiloxWords philox4(uint64_t seed, uint32_t counter) {
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = offset, c1 = 0u, c2 = 0u, c3 = 0u;
+  uint32_t c0 = counter, c1 = 0u, c2 = 0u, c3 = 0u;
 #ifdef __CUDA_ARCH__
 #pragma unroll
 #endif
@@ -49,18 +56,26 @@ CADK_HD uint32_t philox_word(uint64_t seed, uint32_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  return {{c0, c1, c2, c3}};
 }
 
-// Uniform in [0, 1): top 24 bits of the word, exact in fp32.
-CADK_HD float philox_uniform(uint64_t seed, uint32_t offset) {
-  return static_cast<float>(philox_word(seed, offset) >> 8) * (1.0f / 16777216.0f);
+// Word `lane` (0..3) of r; selects rather than indexes so CUDA keeps r in registers.
+CADK_HD uint32_t philox_lane(const PhiloxWords& r, int64_t lane) {
+  return lane == 0 ? r.w[0] : lane == 1 ? r.w[1] : lane == 2 ? r.w[2] : r.w[3];
+}
+
+// Uniform in [0, 1) from a word: its top 24 bits, exact in fp32.
+CADK_HD float philox_uniform(uint32_t word) { return static_cast<float>(word >> 8) * (1.0f / 16777216.0f); }
+
+// Counter of example n's gate for full-range unit j out of num_units units.
+CADK_HD uint32_t philox_counter(int64_t n, int64_t j, int64_t num_units) {
+  return static_cast<uint32_t>((n >> 2) * num_units + j);
 }
 
 // 0/1 gate of example n, full-range unit j, out of num_units units with keep probability theta_j.
 CADK_HD float philox_gate(uint64_t seed, int64_t n, int64_t j, int64_t num_units, float theta_j) {
-  const uint32_t offset = static_cast<uint32_t>(n * num_units + j);
-  return philox_uniform(seed, offset) < theta_j ? 1.0f : 0.0f;
+  const PhiloxWords r = philox4(seed, philox_counter(n, j, num_units));
+  return philox_uniform(philox_lane(r, n & 3)) < theta_j ? 1.0f : 0.0f;
 }
 
 }  // namespace cadk

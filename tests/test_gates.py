@@ -11,16 +11,30 @@ from cadk.nn import GatedConv2d, GatedLinear, UnitGate
 
 def test_philox_uniform_range_and_determinism():
     off = torch.arange(100_000)
-    u1, u2 = philox.uniform(1234, off), philox.uniform(1234, off)
+    u1, u2 = philox.uniform(1234, off // 4, off % 4), philox.uniform(1234, off // 4, off % 4)
     assert torch.equal(u1, u2)
     assert u1.min() >= 0 and u1.max() < 1
     assert abs(u1.mean().item() - 0.5) < 0.01
-    assert not torch.equal(u1, philox.uniform(1235, off))
+    assert not torch.equal(u1, philox.uniform(1235, off // 4, off % 4))
+    # The four words of a counter (gates of four consecutive examples) are uncorrelated.
+    lanes = u1.view(-1, 4).T
+    corr = torch.corrcoef(lanes.double())
+    assert (corr - torch.eye(4, dtype=torch.float64)).abs().max() < 0.03
 
 
 def test_philox_known_answer():
-    # Philox4x32-10 test vector (Random123 kat_vectors: counter 0, key 0) first word 0x6627e8d5.
-    assert philox.philox_word(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+    # Philox4x32-10 test vector (Random123 kat_vectors: counter 0, key 0).
+    words = philox.philox4(0, torch.zeros(1, dtype=torch.int64))[0].tolist()
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_gate_counters_share_one_philox_call_per_four_examples():
+    counter, lane = philox.gate_counters(6, torch.tensor([1, 4]), 5)
+    assert counter.tolist() == [[1, 4]] * 4 + [[6, 9]] * 2
+    assert lane.flatten().tolist() == [0, 1, 2, 3, 0, 1]
+    words = philox.philox4(7, torch.tensor([1, 4]))  # examples 0..3: the four words of counters 1 and 4
+    expected = ((words.T >> 8).float() * 2.0**-24 < 0.5).float()
+    assert torch.equal(philox.sample_gates(7, 4, torch.full((5,), 0.5), torch.tensor([1, 4])), expected)
 
 
 @pytest.mark.parametrize("theta", [0.0, 0.1, 0.5, 0.9, 1.0])

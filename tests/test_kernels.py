@@ -184,6 +184,12 @@ def test_gates_bit_identical_to_philox(backend, gen):
         seed_t = torch.tensor(seed, dtype=torch.int64)
         got = _gates_via_op(module, device, seed_t, 19, theta, alive)
         assert torch.equal(got, philox.sample_gates(seed_t, 19, theta, alive)), f"gates differ for seed {seed}"
+    # Every unit sampled (no theta at 0 or 1), batch a multiple of four and not.
+    theta = torch.rand(83, generator=gen) * 0.8 + 0.1
+    alive = torch.arange(83)
+    for n in (8, 6):
+        got = _gates_via_op(module, device, torch.tensor(3), n, theta, alive)
+        assert torch.equal(got, philox.sample_gates(torch.tensor(3), n, theta, alive)), f"gates differ at batch {n}"
 
 
 def test_gate_mean_matches_theta(backend, gen):
@@ -385,3 +391,22 @@ def test_one_channel_channels_last_conv_is_correct(backend):
                                 torch.arange(3, device=device), torch.tensor(0), (1, 2), (0, 0), (1, 1),
                                 "none", False)
         assert_close(y, want.to(device), "one-channel conv output", torch.float32)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_vector_paths_this_cpu_skips(capability):
+    """CADK_CPU_CAPABILITY caps the C++ CPU kernels' vector paths (Philox, gradient scatter), so the
+    AVX2 and scalar code runs here too: gates, outputs and gradients against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    env = dict(os.environ, CADK_CPU_CAPABILITY=capability)
+    select = "cpp-cpu and float32 and (bit_identical or test_gated_linear or test_gate_apply)"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

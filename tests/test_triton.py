@@ -94,9 +94,10 @@ def _zero_expected(y_shape, args, dtype, diff=None):
 @pytest.mark.parametrize("seed", [0, 1, -5, 2**40 + 123, 2**63 - 1])
 def test_uniform_bit_identical(seed):
     seed = torch.tensor(seed, dtype=torch.int64)
-    offsets = torch.cat([torch.arange(3000), torch.randint(0, philox.MAX_OFFSET, (2000,)),
-                         torch.tensor([philox.MAX_OFFSET])]).to(DEVICE)
-    assert torch.equal(tb.uniform(seed, offsets), philox.uniform(seed, offsets))
+    counters = torch.cat([torch.arange(3000), torch.randint(0, philox.MAX_OFFSET, (2000,)),
+                          torch.tensor([philox.MAX_OFFSET])]).to(DEVICE)
+    lanes = torch.randint(0, 4, counters.shape).to(DEVICE)
+    assert torch.equal(tb.uniform(seed, counters, lanes), philox.uniform(seed, counters, lanes))
 
 
 @pytest.mark.parametrize("pattern", ["empty", "one", "some", "all"])

@@ -6,7 +6,7 @@ Conventions shared by all backends:
 - Gradients of full-size tensors (weight, bias, theta, BN affine) are full-size, zero outside the
   alive rows/columns, so optimizer state and DDP buckets never change shape.
 - `theta` is the full-size gate probability vector of the output units, or None for no gate.
-  Training: xi[n, j'] = philox_gate(seed, n*C + alive_out[j']) (see philox.py); eval: xi = theta.
+  Training: xi[n, j'] = Philox gate of example n and unit alive_out[j'] (see philox.py); eval: xi = theta.
 - theta's gradient is the estimator of METHOD.md: sum over examples and positions of
   dy * (pre-gate output), evaluated at the sampled gates.
 - `activation` is "relu" or "none"; the gate acts after it: y = xi * act(z).

@@ -643,11 +643,12 @@ def sample_gates(seed: Tensor, n: int, theta: Tensor, alive: Tensor) -> Tensor:
     return gate_apply(ones, theta.detach(), alive, seed, True).to(theta.dtype)
 
 
-def uniform(seed: Tensor, offset: Tensor) -> Tensor:
-    """This backend's float32 uniforms for int offsets (cf. philox.uniform)."""
-    out = torch.empty(offset.shape, dtype=torch.float32, device=offset.device)
-    if offset.numel():
+def uniform(seed: Tensor, counter: Tensor, lane: Tensor) -> Tensor:
+    """This backend's float32 uniforms for int counters and word lanes 0..3 (cf. philox.uniform)."""
+    out = torch.empty(counter.shape, dtype=torch.float32, device=counter.device)
+    if counter.numel():
         block = 1024
-        philox_uniform_kernel[(triton.cdiv(offset.numel(), block),)](
-            _seed_on(seed, offset.device), offset.contiguous(), out, offset.numel(), BLOCK=block)
+        lane = lane.to(counter.device).broadcast_to(counter.shape).contiguous()
+        philox_uniform_kernel[(triton.cdiv(counter.numel(), block),)](
+            _seed_on(seed, counter.device), counter.contiguous(), lane, out, counter.numel(), BLOCK=block)
     return out

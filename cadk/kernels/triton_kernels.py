@@ -7,8 +7,8 @@ consecutive examples, BLOCK_R at a time (several when A * S is small: linear lay
 stages); reductions over (n, s) write one partial row per program into a [P, A] buffer that the
 host sums, which keeps them deterministic (no atomics).
 
-Gates follow cadk/kernels/philox.py bit for bit: word = tl.randint(seed, n * C + j) (Philox4x32-10),
-uniform = (word >> 8) * 2^-24, gate = uniform < theta[j]; in eval the gate is theta[j].
+Gates follow cadk/kernels/philox.py bit for bit: word = tl.randint4x(seed, (n // 4) * C + j)[n % 4]
+(Philox4x32-10), uniform = (word >> 8) * 2^-24, gate = uniform < theta[j]; in eval the gate is theta[j].
 Values are computed in fp32 and rounded to the storage dtype exactly where the reference rounds
 (pre before gating, the eval gate before the product), so bf16 results match it closely.
 """
@@ -21,17 +21,19 @@ TWO_POW_M24 = tl.constexpr(2.0**-24)  # uniform = (word >> 8) * 2^-24, exact in 
 
 
 @triton.jit
-def _uniform(seed, offset):
-    """cadk's uniform in [0, 1) for int32 offsets: the shift is on uint32, so no sign extension."""
-    word = tl.randint(seed, offset).to(tl.uint32, bitcast=True)
-    return (word >> 8).to(tl.float32) * TWO_POW_M24
+def _uniform(seed, counter, lane):
+    """cadk's uniform in [0, 1) from word `lane` (0..3) of Philox at int32 counters: the shift is on
+    uint32, so no sign extension."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return (word.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * TWO_POW_M24
 
 
 @triton.jit
 def _gate(seed, n, C, j, theta_j, TRAINING: tl.constexpr):
     """xi for example n and full-range units j ([BLOCK] int32), fp32 0/1 (training) or theta_j (eval)."""
     if TRAINING:
-        xi = (_uniform(seed, n * C + j) < theta_j).to(tl.float32)
+        xi = (_uniform(seed, (n // 4) * C + j, n % 4) < theta_j).to(tl.float32)
     else:
         xi = theta_j
     return xi
@@ -50,12 +52,13 @@ def _cast(x, ty: tl.constexpr):
 
 
 @triton.jit
-def philox_uniform_kernel(seed_ptr, offset_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """out[i] = uniform(seed, offset[i]): exposes _uniform so tests can compare it with philox.py."""
+def philox_uniform_kernel(seed_ptr, counter_ptr, lane_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out[i] = uniform(seed, counter[i], lane[i]): exposes _uniform so tests can compare it with philox.py."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    offset = tl.load(offset_ptr + offs, mask=mask, other=0).to(tl.int32)
-    tl.store(out_ptr + offs, _uniform(tl.load(seed_ptr), offset), mask=mask)
+    counter = tl.load(counter_ptr + offs, mask=mask, other=0).to(tl.int32)
+    lane = tl.load(lane_ptr + offs, mask=mask, other=0).to(tl.int32)
+    tl.store(out_ptr + offs, _uniform(tl.load(seed_ptr), counter, lane), mask=mask)
 
 
 @triton.jit

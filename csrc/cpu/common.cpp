@@ -206,27 +206,31 @@ GatePlan plan_gates(const GateKey& key) {
   return plan;
 }
 
-// The [batch, A] float table of sampled gates.
+// The [batch, A] float table of sampled gates, four examples (one Philox counter) at a time.
 Tensor draw_gates(const GateKey& key) {
   const int64_t A = int64_t(key.alive.size()), batch = key.batch, units = key.units;
   const GatePlan plan = plan_gates(key);
   const int64_t sampled = static_cast<int64_t>(plan.pos.size());
   Tensor table = at::empty({batch, A}, at::TensorOptions().dtype(at::kFloat));
   float* tp = table.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, A));
-  at::parallel_for(0, batch, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> drawn(sampled);
-    for (int64_t n = b; n < e; ++n) {
-      float* row = tp + n * A;
-      const uint32_t base = static_cast<uint32_t>(n * units);
-      if (sampled == A) {  // no fixed unit: draw straight into the row
-        philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), A, row);
+  const int64_t quads = (batch + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, A));
+  at::parallel_for(0, quads, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> drawn(4 * sampled);
+    for (int64_t q = b; q < e; ++q) {
+      float* rows = tp + 4 * q * A;
+      const int count = static_cast<int>(std::min<int64_t>(4, batch - 4 * q));
+      const uint32_t base = philox_counter(4 * q, 0, units);  // of unit 0; unit j adds j
+      if (sampled == A) {  // no fixed unit: draw straight into the rows
+        philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), A, count, rows, A);
         continue;
       }
-      std::copy(plan.fixed.begin(), plan.fixed.end(), row);
+      for (int r = 0; r < count; ++r) std::copy(plan.fixed.begin(), plan.fixed.end(), rows + r * A);
       if (sampled == 0) continue;
-      philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), sampled, drawn.data());
-      for (int64_t k = 0; k < sampled; ++k) row[plan.pos[k]] = drawn[k];
+      philox_gates(key.seed, base, plan.unit.data(), plan.theta.data(), sampled, count, drawn.data(), sampled);
+      for (int r = 0; r < count; ++r) {
+        for (int64_t k = 0; k < sampled; ++k) rows[r * A + plan.pos[k]] = drawn[r * sampled + k];
+      }
     }
   });
   return table;

@@ -138,10 +138,11 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
 // Whether this CPU runs AVX-512F code (read once).
 bool cpu_has_avx512();
 
-// out[k] = uniform(seed, base + offset[k]) < theta[k] for k < count (csrc/philox.h semantics),
-// vectorised where the CPU allows.
-void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,
-                  float* out);
+// Gates of `rows` (1 to 4) consecutive examples 4q..4q+rows-1, whose counters share base = q * C:
+// out[r * stride + k] = uniform(word r of philox4(seed, base + unit[k])) < theta[k] for k < count
+// (csrc/philox.h semantics), vectorised where the CPU allows.
+void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count,
+                  int rows, float* out, int64_t stride);
 
 // ---------------------------------------------------------------------------------------------
 // Full-size <-> compact tensors

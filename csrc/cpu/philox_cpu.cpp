@@ -1,10 +1,13 @@
-// Gate sampling on the CPU: Philox4x32-10 (csrc/philox.h) over a list of offsets, 16 lanes at a
-// time with AVX-512 or 8 with AVX2 where the CPU has them. Ten rounds per word make this the
-// dominant cost of gate tables; four independent vectors per step hide the multiply latency. Tests
-// compare every word with cadk/kernels/philox.py.
+// Gate sampling on the CPU: Philox4x32-10 (csrc/philox.h) over a list of counters, 16 lanes at a
+// time with AVX-512 or 8 with AVX2 where the CPU has them. Each counter's four words are the gates of
+// four consecutive examples, so one evaluation draws four gates. Four independent vectors per step
+// hide the multiply latency. Tests compare every gate with cadk/kernels/philox.py.
 #include "common.h"
 
 #include "../philox.h"
+
+#include <cstdlib>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CADK_HAVE_AVX2_PATH 1
@@ -14,10 +17,13 @@
 namespace cadk::cpu {
 namespace {
 
-void philox_gates_scalar(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,
-                         float* out) {
+void philox_gates_scalar(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count,
+                         int rows, float* out, int64_t stride) {
   for (int64_t k = 0; k < count; ++k) {
-    out[k] = philox_uniform(seed, base + offset[k]) < theta[k] ? 1.0f : 0.0f;
+    const PhiloxWords r = philox4(seed, base + unit[k]);
+    for (int row = 0; row < rows; ++row) {
+      out[row * stride + k] = philox_uniform(philox_lane(r, row)) < theta[k] ? 1.0f : 0.0f;
+    }
   }
 }
 
@@ -31,30 +37,24 @@ __attribute__((target("avx2"))) inline void mulhilo(__m256i a, __m256i x, __m256
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-__attribute__((target("avx2"))) inline __m256i mulhi(__m256i a, __m256i x) {
-  const __m256i even = _mm256_mul_epu32(x, a);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), a);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
 __attribute__((target("avx2"))) inline __m256i set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
 
-// The first word of Philox4x32-10 for 8*V counters (offset, 0, 0, 0). The counter starts with three
-// zero words, so round 1 needs only A*c0 and round 2 only B*c2 (A*c0 is a key-dependent constant);
-// the last round needs only the high half of B*c2. Same bits as philox_word, 17 instead of 20
-// 32x32->64 multiplies per word.
+// Philox4x32-10 for 8*V counters (base + unit, 0, 0, 0). The counter starts with three zero words,
+// so round 1 needs only A*c0 and round 2 only B*c2 (A*c0 is a key-dependent constant): the same
+// bits as philox4 with 18 instead of 20 32x32->64 multiplies per counter.
 template <int V>
-__attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i base, const uint32_t* offset,
-                                                         const float* theta, float* out) {
+__attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i base, const uint32_t* unit,
+                                                         const float* theta, int rows, float* out,
+                                                         int64_t stride) {
   const __m256i round_a = set1(kPhiloxRoundA), round_b = set1(kPhiloxRoundB);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  __m256i c0[V], c1[V], c2[V], c3[V];
-  // Round 1: c0 = k0, c1 = 0, (c2, c3) from A * offset.
+  __m256i c[4][V];
+  // Round 1: c0 = k0, c1 = 0, (c2, c3) from A * counter.
   for (int v = 0; v < V; ++v) {
-    const __m256i ctr = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + 8 * v)), base);
+    const __m256i ctr = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + 8 * v)), base);
     __m256i hi;
-    mulhilo(round_a, ctr, hi, c3[v]);
-    c2[v] = _mm256_xor_si256(hi, set1(k1));
+    mulhilo(round_a, ctr, hi, c[3][v]);
+    c[2][v] = _mm256_xor_si256(hi, set1(k1));
   }
   // Round 2: A * c0 = A * k0 is a scalar.
   {
@@ -65,47 +65,51 @@ __attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i 
     const __m256i c3_const = set1(static_cast<uint32_t>(ak0));
     for (int v = 0; v < V; ++v) {
       __m256i hi_b;
-      mulhilo(round_b, c2[v], hi_b, c1[v]);
-      c0[v] = _mm256_xor_si256(hi_b, set1(k0));
-      c2[v] = _mm256_xor_si256(c2_const, c3[v]);
-      c3[v] = c3_const;
+      mulhilo(round_b, c[2][v], hi_b, c[1][v]);
+      c[0][v] = _mm256_xor_si256(hi_b, set1(k0));
+      c[2][v] = _mm256_xor_si256(c2_const, c[3][v]);
+      c[3][v] = c3_const;
     }
   }
-  // Rounds 3 to 9.
-  for (int r = 2; r < kPhiloxRounds - 1; ++r) {
+  // Rounds 3 to 10.
+  for (int r = 2; r < kPhiloxRounds; ++r) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
     const __m256i vk0 = set1(k0), vk1 = set1(k1);
     for (int v = 0; v < V; ++v) {
       __m256i hi_b, lo_b, hi_a, lo_a;
-      mulhilo(round_b, c2[v], hi_b, lo_b);
-      mulhilo(round_a, c0[v], hi_a, lo_a);
-      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[v]), vk0);
-      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[v]), vk1);
-      c1[v] = lo_b;
-      c3[v] = lo_a;
+      mulhilo(round_b, c[2][v], hi_b, lo_b);
+      mulhilo(round_a, c[0][v], hi_a, lo_a);
+      c[0][v] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c[1][v]), vk0);
+      c[2][v] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c[3][v]), vk1);
+      c[1][v] = lo_b;
+      c[3][v] = lo_a;
     }
   }
-  // Round 10: only c0.
-  k0 += kPhiloxKeyA;
   const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f);
   const __m256 one = _mm256_set1_ps(1.0f);
   for (int v = 0; v < V; ++v) {
-    const __m256i word = _mm256_xor_si256(_mm256_xor_si256(mulhi(round_b, c2[v]), c1[v]), set1(k0));
-    // word >> 8 < 2^24 converts exactly through the signed conversion.
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(word, 8)), scale);
-    const __m256 lt = _mm256_cmp_ps(u, _mm256_loadu_ps(theta + 8 * v), _CMP_LT_OQ);
-    _mm256_storeu_ps(out + 8 * v, _mm256_and_ps(lt, one));
+    const __m256 th = _mm256_loadu_ps(theta + 8 * v);
+    auto emit = [&](__m256i word, int row) __attribute__((target("avx2"))) {  // word >> 8 < 2^24 converts exactly as signed
+      const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(word, 8)), scale);
+      _mm256_storeu_ps(out + row * stride + 8 * v, _mm256_and_ps(_mm256_cmp_ps(u, th, _CMP_LT_OQ), one));
+    };
+    // Constant indices into c keep it in registers.
+    emit(c[0][v], 0);
+    if (rows > 1) emit(c[1][v], 1);
+    if (rows > 2) emit(c[2][v], 2);
+    if (rows > 3) emit(c[3][v], 3);
   }
 }
 
-__attribute__((target("avx2"))) void philox_gates_avx2(uint64_t seed, uint32_t base, const uint32_t* offset,
-                                                       const float* theta, int64_t count, float* out) {
+__attribute__((target("avx2"))) void philox_gates_avx2(uint64_t seed, uint32_t base, const uint32_t* unit,
+                                                       const float* theta, int64_t count, int rows, float* out,
+                                                       int64_t stride) {
   const __m256i vbase = _mm256_set1_epi32(static_cast<int>(base));
   int64_t k = 0;
-  for (; k + 32 <= count; k += 32) philox_block<4>(seed, vbase, offset + k, theta + k, out + k);
-  for (; k + 8 <= count; k += 8) philox_block<1>(seed, vbase, offset + k, theta + k, out + k);
-  philox_gates_scalar(seed, base, offset + k, theta + k, count - k, out + k);
+  for (; k + 32 <= count; k += 32) philox_block<4>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
+  for (; k + 8 <= count; k += 8) philox_block<1>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
+  philox_gates_scalar(seed, base, unit + k, theta + k, count - k, rows, out + k, stride);
 }
 
 // The same words 16 lanes at a time. mul_epu32 multiplies even lanes; masked 32-bit shuffles merge
@@ -122,16 +126,17 @@ __attribute__((target("avx512f"))) inline __m512i xor3(__m512i a, __m512i b, __m
 }
 
 template <int V>
-__attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m512i base, const uint32_t* offset,
-                                                              const float* theta, float* out) {
+__attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m512i base, const uint32_t* unit,
+                                                              const float* theta, int rows, float* out,
+                                                              int64_t stride) {
   const __m512i round_a = _mm512_set1_epi32(int(kPhiloxRoundA)), round_b = _mm512_set1_epi32(int(kPhiloxRoundB));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  __m512i c0[V], c1[V], c2[V], c3[V];
+  __m512i c[4][V];
   for (int v = 0; v < V; ++v) {  // round 1, as philox_block
-    const __m512i ctr = _mm512_add_epi32(_mm512_loadu_si512(offset + 16 * v), base);
+    const __m512i ctr = _mm512_add_epi32(_mm512_loadu_si512(unit + 16 * v), base);
     __m512i hi;
-    mulhilo16(round_a, ctr, hi, c3[v]);
-    c2[v] = _mm512_xor_si512(hi, _mm512_set1_epi32(int(k1)));
+    mulhilo16(round_a, ctr, hi, c[3][v]);
+    c[2][v] = _mm512_xor_si512(hi, _mm512_set1_epi32(int(k1)));
   }
   {  // round 2
     const uint64_t ak0 = uint64_t(kPhiloxRoundA) * k0;
@@ -141,49 +146,64 @@ __attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m
     const __m512i c3_const = _mm512_set1_epi32(int(static_cast<uint32_t>(ak0)));
     for (int v = 0; v < V; ++v) {
       __m512i hi_b;
-      mulhilo16(round_b, c2[v], hi_b, c1[v]);
-      c0[v] = _mm512_xor_si512(hi_b, _mm512_set1_epi32(int(k0)));
-      c2[v] = _mm512_xor_si512(c2_const, c3[v]);
-      c3[v] = c3_const;
+      mulhilo16(round_b, c[2][v], hi_b, c[1][v]);
+      c[0][v] = _mm512_xor_si512(hi_b, _mm512_set1_epi32(int(k0)));
+      c[2][v] = _mm512_xor_si512(c2_const, c[3][v]);
+      c[3][v] = c3_const;
     }
   }
-  for (int r = 2; r < kPhiloxRounds - 1; ++r) {  // rounds 3 to 9
+  for (int r = 2; r < kPhiloxRounds; ++r) {  // rounds 3 to 10
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
     const __m512i vk0 = _mm512_set1_epi32(int(k0)), vk1 = _mm512_set1_epi32(int(k1));
     for (int v = 0; v < V; ++v) {
       __m512i hi_b, lo_b, hi_a, lo_a;
-      mulhilo16(round_b, c2[v], hi_b, lo_b);
-      mulhilo16(round_a, c0[v], hi_a, lo_a);
-      c0[v] = xor3(hi_b, c1[v], vk0);
-      c2[v] = xor3(hi_a, c3[v], vk1);
-      c1[v] = lo_b;
-      c3[v] = lo_a;
+      mulhilo16(round_b, c[2][v], hi_b, lo_b);
+      mulhilo16(round_a, c[0][v], hi_a, lo_a);
+      c[0][v] = xor3(hi_b, c[1][v], vk0);
+      c[2][v] = xor3(hi_a, c[3][v], vk1);
+      c[1][v] = lo_b;
+      c[3][v] = lo_a;
     }
   }
-  k0 += kPhiloxKeyA;  // round 10: only c0
   const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f), one = _mm512_set1_ps(1.0f);
   for (int v = 0; v < V; ++v) {
-    __m512i hi, lo;
-    mulhilo16(round_b, c2[v], hi, lo);
-    const __m512i word = xor3(hi, c1[v], _mm512_set1_epi32(int(k0)));
-    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(word, 8)), scale);
-    const __mmask16 lt = _mm512_cmp_ps_mask(u, _mm512_loadu_ps(theta + 16 * v), _CMP_LT_OQ);
-    _mm512_storeu_ps(out + 16 * v, _mm512_maskz_mov_ps(lt, one));
+    const __m512 th = _mm512_loadu_ps(theta + 16 * v);
+    auto emit = [&](__m512i word, int row) __attribute__((target("avx512f"))) {
+      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(word, 8)), scale);
+      _mm512_storeu_ps(out + row * stride + 16 * v, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, th, _CMP_LT_OQ), one));
+    };
+    emit(c[0][v], 0);  // constant indices into c keep it in registers
+    if (rows > 1) emit(c[1][v], 1);
+    if (rows > 2) emit(c[2][v], 2);
+    if (rows > 3) emit(c[3][v], 3);
   }
 }
 
-__attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint32_t base, const uint32_t* offset,
-                                                         const float* theta, int64_t count, float* out) {
+__attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint32_t base, const uint32_t* unit,
+                                                         const float* theta, int64_t count, int rows, float* out,
+                                                         int64_t stride) {
   const __m512i vbase = _mm512_set1_epi32(static_cast<int>(base));
   int64_t k = 0;
-  for (; k + 64 <= count; k += 64) philox_block16<4>(seed, vbase, offset + k, theta + k, out + k);
-  for (; k + 16 <= count; k += 16) philox_block16<1>(seed, vbase, offset + k, theta + k, out + k);
-  philox_gates_avx2(seed, base, offset + k, theta + k, count - k, out + k);
+  for (; k + 64 <= count; k += 64) philox_block16<4>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
+  for (; k + 16 <= count; k += 16) philox_block16<1>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
+  philox_gates_avx2(seed, base, unit + k, theta + k, count - k, rows, out + k, stride);
+}
+
+// CADK_CPU_CAPABILITY=avx2|default caps the vector paths (read once), as ATEN_CPU_CAPABILITY
+// does for ATen: tests use it to run the paths this CPU would otherwise skip.
+int capability_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("CADK_CPU_CAPABILITY");
+    if (v == nullptr) return 2;
+    const std::string s(v);
+    return s == "default" ? 0 : s == "avx2" ? 1 : 2;
+  }();
+  return cap;
 }
 
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = capability_cap() >= 1 && __builtin_cpu_supports("avx2");
   return has;
 }
 
@@ -193,20 +213,21 @@ bool cpu_has_avx2() {
 
 bool cpu_has_avx512() {
 #ifdef CADK_HAVE_AVX2_PATH
-  static const bool has = __builtin_cpu_supports("avx512f");
+  static const bool has = capability_cap() >= 2 && __builtin_cpu_supports("avx512f");
   return has;
 #else
   return false;
 #endif
 }
 
-void philox_gates(uint64_t seed, uint32_t base, const uint32_t* offset, const float* theta, int64_t count,
-                  float* out) {
+void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count, int rows,
+                  float* out, int64_t stride) {
+  TORCH_INTERNAL_ASSERT(rows >= 1 && rows <= 4);
 #ifdef CADK_HAVE_AVX2_PATH
-  if (cpu_has_avx512()) return philox_gates_avx512(seed, base, offset, theta, count, out);
-  if (cpu_has_avx2()) return philox_gates_avx2(seed, base, offset, theta, count, out);
+  if (cpu_has_avx512()) return philox_gates_avx512(seed, base, unit, theta, count, rows, out, stride);
+  if (cpu_has_avx2()) return philox_gates_avx2(seed, base, unit, theta, count, rows, out, stride);
 #endif
-  philox_gates_scalar(seed, base, offset, theta, count, out);
+  philox_gates_scalar(seed, base, unit, theta, count, rows, out, stride);
 }
 
 }  // namespace cadk::cpu
