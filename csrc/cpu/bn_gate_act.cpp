@@ -42,8 +42,9 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
       const int64_t len = v.len(), C = v.C;
       sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
         Partials<acc_t> part(acc, 2, kCL ? C : 0);
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t c = v.c_of(r);
+        RowCursor at(v, r0);
+        for (int64_t r = r0; r < r1; ++r, at.next()) {
+          const int64_t c = at.c();
           const scalar_t* xr = xp + r * len;
           const acc_t* k = sp + c;
           acc_t *p1 = part[0], *p2 = part[1];
@@ -107,6 +108,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = gated ? pre.data_ptr<scalar_t>() : nullptr;
@@ -119,14 +121,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
           constexpr bool kGate = decltype(use_gate)::value;
           const int64_t len = v.len();
           for_rows(v, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t c = v.c_of(r);
+            RowCursor at(v, r0);
+            for (int64_t r = r0; r < r1; ++r, at.next()) {
+              const int64_t c = at.c();
               const scalar_t* xr = xp + r * len;
               scalar_t* yr = yp + r * len;
               scalar_t* pr = kGate ? pp + r * len : nullptr;
               const acc_t* sc = scp + c;
               const acc_t* sh = shp + c;
-              const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
+              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
@@ -171,6 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   Tensor grad_w_alive, grad_b_alive, theta_sum;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* pp = pc.data_ptr<scalar_t>();
@@ -192,10 +196,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
           const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
             Partials<acc_t> part(acc, 3, kCL ? C : 0);
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t c = v.c_of(r);
+            RowCursor at(v, r0);
+            for (int64_t r = r0; r < r1; ++r, at.next()) {
+              const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
+              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
               const acc_t* m = mup + c;
               acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
@@ -239,11 +244,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const acc_t *ap = ca.data_ptr<acc_t>(), *bp = cb.data_ptr<acc_t>(), *cp = cc.data_ptr<acc_t>();
           // Pass 2: grad_x.
           for_rows(v, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t c = v.c_of(r);
+            RowCursor at(v, r0);
+            for (int64_t r = r0; r < r1; ++r, at.next()) {
+              const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               scalar_t* gxr = gxp + r * len;
-              const acc_t* xi = kGate ? gates.row<acc_t>(v.n_of(r)) + c : nullptr;
+              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
               const acc_t *ac = ap + c, *bc = bp + c, *cc_ = cp + c, *mc = mup + c;
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {

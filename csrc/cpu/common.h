@@ -50,11 +50,29 @@ struct Rows {
   bool cl = false;
   int64_t count() const { return cl ? N * S : N * C; }
   int64_t len() const { return cl ? C : S; }
-  int64_t n_of(int64_t r) const { return cl ? r / S : r / C; }
-  int64_t c_of(int64_t r) const { return cl ? 0 : r % C; }
 };
 // Requires t to be contiguous in format_of(t) (callers pass tensors made so).
 Rows rows_of(const Tensor& t);
+
+// Walks rows r0, r0 + 1, ... keeping each row's example n and channel c without a division per row:
+// channels-last rows are short, and a division each would cost as much as the row's own work.
+class RowCursor {
+ public:
+  RowCursor(const Rows& v, int64_t r0)
+      : cl_(v.cl), per_(std::max<int64_t>(1, v.cl ? v.S : v.C)), n_(r0 / per_), pos_(r0 % per_) {}
+  int64_t n() const { return n_; }
+  int64_t c() const { return cl_ ? 0 : pos_; }
+  void next() {
+    if (++pos_ == per_) {
+      pos_ = 0;
+      ++n_;
+    }
+  }
+
+ private:
+  bool cl_;
+  int64_t per_, n_, pos_;
+};
 
 // Runs f(row_begin, row_end) over all rows in parallel.
 template <typename F>
