@@ -410,3 +410,20 @@ def test_cpu_vector_paths_this_cpu_skips(capability):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_batch_times_units_past_counter_range_is_refused(backend):
+    """Counters are int32: batch * units must stay below 2^31. Just below it gates still match philox.py;
+    past it every backend and the reference refuse with the fix in the message."""
+    module, device = backend
+    units = 2**22
+    theta = torch.full((units,), 0.5, device=device)
+    alive, seed = torch.tensor([units - 3], device=device), torch.tensor(11)
+    ok = torch.ones(511, 1, device=device)  # 511 * 2^22 < 2^31
+    got = module.gate_apply(ok, theta, alive, seed, True)
+    assert torch.equal(got.cpu(), philox.sample_gates(seed, 511, theta.cpu(), alive.cpu()))
+    too_big = torch.ones(512, 1, device=device)  # 512 * 2^22 = 2^31
+    with pytest.raises((RuntimeError, ValueError), match="split the batch"):
+        module.gate_apply(too_big, theta, alive, seed, True)
+    with pytest.raises(ValueError, match="split the batch"):
+        reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)

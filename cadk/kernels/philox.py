@@ -72,7 +72,7 @@ def gate_counters(n: int, alive: torch.Tensor, num_units: int) -> tuple[torch.Te
     of examples 0..n-1 and the alive units j."""
     if n * num_units > MAX_OFFSET:
         raise ValueError(
-            f"cadk gates: batch {n} x {num_units} units exceeds the 2^31 Philox offset range; "
+            f"cadk gates: batch {n} x {num_units} units exceeds the 2^31 Philox counter range; "
             "split the batch")
     examples = torch.arange(n, device=alive.device, dtype=torch.int64)
     counter = (examples // 4 * num_units)[:, None] + alive.to(torch.int64)[None, :]

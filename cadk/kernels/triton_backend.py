@@ -153,7 +153,7 @@ def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.devic
                    f"{tuple(theta.shape)} and {theta.dtype}")
     _check(theta.device == device, lambda: f"theta is on {theta.device} but x on {device}; move it")
     _check(n * units <= MAX_OFFSET,
-           lambda: f"batch {n} x {units} units exceeds the 2^31 Philox offset range; split the batch")
+           lambda: f"batch {n} x {units} units exceeds the 2^31 Philox counter range; split the batch")
 
 
 def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor, theta: Optional[Tensor],

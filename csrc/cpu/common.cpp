@@ -248,7 +248,7 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
     return {xi, 0};
   }
   TORCH_CHECK(batch * theta->numel() <= kPhiloxMaxOffset, "cadk gates: batch ", batch, " x ", theta->numel(),
-              " units exceeds the 2^31 Philox offset range; split the batch");
+              " units exceeds the 2^31 Philox counter range; split the batch");
   GateKey key = gate_key(*theta, alive, seed, batch, opmath);
   if (pass == Pass::kBackward) {
     Tensor kept = kept_gates().take(key);

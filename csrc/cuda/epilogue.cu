@@ -86,7 +86,7 @@ Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, 
   gate.params.training = training;
   if (!training) return gate;
   TORCH_CHECK(L.N * units <= kPhiloxMaxOffset, "cadk gates: batch ", L.N, " x ", units,
-              " units exceeds the 2^31 Philox offset range; split the batch");
+              " units exceeds the 2^31 Philox counter range; split the batch");
   if (seed.device().is_cpu()) {
     gate.params.seed = seed.item<int64_t>();
   } else {
