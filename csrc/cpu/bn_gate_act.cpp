@@ -108,7 +108,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
+    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = gated ? pre.data_ptr<scalar_t>() : nullptr;
@@ -129,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
               scalar_t* pr = kGate ? pp + r * len : nullptr;
               const acc_t* sc = scp + c;
               const acc_t* sh = shp + c;
-              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
+              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   Tensor grad_w_alive, grad_b_alive, theta_sum;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
+    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* pp = pc.data_ptr<scalar_t>();
@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
             for (int64_t r = r0; r < r1; ++r, at.next()) {
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
+              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
               const acc_t* m = mup + c;
               acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
@@ -249,7 +249,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               scalar_t* gxr = gxp + r * len;
-              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
+              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
               const acc_t *ac = ap + c, *bc = bp + c, *cc_ = cp + c, *mc = mup + c;
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {

@@ -502,7 +502,7 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
   Tensor y = at::empty_like(z, format_of(z));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "cadk_epilogue_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
+    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     with_bool(v.cl, [&](auto cl) {
@@ -514,7 +514,7 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
           for (int64_t r = r0; r < r1; ++r, at.next()) {
             scalar_t* zr = zp + r * len;
             scalar_t* yr = yp + r * len;
-            const acc_t* xi = gate_base + at.n() * gates.row_stride + at.c();
+            const acc_t* xi = gate_rows.row(at.n()) + at.c();
             CADK_PRAGMA(omp simd)
             for (int64_t i = 0; i < len; ++i) {
               acc_t p = acc_t(zr[i]);
@@ -540,7 +540,7 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
   Tensor sums;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pre.scalar_type(), "cadk_epilogue_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gate_base = gates.defined() ? gates.row<acc_t>(0) : nullptr;  // hoisted: data_ptr checks
+    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
     const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
     const scalar_t* pp = pre.data_ptr<scalar_t>();
     scalar_t* gzp = grad_z.data_ptr<scalar_t>();
@@ -560,7 +560,7 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
               const scalar_t* gy = gyp + r * len;
               const scalar_t* p = pp + r * len;
               scalar_t* gz = gzp + r * len;
-              const acc_t* xi = kGate ? gate_base + at.n() * gates.row_stride + c : nullptr;
+              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
               acc_t* part_theta = part[0];
               acc_t* part_bias = part[1];
               acc_t row_theta = 0, row_bias = 0;

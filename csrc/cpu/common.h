@@ -142,12 +142,20 @@ enum class Pass { kForward, kBackward, kAlone };
 // Gates: xi as an opmath table, [N, A] in training (Philox samples), [1, A] in eval (theta
 // rounded through the activation dtype, as the reference's theta.to(pre.dtype)).
 
+// Example n's gates in a table: a raw pointer, so row loops read the tensor's data_ptr once.
+template <typename T>
+struct GateRows {
+  const T* base = nullptr;  // null: no gate
+  int64_t stride = 0;
+  const T* row(int64_t n) const { return base + n * stride; }
+};
+
 struct Gates {
   Tensor table;  // undefined: no gate (theta absent)
   int64_t row_stride = 0;
   bool defined() const { return table.defined(); }
   template <typename T>
-  const T* row(int64_t n) const { return table.data_ptr<T>() + n * row_stride; }
+  GateRows<T> rows() const { return defined() ? GateRows<T>{table.data_ptr<T>(), row_stride} : GateRows<T>{}; }
 };
 
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
