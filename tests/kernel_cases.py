@@ -80,16 +80,18 @@ def gate_apply_case(gen, device, dtype, kind, training, with_theta, channels_las
     return Case([pre, theta, alive.to(device), seed, training], [0, 1])
 
 
-def _layer_common(gen, device, kind_in, kind_out, with_theta, with_bias):
-    c_in, c_out = channels_for(kind_in, gen), channels_for(kind_out, gen)
+def _layer_common(gen, device, kind_in, kind_out, with_theta, with_bias, channels=None):
+    c_in, c_out = channels or (channels_for(kind_in, gen), channels_for(kind_out, gen))
     alive_in, alive_out = alive_set(kind_in, c_in, gen), alive_set(kind_out, c_out, gen)
     theta = theta_values(c_out, gen).to(device) if with_theta else None
     seed = torch.tensor(randint(gen, 0, 2**40), dtype=torch.int64)
     return c_in, c_out, alive_in.to(device), alive_out.to(device), theta, seed
 
 
-def gated_linear_case(gen, device, dtype, kinds, training, activation, with_theta, with_bias=True) -> Case:
-    c_in, c_out, alive_in, alive_out, theta, seed = _layer_common(gen, device, *kinds, with_theta, with_bias)
+def gated_linear_case(gen, device, dtype, kinds, training, activation, with_theta, with_bias=True,
+                      channels=None) -> Case:
+    c_in, c_out, alive_in, alive_out, theta, seed = _layer_common(gen, device, *kinds, with_theta, with_bias,
+                                                                  channels)
     x = randn((randint(gen, 1, 5), alive_in.numel()), gen, dtype, device)
     weight = randn((c_out, c_in), gen, dtype, device, scale=0.5)
     bias = randn((c_out,), gen, dtype, device) if with_bias else None
@@ -98,8 +100,9 @@ def gated_linear_case(gen, device, dtype, kinds, training, activation, with_thet
 
 
 def gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
-                      with_bias=True) -> Case:
-    c_in, c_out, alive_in, alive_out, theta, seed = _layer_common(gen, device, *kinds, with_theta, with_bias)
+                      with_bias=True, channels=None) -> Case:
+    c_in, c_out, alive_in, alive_out, theta, seed = _layer_common(gen, device, *kinds, with_theta, with_bias,
+                                                                  channels)
     k = (choice(gen, (1, 3)), choice(gen, (1, 3)))
     stride, padding, dilation = ((choice(gen, (1, 2)), choice(gen, (1, 2))), (choice(gen, (0, 1)),) * 2,
                                  (choice(gen, (1, 2)), 1))

@@ -13,7 +13,7 @@ import torch
 
 import cadk.kernels as kernels
 from cadk.kernels import philox, reference
-from kernel_cases import (ALIVE_KINDS, assert_close, bn_gate_act_case, data_seed, gate_apply_case,
+from kernel_cases import (ALIVE_KINDS, assert_close, bn_gate_act_case, choice, data_seed, gate_apply_case,
                           gated_conv2d_case, gated_linear_case, run)
 
 
@@ -116,6 +116,23 @@ def test_gated_conv2d(backend, gen, kinds, training, activation, with_theta, cha
     case = gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
                              with_bias=bool(int(torch.randint(2, (1,), generator=gen))))
     _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", ["linear", "conv-nchw", "conv-nhwc"])
+@pytest.mark.parametrize("channels", [(16, 20), (37, 70), (70, 33)], ids=lambda c: f"{c[0]}to{c[1]}")
+def test_wide_layers(backend, gen, channels, layer, dtype):
+    """16 channels and more: the CPU weight gather and gradient scatter move alive channels in blocks of
+    16 (full blocks and a partial one), which the narrow layers above never fill."""
+    module, device = backend
+    kinds = (choice(gen, ("subset", "all")), "subset")
+    if layer == "linear":
+        case = gated_linear_case(gen, device, dtype, kinds, True, "relu", True, channels=channels)
+        _compare("gated_linear", module.gated_linear, reference.gated_linear, case, dtype, gen)
+    else:
+        case = gated_conv2d_case(gen, device, dtype, kinds, True, "relu", True, layer == "conv-nhwc",
+                                 channels=channels)
+        _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -395,8 +412,8 @@ def test_one_channel_channels_last_conv_is_correct(backend):
 
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_cpu_vector_paths_this_cpu_skips(capability):
-    """CADK_CPU_CAPABILITY caps the C++ CPU kernels' vector paths (Philox, gradient scatter), so the
-    AVX2 and scalar code runs here too: gates, outputs and gradients against the reference."""
+    """CADK_CPU_CAPABILITY caps the C++ CPU kernels' vector paths (Philox, weight gather, gradient
+    scatter), so the AVX2 and scalar code runs here too: gates, outputs and gradients against the reference."""
     import os
     import subprocess
     import sys
@@ -405,7 +422,7 @@ def test_cpu_vector_paths_this_cpu_skips(capability):
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
     env = dict(os.environ, CADK_CPU_CAPABILITY=capability)
-    select = "cpp-cpu and float32 and (bit_identical or test_gated_linear or test_gate_apply)"
+    select = "cpp-cpu and float32 and (bit_identical or test_gated_linear or test_gate_apply or test_wide_layers)"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
@@ -427,3 +444,40 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
         module.gate_apply(too_big, theta, alive, seed, True)
     with pytest.raises(ValueError, match="split the batch"):
         reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)
+
+
+def test_recycled_weight_gradient_buffers(gen):
+    """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
+    back once the caller has dropped them. A gradient still held is never written again; a recycled
+    buffer is rewritten whole, so entries dead in this call are zero where it held earlier values."""
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    c_out, c_in = 300, 260  # 312 KB of float32
+    weight = torch.randn(c_out, c_in, generator=gen)
+    theta, seed = torch.rand(c_out, generator=gen), torch.tensor(7)
+
+    def subset(full, count):
+        return torch.randperm(full, generator=gen)[:count].sort().values
+
+    def weight_grad(module, alive_in, alive_out, x, grad_y):
+        w = weight.clone().requires_grad_(True)
+        module.gated_linear(x, w, None, theta, alive_in, alive_out, seed, "relu", True).backward(grad_y)
+        return w.grad
+
+    def call(alive_in, alive_out):
+        x = torch.randn(6, alive_in.numel(), generator=gen)
+        grad_y = torch.randn(6, alive_out.numel(), generator=gen)
+        got = weight_grad(cpp_backend, alive_in, alive_out, x, grad_y)
+        assert_close(got, weight_grad(reference, alive_in, alive_out, x, grad_y), "weight gradient", torch.float32)
+        return got
+
+    first = call(subset(c_in, 250), subset(c_out, 290))
+    kept = first.clone()
+    second = call(subset(c_in, 240), subset(c_out, 280))
+    assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept), "a gradient the caller holds was overwritten"
+    used = {first.data_ptr(), second.data_ptr()}
+    del first, second
+    third = call(subset(c_in, 40), subset(c_out, 30))  # compared with the reference inside call()
+    assert third.data_ptr() in used, "a dropped gradient buffer was not reused"

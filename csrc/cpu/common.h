@@ -171,6 +171,15 @@ void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const floa
                   int rows, float* out, int64_t stride);
 
 // ---------------------------------------------------------------------------------------------
+// Memory
+
+// An uninitialised tensor for use within the current op call only: its memory is reused by later
+// calls on this thread once dropped. Fresh allocations of activation-sized temporaries page-fault on
+// first touch every call (malloc returns large freed blocks to the system), which can cost more
+// than the pass that fills them.
+Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt);
+
+// ---------------------------------------------------------------------------------------------
 // Full-size <-> compact tensors
 
 // weight[alive_out][:, alive_in] ([C_out, C_in, *k]), in weight's memory format; weight itself when
@@ -199,12 +208,13 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
 
 // grad_z = grad_y * xi * act'(pre) plus the per-channel sums of grad_y * pre (theta gradient,
 // when gated) and of grad_z (bias gradient, when want_bias_sum). Sums are double [C] tensors, or
-// undefined when not requested. grad_y must be in pre's memory format.
+// undefined when not requested. grad_y must be in pre's memory format. grad_z is a scratch_tensor
+// when `scratch_grad_z` (the caller drops it before returning), else a fresh tensor.
 struct EpilogueGrads {
   Tensor grad_z, theta_sum, bias_sum;
 };
 EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
-                                bool want_bias_sum);
+                                bool want_bias_sum, bool scratch_grad_z);
 
 // t in memory format `fmt`, copying only when needed.
 inline Tensor in_format(const Tensor& t, at::MemoryFormat fmt) { return t.contiguous(fmt); }

@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pr
   const auto fmt = format_of(pre);
   const Tensor p = in_format(pre, fmt);
   const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), Pass::kBackward);
-  EpilogueGrads g = epilogue_backward(in_format(grad_y, fmt), p, gates, Act::kNone, false);
+  EpilogueGrads g = epilogue_backward(in_format(grad_y, fmt), p, gates, Act::kNone, false, false);
   return {g.grad_z, scatter_vector(g.theta_sum, alive, theta.numel(), theta.scalar_type())};
 }
 

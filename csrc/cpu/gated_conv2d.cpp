@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   const bool fused = gates.defined() || act != Act::kNone;
   EpilogueGrads g;
   if (fused) {
-    g = epilogue_backward(in_format(grad_y, geo.fmt), in_format(pre, geo.fmt), gates, act, has_bias);
+    g = epilogue_backward(in_format(grad_y, geo.fmt), in_format(pre, geo.fmt), gates, act, has_bias, true);
   } else {
     g.grad_z = in_format(grad_y, geo.fmt);
   }

@@ -51,7 +51,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kBackward);
   EpilogueGrads g;
   if (gates.defined() || act != Act::kNone) {
-    g = epilogue_backward(grad_y.contiguous(), pre.contiguous(), gates, act, has_bias);
+    g = epilogue_backward(grad_y.contiguous(), pre.contiguous(), gates, act, has_bias, true);
   } else {
     g.grad_z = grad_y.contiguous();
     if (has_bias) g.bias_sum = g.grad_z.sum(0, false, at::kDouble);

@@ -1,0 +1,361 @@
+// Full-size <-> compact tensors: the weight gather before a layer's GEMM/conv, the scatter of its
+// weight gradient back into a full-size tensor, and the same for per-channel vectors.
+#include <ATen/Dispatch.h>
+
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "common.h"
+#include "kept.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CADK_HAVE_AVX512_ROWS 1
+#endif
+
+namespace cadk::cpu {
+namespace {
+
+// Elements move as raw bits: copies need only the element size.
+template <typename F>
+void with_bits(const Tensor& t, const F& f) {
+  switch (t.element_size()) {
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+    default: TORCH_CHECK(false, "cadk: unsupported element size ", t.element_size(), " of ", t.scalar_type());
+  }
+}
+
+// Weight storage seen as [C_out, P, Q]: P = C_in, Q = kernel taps (channel-major), or P = taps,
+// Q = C_in (channels-last). `in_inner` tells which.
+struct WeightShape {
+  int64_t out, in, taps;
+  bool in_inner;
+  // Whether each tap's C_in entries are contiguous (channels-last, or a linear weight's rows).
+  bool in_runs() const { return in_inner || taps == 1; }
+};
+
+WeightShape weight_shape(const Tensor& w) {
+  const int64_t taps = w.dim() > 2 ? w.numel() / std::max<int64_t>(1, w.size(0) * w.size(1)) : 1;
+  return {w.size(0), w.size(1), taps, format_of(w) == at::MemoryFormat::ChannelsLast};
+}
+
+std::vector<int64_t> inverse_index(const Tensor& alive, int64_t full) {
+  std::vector<int64_t> inv(full, -1);
+  const Tensor a = alive.contiguous();
+  const int64_t* p = a.data_ptr<int64_t>();
+  for (int64_t k = 0; k < a.numel(); ++k) inv[p[k]] = k;
+  return inv;
+}
+
+std::vector<int64_t> dense_strides(at::IntArrayRef sizes, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(sizes);
+  const auto dense = c10::contiguous_strides(sizes);
+  return {dense.begin(), dense.end()};
+}
+
+Tensor view_of(const at::Storage& storage, at::IntArrayRef sizes, const at::TensorOptions& options,
+               at::MemoryFormat fmt) {
+  return at::empty({0}, options).set_(storage, 0, sizes, dense_strides(sizes, fmt));
+}
+
+int64_t bytes_of(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return c10::multiply_integers(sizes) * int64_t(c10::elementSize(options.dtype().toScalarType()));
+}
+
+constexpr int64_t kMaxCachedBytes = int64_t(64) << 20;
+
+}  // namespace
+
+// A few storages per thread, each reused once only this cache still references it. Bounded: at
+// most kSlots storages and kMaxCachedBytes in all; a request that does not fit gets fresh memory.
+Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+  constexpr size_t kSlots = 4;
+  thread_local std::vector<at::Storage> cached;
+  const int64_t bytes = bytes_of(sizes, options);
+  at::Storage* pick = nullptr;  // the smallest free storage that fits
+  int64_t held = 0;
+  for (at::Storage& st : cached) {
+    held += int64_t(st.nbytes());
+    const bool fits = st.use_count() == 1 && int64_t(st.nbytes()) >= bytes;
+    if (fits && (pick == nullptr || st.nbytes() < pick->nbytes())) pick = &st;
+  }
+  if (pick != nullptr) return view_of(*pick, sizes, options, fmt);
+  // Make room by dropping free storages, largest first, then cache a new one if it fits.
+  while (cached.size() >= kSlots || held + bytes > kMaxCachedBytes) {
+    auto victim = cached.end();
+    for (auto it = cached.begin(); it != cached.end(); ++it) {
+      if (it->use_count() == 1 && (victim == cached.end() || it->nbytes() > victim->nbytes())) victim = it;
+    }
+    if (victim == cached.end()) break;
+    held -= int64_t(victim->nbytes());
+    cached.erase(victim);
+  }
+  at::Storage fresh = at::empty({bytes}, options.dtype(at::kByte)).storage();
+  if (cached.size() < kSlots && held + bytes <= kMaxCachedBytes) cached.push_back(fresh);
+  return view_of(fresh, sizes, options, fmt);
+}
+
+namespace {
+
+// Memory for full-size weight gradients, handed back once the caller has dropped them. Each backward
+// returns a new full-size gradient, typically freed by the optimizer's zero_grad(set_to_none=True);
+// from malloc, blocks of this size come back as fresh pages (glibc trims and regrows the heap), so
+// every backward page-faulted its gradient in again. A buffer is reused only when this pool holds
+// its one remaining reference (nobody can see the reuse). Bounded in bytes, least recently used
+// dropped first; small gradients come from malloc's free lists anyway and are not kept.
+class GradientBuffers {
+ public:
+  Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+    const int64_t bytes = bytes_of(sizes, options);
+    if (bytes < kMinBytes || bytes > kMaxCachedBytes) return at::empty(sizes, options.memory_format(fmt));
+    std::lock_guard<std::mutex> lock(mu_);
+    at::Storage storage;
+    for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
+      if (int64_t(it->nbytes()) == bytes && it->use_count() == 1) {
+        storage = std::move(*it);
+        buffers_.erase(it);
+        bytes_ -= bytes;
+        break;
+      }
+    }
+    if (!storage) storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
+    while (!buffers_.empty() && bytes_ + bytes > kMaxCachedBytes) {
+      bytes_ -= int64_t(buffers_.front().nbytes());
+      buffers_.pop_front();
+    }
+    buffers_.push_back(storage);
+    bytes_ += bytes;
+    return view_of(storage, sizes, options, fmt);
+  }
+
+ private:
+  static constexpr int64_t kMinBytes = int64_t(256) << 10;
+  std::mutex mu_;
+  std::list<at::Storage> buffers_;  // oldest first
+  int64_t bytes_ = 0;
+};
+
+GradientBuffers& gradient_buffers() {
+  static GradientBuffers buffers;
+  return buffers;
+}
+
+// Alive channels of a C_in run as one bit mask per 16 consecutive channels, for the vector paths.
+std::vector<uint16_t> run_masks(const Tensor& alive, int64_t full) {
+  std::vector<uint16_t> masks((full + 15) / 16, 0);
+  const Tensor a = alive.contiguous();
+  const int64_t* p = a.data_ptr<int64_t>();
+  for (int64_t k = 0; k < a.numel(); ++k) masks[p[k] >> 4] |= uint16_t(1u << (p[k] & 15));
+  return masks;
+}
+
+#ifdef CADK_HAVE_AVX512_ROWS
+inline __mmask16 low_bits(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// out[0..popcount) = src[j] for the alive j < n, in order: one load and compress per 16 entries
+// rather than an indexed load per alive entry.
+__attribute__((target("avx512f"))) void compress_run32(const uint32_t* src, const uint16_t* masks, int64_t n,
+                                                      uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    const __m512i v = _mm512_maskz_compress_epi32(m, _mm512_maskz_loadu_epi32(low_bits(n - j), src + j));
+    _mm512_mask_storeu_epi32(out, low_bits(count), v);
+    out += count;
+  }
+}
+
+// The inverse: out[j] = the next compact entry for alive j, 0 for the others; n entries written in
+// one sequential pass.
+__attribute__((target("avx512f"))) void expand_run32(const uint32_t* src, const uint16_t* masks, int64_t n,
+                                                    uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    const __m512i v = _mm512_maskz_expand_epi32(m, _mm512_maskz_loadu_epi32(low_bits(count), src));
+    _mm512_mask_storeu_epi32(out + j, low_bits(n - j), v);
+    src += count;
+  }
+}
+
+bool vector_runs(const WeightShape& s, int64_t element_size) {
+  return cpu_has_avx512() && element_size == 4 && s.in_runs();
+}
+#else
+void compress_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
+void expand_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
+bool vector_runs(const WeightShape&, int64_t) { return false; }
+#endif
+
+// Compact row `drow` ([taps, A] or [A, taps]) from full-size row `srow`.
+template <typename B>
+void gather_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
+                B* drow) {
+  if (masks != nullptr) {
+    for (int64_t k = 0; k < s.taps; ++k) {
+      compress_run32(reinterpret_cast<const uint32_t*>(srow + k * s.in), masks, s.in,
+                     reinterpret_cast<uint32_t*>(drow + k * ai));
+    }
+  } else if (s.in_runs()) {
+    for (int64_t k = 0; k < s.taps; ++k)
+      for (int64_t i = 0; i < ai; ++i) drow[k * ai + i] = srow[k * s.in + ip[i]];
+  } else {
+    for (int64_t i = 0; i < ai; ++i)
+      for (int64_t k = 0; k < s.taps; ++k) drow[i * s.taps + k] = srow[ip[i] * s.taps + k];
+  }
+}
+
+// Full-size row `drow` from compact row `srow`, zeros at dead channels; srow == nullptr: all zeros.
+template <typename B>
+void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
+                 B* drow) {
+  if (srow != nullptr && masks != nullptr) {
+    for (int64_t k = 0; k < s.taps; ++k) {
+      expand_run32(reinterpret_cast<const uint32_t*>(srow + k * ai), masks, s.in,
+                   reinterpret_cast<uint32_t*>(drow + k * s.in));
+    }
+    return;
+  }
+  // Zero the row, then write its alive entries: one streaming pass plus a sparse one.
+  std::memset(drow, 0, s.in * s.taps * sizeof(B));
+  if (srow == nullptr) return;
+  if (s.in_runs()) {
+    for (int64_t k = 0; k < s.taps; ++k)
+      for (int64_t i = 0; i < ai; ++i) drow[k * s.in + ip[i]] = srow[k * ai + i];
+  } else {
+    for (int64_t i = 0; i < ai; ++i)
+      for (int64_t k = 0; k < s.taps; ++k) drow[ip[i] * s.taps + k] = srow[i * s.taps + k];
+  }
+}
+
+int64_t row_grain(const WeightShape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.in * s.taps)); }
+
+Tensor gather_into(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, bool scratch) {
+  const WeightShape s = weight_shape(weight);
+  const auto fmt = format_of(weight);
+  const Tensor src = weight.contiguous(fmt);
+  const int64_t ai = alive_in.numel(), ao = alive_out.numel();
+  auto sizes = weight.sizes().vec();
+  sizes[0] = ao;
+  sizes[1] = ai;
+  Tensor out = scratch ? scratch_tensor(sizes, weight.options(), fmt) : at::empty(sizes, weight.options().memory_format(fmt));
+  const Tensor in_idx = alive_in.contiguous(), out_idx = alive_out.contiguous();
+  const int64_t* ip = in_idx.data_ptr<int64_t>();
+  const int64_t* op = out_idx.data_ptr<int64_t>();
+  const std::vector<uint16_t> masks = vector_runs(s, weight.element_size()) ? run_masks(alive_in, s.in)
+                                                                           : std::vector<uint16_t>{};
+  const uint16_t* mp = masks.empty() ? nullptr : masks.data();
+  with_bits(weight, [&](auto bits) {
+    using B = decltype(bits);
+    const B* sp = static_cast<const B*>(src.data_ptr());
+    B* dp = static_cast<B*>(out.data_ptr());
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ai * s.taps));
+    at::parallel_for(0, ao, grain, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) gather_row<B>(s, ip, ai, mp, sp + op[o] * s.in * s.taps, dp + o * ai * s.taps);
+    });
+  });
+  return out;
+}
+
+// The weight's identity and version counter stand for its contents, as for autograd's saved
+// tensors; holding the weight keeps its identity from passing to a new tensor.
+struct WeightKey {
+  Tensor weight;
+  int64_t version = 0;
+  const void* data = nullptr;
+  std::vector<int64_t> alive_in, alive_out;
+  bool operator==(const WeightKey& o) const {
+    return weight.is_same(o.weight) && version == o.version && data == o.data && alive_in == o.alive_in &&
+           alive_out == o.alive_out;
+  }
+};
+
+WeightKey weight_key(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  return {weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)};
+}
+
+KeptForBackward<WeightKey>& kept_weights() {
+  static KeptForBackward<WeightKey> kept;
+  return kept;
+}
+
+bool all_alive(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  const WeightShape s = weight_shape(weight);
+  return is_full(alive_in, s.in) && is_full(alive_out, s.out);
+}
+
+}  // namespace
+
+Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out, Pass pass) {
+  if (all_alive(weight, alive_in, alive_out)) return weight;
+  if (pass == Pass::kAlone || weight.is_inference()) return gather_into(weight, alive_in, alive_out, true);
+  WeightKey key = weight_key(weight, alive_in, alive_out);
+  if (pass == Pass::kBackward) {
+    Tensor kept = kept_weights().take(key);
+    return kept.defined() ? kept : gather_into(weight, alive_in, alive_out, true);
+  }
+  Tensor out = gather_into(weight, alive_in, alive_out, false);
+  kept_weights().put(std::move(key), out);
+  return out;
+}
+
+void release_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
+  if (!all_alive(weight, alive_in, alive_out)) kept_weights().take(weight_key(weight, alive_in, alive_out));
+}
+
+Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,
+                      const Tensor& alive_out) {
+  const WeightShape s = weight_shape(full_like);
+  const auto fmt = format_of(full_like);
+  const Tensor src = compact.to(full_like.scalar_type()).contiguous(fmt);
+  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return src;
+  Tensor out = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
+  const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
+  const Tensor in_idx = alive_in.contiguous();
+  const int64_t* ip = in_idx.data_ptr<int64_t>();
+  const int64_t ai = alive_in.numel();
+  const std::vector<uint16_t> masks = vector_runs(s, out.element_size()) ? run_masks(alive_in, s.in)
+                                                                         : std::vector<uint16_t>{};
+  const uint16_t* mp = masks.empty() ? nullptr : masks.data();
+  with_bits(out, [&](auto bits) {
+    using B = decltype(bits);
+    const B* sp = static_cast<const B*>(src.data_ptr());
+    B* dp = static_cast<B*>(out.data_ptr());
+    at::parallel_for(0, s.out, row_grain(s), [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        const B* srow = inv_out[o] >= 0 ? sp + inv_out[o] * ai * s.taps : nullptr;
+        scatter_row<B>(s, ip, ai, mp, srow, dp + o * s.in * s.taps);
+      }
+    });
+  });
+  return out;
+}
+
+Tensor gather_vector(const Tensor& v, const Tensor& alive) {
+  return is_full(alive, v.size(0)) ? v : v.index_select(0, alive);
+}
+
+Tensor scatter_vector(const Tensor& values, const Tensor& alive, int64_t full, at::ScalarType dtype) {
+  const Tensor v = values.to(dtype).contiguous();
+  if (is_full(alive, full)) return v;
+  Tensor out = at::zeros({full}, v.options());
+  const Tensor idx = alive.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  with_bits(out, [&](auto bits) {
+    using B = decltype(bits);
+    const B* sp = static_cast<const B*>(v.data_ptr());
+    B* dp = static_cast<B*>(out.data_ptr());
+    for (int64_t k = 0; k < idx.numel(); ++k) dp[ip[k]] = sp[k];
+  });
+  return out;
+}
+
+Tensor no_grad_like(const Tensor& t) { return at::empty({0}, t.options()); }
+
+}  // namespace cadk::cpu
