@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import cadk.kernels as kernels
+from cadk.utils import atomic_write, keep_freed_memory
 
 KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
 BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -185,6 +186,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=None, help="default 15 (7 for conv on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="write the results to this path")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default of returning freed memory to the system: page faults then add "
+                        "noise that differs from one process to the next (see cadk.utils.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,8 +199,9 @@ def main(argv=None) -> list[dict]:
     specs = SIZES[size]
     gen = torch.Generator().manual_seed(0)
     results = []
+    malloc = "keeps-freed" if args.device == "cpu" and not args.system_malloc and keep_freed_memory() else "system"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"format={args.memory_format} size={size} backends={backends}")
+          f"format={args.memory_format} size={size} backends={backends} malloc={malloc}")
     print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
     for kind in args.layers.split(","):
         repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and size in ("default", "large") else 15)
@@ -210,15 +215,14 @@ def main(argv=None) -> list[dict]:
             for name, t in ms.items():
                 gated = name.startswith("gated")
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
-                           threads=torch.get_num_threads(), shape=specs[kind],
+                           threads=torch.get_num_threads(), shape=specs[kind], malloc=malloc,
                            vs_floor=t / ms["floor"] if gated else None,
                            vs_masked=t / ms["masked"] if gated else None)
                 results.append(row)
                 ratios = f"{row['vs_floor']:7.2f} {row['vs_masked']:8.2f}" if gated else ""
                 print(f"{kind:8} {keep:5.2f} {name:16} {t:9.3f} {ratios}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
     return results
 
 

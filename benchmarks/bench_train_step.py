@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import cadk
 from cadk.nn import gates_of
 from cadk.training import load_checkpoint
+from cadk.utils import keep_freed_memory
 
 
 def _step_fn(model, x, y):
@@ -94,12 +95,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default of returning freed memory to the system (see cadk.utils.keep_freed_memory)")
     args = p.parse_args()
     if (args.run_dir is None) == (args.random_keep is None):
         p.error("give either a run directory or --random-keep")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept_freed = device.type == "cpu" and not args.system_malloc and keep_freed_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     pruned, cfg = _load(args)
     in_ch, classes, size = _shape_of(cfg)
@@ -134,7 +138,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = "gated, all alive (epoch 1)"
     print(f"{cfg['model']} train step, batch {args.batch}, device {device}, backend {cadk.kernels.backend_for(device)}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+          + (", malloc keeps freed memory" if kept_freed else ""))
     print(f"{'variant':<28} {'ms/step':>9} {'time vs epoch 1':>16} {'FLOPs vs epoch 1':>17}")
     for k in steps:
         print(f"{k:<28} {1e3 * med[k]:>9.1f} {med[k] / med[base]:>16.3f} {flops[k] / flops[base]:>17.3f}")

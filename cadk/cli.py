@@ -62,6 +62,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default of returning freed memory to the system; by default this "
+                        "process keeps it, which saves the page faults of each step's activations "
+                        "(cadk.utils.keep_freed_memory)")
     p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
@@ -77,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     from .data import DatasetError
     from .training import CheckpointError, TrainConfig, train
+    from .utils import keep_freed_memory
 
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "cmd" and v is not None})
+    if not args.system_malloc:
+        keep_freed_memory()
+    skip = ("cmd", "system_malloc")
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in skip and v is not None})
     if args.out_dir is None:
         cfg.out_dir = f"runs/{cfg.model}-{cfg.data}-{'dense' if cfg.dense else 'cadk'}-s{cfg.seed}"
     try:
