@@ -30,22 +30,21 @@ def keep_freed_memory() -> bool:
     By default glibc returns large freed blocks to the system (heap trimming, mmap), so the
     activation-sized tensors of a CPU training step come back as fresh pages and page-fault on first
     touch, step after step. On a conv layer that was a third of its step time here, and how much
-    depends on the process's heap layout, so timings swing from one run to the next. This disables
-    trimming (M_TRIM_THRESHOLD) and serves blocks up to 32 MiB, glibc's limit, from the heap
-    (M_MMAP_THRESHOLD), for the whole process: its memory stays at the peak of a step. The
-    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ environment variables, or jemalloc/tcmalloc,
-    do the same from outside. Returns False where malloc is not glibc's.
+    depends on the process's heap layout, so timings swing from one run to the next. This serves
+    blocks up to 32 MiB (glibc's limit on 64-bit systems) from the heap (M_MMAP_THRESHOLD) and raises
+    the trim threshold to 2 GiB (M_TRIM_THRESHOLD), for the whole process: its memory stays near the
+    peak of a step. The MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ environment variables, or
+    jemalloc/tcmalloc, do the same from outside. Returns False where malloc is not glibc's (or
+    another allocator is preloaded) or glibc refuses a setting.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
-    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version
+    except (OSError, AttributeError, TypeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

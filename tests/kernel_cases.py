@@ -100,10 +100,10 @@ def gated_linear_case(gen, device, dtype, kinds, training, activation, with_thet
 
 
 def gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
-                      with_bias=True, channels=None) -> Case:
+                      with_bias=True, channels=None, kernel=None) -> Case:
     c_in, c_out, alive_in, alive_out, theta, seed = _layer_common(gen, device, *kinds, with_theta, with_bias,
                                                                   channels)
-    k = (choice(gen, (1, 3)), choice(gen, (1, 3)))
+    k = kernel or (choice(gen, (1, 3)), choice(gen, (1, 3)))
     stride, padding, dilation = ((choice(gen, (1, 2)), choice(gen, (1, 2))), (choice(gen, (0, 1)),) * 2,
                                  (choice(gen, (1, 2)), 1))
     hw = tuple(max(size, dilation[d] * (k[d] - 1) + 1) for d, size in enumerate(choice(gen, ((5, 7), (4, 4), (7, 5)))))

@@ -130,8 +130,9 @@ def test_wide_layers(backend, gen, channels, layer, dtype):
         case = gated_linear_case(gen, device, dtype, kinds, True, "relu", True, channels=channels)
         _compare("gated_linear", module.gated_linear, reference.gated_linear, case, dtype, gen)
     else:
+        # 3x3: several taps per channels-last weight row, each its own run of C_in channels.
         case = gated_conv2d_case(gen, device, dtype, kinds, True, "relu", True, layer == "conv-nhwc",
-                                 channels=channels)
+                                 channels=channels, kernel=(3, 3))
         _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
 
 
@@ -446,35 +447,44 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
         reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)
 
 
-def test_recycled_weight_gradient_buffers(gen):
+@pytest.mark.parametrize("layer", ["linear", "conv-nhwc", "conv-nchw"])
+def test_recycled_weight_gradient_buffers(gen, layer):
     """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
     back once the caller has dropped them. A gradient still held is never written again; a recycled
     buffer is rewritten whole, so entries dead in this call are zero where it held earlier values."""
     from cadk.kernels import cpp_backend
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
-    c_out, c_in = 300, 260  # 312 KB of float32
-    weight = torch.randn(c_out, c_in, generator=gen)
+    c_out, c_in = (300, 260) if layer == "linear" else (130, 70)  # 312 KB, 328 KB of float32
+    taps = () if layer == "linear" else (3, 3)
+    fmt = torch.channels_last if layer == "conv-nhwc" else torch.contiguous_format
+    weight = torch.randn(c_out, c_in, *taps, generator=gen).contiguous(memory_format=fmt)
     theta, seed = torch.rand(c_out, generator=gen), torch.tensor(7)
 
     def subset(full, count):
         return torch.randperm(full, generator=gen)[:count].sort().values
 
     def weight_grad(module, alive_in, alive_out, x, grad_y):
-        w = weight.clone().requires_grad_(True)
-        module.gated_linear(x, w, None, theta, alive_in, alive_out, seed, "relu", True).backward(grad_y)
+        w = weight.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        if layer == "linear":
+            y = module.gated_linear(x, w, None, theta, alive_in, alive_out, seed, "relu", True)
+        else:
+            y = module.gated_conv2d(x, w, None, theta, alive_in, alive_out, seed, (1, 1), (1, 1), (1, 1), "relu",
+                                    True)
+        y.backward(grad_y)
         return w.grad
 
     def call(alive_in, alive_out):
-        x = torch.randn(6, alive_in.numel(), generator=gen)
-        grad_y = torch.randn(6, alive_out.numel(), generator=gen)
+        spatial = () if layer == "linear" else (5, 4)
+        x = torch.randn(3, alive_in.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
+        grad_y = torch.randn(3, alive_out.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
         got = weight_grad(cpp_backend, alive_in, alive_out, x, grad_y)
         assert_close(got, weight_grad(reference, alive_in, alive_out, x, grad_y), "weight gradient", torch.float32)
         return got
 
-    first = call(subset(c_in, 250), subset(c_out, 290))
+    first = call(subset(c_in, c_in - 10), subset(c_out, c_out - 10))
     kept = first.clone()
-    second = call(subset(c_in, 240), subset(c_out, 280))
+    second = call(subset(c_in, c_in - 20), subset(c_out, c_out - 20))
     assert second.data_ptr() != first.data_ptr()
     assert torch.equal(first, kept), "a gradient the caller holds was overwritten"
     used = {first.data_ptr(), second.data_ptr()}

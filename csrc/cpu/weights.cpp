@@ -2,6 +2,7 @@
 // weight gradient back into a full-size tensor, and the same for per-channel vectors.
 #include <ATen/Dispatch.h>
 
+#include <atomic>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -66,26 +67,34 @@ int64_t bytes_of(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return c10::multiply_integers(sizes) * int64_t(c10::elementSize(options.dtype().toScalarType()));
 }
 
-constexpr int64_t kMaxCachedBytes = int64_t(64) << 20;
+// Whether only the cache still references `storage`: nobody else can see it being reused. The
+// acquire fence orders the reuse after the last user's release of its reference on another thread.
+bool only_cached(const at::Storage& storage) {
+  if (storage.use_count() != 1) return false;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return true;
+}
 
 }  // namespace
 
 // A few storages per thread, each reused once only this cache still references it. Bounded: at
-// most kSlots storages and kMaxCachedBytes in all; a request that does not fit gets fresh memory.
+// most kSlots storages and kMaxScratchBytes in all; a request that does not fit gets fresh memory.
 Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
   constexpr size_t kSlots = 4;
+  constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
   thread_local std::vector<at::Storage> cached;
   const int64_t bytes = bytes_of(sizes, options);
+  if (bytes > kMaxScratchBytes) return at::empty(sizes, options.memory_format(fmt));
   at::Storage* pick = nullptr;  // the smallest free storage that fits
   int64_t held = 0;
   for (at::Storage& st : cached) {
     held += int64_t(st.nbytes());
-    const bool fits = st.use_count() == 1 && int64_t(st.nbytes()) >= bytes;
+    const bool fits = int64_t(st.nbytes()) >= bytes && only_cached(st);
     if (fits && (pick == nullptr || st.nbytes() < pick->nbytes())) pick = &st;
   }
   if (pick != nullptr) return view_of(*pick, sizes, options, fmt);
   // Make room by dropping free storages, largest first, then cache a new one if it fits.
-  while (cached.size() >= kSlots || held + bytes > kMaxCachedBytes) {
+  while (cached.size() >= kSlots || held + bytes > kMaxScratchBytes) {
     auto victim = cached.end();
     for (auto it = cached.begin(); it != cached.end(); ++it) {
       if (it->use_count() == 1 && (victim == cached.end() || it->nbytes() > victim->nbytes())) victim = it;
@@ -95,7 +104,7 @@ Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, a
     cached.erase(victim);
   }
   at::Storage fresh = at::empty({bytes}, options.dtype(at::kByte)).storage();
-  if (cached.size() < kSlots && held + bytes <= kMaxCachedBytes) cached.push_back(fresh);
+  if (cached.size() < kSlots && held + bytes <= kMaxScratchBytes) cached.push_back(fresh);
   return view_of(fresh, sizes, options, fmt);
 }
 
@@ -103,40 +112,54 @@ namespace {
 
 // Memory for full-size weight gradients, handed back once the caller has dropped them. Each backward
 // returns a new full-size gradient, typically freed by the optimizer's zero_grad(set_to_none=True);
-// from malloc, blocks of this size come back as fresh pages (glibc trims and regrows the heap), so
-// every backward page-faulted its gradient in again. A buffer is reused only when this pool holds
-// its one remaining reference (nobody can see the reuse). Bounded in bytes, least recently used
-// dropped first; small gradients come from malloc's free lists anyway and are not kept.
+// from malloc, blocks of this size came back as fresh pages (glibc trims and regrows the heap), so
+// every backward page-faulted its gradient in again. A buffer is reused only when the pool holds its
+// one remaining strong reference (only_cached). Buffers in use cost the pool nothing; the free ones
+// are bounded in bytes, least recently handed out dropped first. Small gradients come from malloc's
+// free lists anyway and are not kept. The pool's reference also makes autograd sum two gradients of
+// one weight (a weight used twice in a graph) out of place rather than into the first.
 class GradientBuffers {
  public:
   Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
     const int64_t bytes = bytes_of(sizes, options);
-    if (bytes < kMinBytes || bytes > kMaxCachedBytes) return at::empty(sizes, options.memory_format(fmt));
+    if (bytes < kMinBytes || bytes > kMaxFreeBytes) return at::empty(sizes, options.memory_format(fmt));
     std::lock_guard<std::mutex> lock(mu_);
     at::Storage storage;
     for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
-      if (int64_t(it->nbytes()) == bytes && it->use_count() == 1) {
+      if (int64_t(it->nbytes()) == bytes && only_cached(*it)) {
         storage = std::move(*it);
         buffers_.erase(it);
-        bytes_ -= bytes;
         break;
       }
     }
     if (!storage) storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
-    while (!buffers_.empty() && bytes_ + bytes > kMaxCachedBytes) {
-      bytes_ -= int64_t(buffers_.front().nbytes());
-      buffers_.pop_front();
-    }
     buffers_.push_back(storage);
-    bytes_ += bytes;
+    trim();
     return view_of(storage, sizes, options, fmt);
   }
 
  private:
   static constexpr int64_t kMinBytes = int64_t(256) << 10;
+  static constexpr int64_t kMaxFreeBytes = int64_t(64) << 20;
+  static constexpr size_t kMaxBuffers = 256;
+
+  // Drops the oldest free buffers past kMaxFreeBytes, then the oldest of any past kMaxBuffers.
+  void trim() {
+    int64_t free_bytes = 0;
+    for (const at::Storage& st : buffers_) free_bytes += st.use_count() == 1 ? int64_t(st.nbytes()) : 0;
+    for (auto it = buffers_.begin(); it != buffers_.end() && free_bytes > kMaxFreeBytes;) {
+      if (it->use_count() != 1) {
+        ++it;
+        continue;
+      }
+      free_bytes -= int64_t(it->nbytes());
+      it = buffers_.erase(it);
+    }
+    while (buffers_.size() > kMaxBuffers) buffers_.pop_front();
+  }
+
   std::mutex mu_;
-  std::list<at::Storage> buffers_;  // oldest first
-  int64_t bytes_ = 0;
+  std::list<at::Storage> buffers_;  // least recently handed out first
 };
 
 GradientBuffers& gradient_buffers() {
@@ -255,8 +278,7 @@ Tensor gather_into(const Tensor& weight, const Tensor& alive_in, const Tensor& a
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(src.data_ptr());
     B* dp = static_cast<B*>(out.data_ptr());
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, ai * s.taps));
-    at::parallel_for(0, ao, grain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, ao, row_grain(s), [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) gather_row<B>(s, ip, ai, mp, sp + op[o] * s.in * s.taps, dp + o * ai * s.taps);
     });
   });
@@ -347,6 +369,8 @@ Tensor scatter_vector(const Tensor& values, const Tensor& alive, int64_t full, a
   Tensor out = at::zeros({full}, v.options());
   const Tensor idx = alive.contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
+  TORCH_INTERNAL_ASSERT(v.numel() == idx.numel(), "cadk scatter_vector: ", v.numel(), " values for ",
+                        idx.numel(), " alive indices");
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(v.data_ptr());
