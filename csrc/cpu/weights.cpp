@@ -216,6 +216,11 @@ void expand_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
 bool vector_runs(const WeightShape&, int64_t) { return false; }
 #endif
 
+// run_masks of alive_in where the rows take the vector path, else none (the scalar loops).
+std::vector<uint16_t> vector_masks(const WeightShape& s, int64_t element_size, const Tensor& alive_in) {
+  return vector_runs(s, element_size) ? run_masks(alive_in, s.in) : std::vector<uint16_t>{};
+}
+
 // Compact row `drow` ([taps, A] or [A, taps]) from full-size row `srow`.
 template <typename B>
 void gather_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
@@ -271,8 +276,7 @@ Tensor gather_into(const Tensor& weight, const Tensor& alive_in, const Tensor& a
   const Tensor in_idx = alive_in.contiguous(), out_idx = alive_out.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t* op = out_idx.data_ptr<int64_t>();
-  const std::vector<uint16_t> masks = vector_runs(s, weight.element_size()) ? run_masks(alive_in, s.in)
-                                                                           : std::vector<uint16_t>{};
+  const std::vector<uint16_t> masks = vector_masks(s, weight.element_size(), alive_in);
   const uint16_t* mp = masks.empty() ? nullptr : masks.data();
   with_bits(weight, [&](auto bits) {
     using B = decltype(bits);
@@ -342,8 +346,7 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   const Tensor in_idx = alive_in.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t ai = alive_in.numel();
-  const std::vector<uint16_t> masks = vector_runs(s, out.element_size()) ? run_masks(alive_in, s.in)
-                                                                         : std::vector<uint16_t>{};
+  const std::vector<uint16_t> masks = vector_masks(s, out.element_size(), alive_in);
   const uint16_t* mp = masks.empty() ? nullptr : masks.data();
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
