@@ -491,3 +491,37 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     del first, second
     third = call(subset(c_in, 40), subset(c_out, 30))  # compared with the reference inside call()
     assert third.data_ptr() in used, "a dropped gradient buffer was not reused"
+
+
+def test_release_cached_memory_changes_no_result(gen):
+    """cadk.kernels.release_cached_memory between a forward and its backward (dropping the gate table and
+    gathered weight kept for it) and between steps (dropping free gradient buffers) changes no result,
+    and leaves a gradient the caller holds alone."""
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    c_out, c_in = 300, 260
+    weight, theta, seed = torch.randn(c_out, c_in, generator=gen), torch.rand(c_out, generator=gen), torch.tensor(3)
+    alive_in = torch.randperm(c_in, generator=gen)[:200].sort().values
+    alive_out = torch.randperm(c_out, generator=gen)[:250].sort().values
+
+    def step(module, release):
+        x = torch.randn(5, alive_in.numel(), generator=gen)
+        grad_y = torch.randn(5, alive_out.numel(), generator=gen)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, theta)]
+        y = module.gated_linear(leaves[0], leaves[1], None, leaves[2], alive_in, alive_out, seed, "relu", True)
+        if release:
+            kernels.release_cached_memory()
+        y.backward(grad_y)
+        return [t.grad for t in leaves], (x, grad_y)
+
+    state = gen.get_state()
+    got, _ = step(cpp_backend, True)
+    gen.set_state(state)
+    want, _ = step(reference, False)
+    for g, w, name in zip(got, want, ("x", "weight", "theta")):
+        assert_close(g, w, f"grad of {name} after release_cached_memory", torch.float32)
+    held = got[1].clone()
+    kernels.release_cached_memory()
+    step(cpp_backend, False)
+    assert torch.equal(got[1], held), "a gradient the caller holds changed"

@@ -56,6 +56,16 @@ def _impl(op: str, device: torch.device):
     return getattr(_BACKENDS[backend_for(device)], op)
 
 
+def release_cached_memory() -> None:
+    """Free the memory cadk's C++ CPU kernels keep for reuse and are not using, as
+    torch.cuda.empty_cache() does for CUDA's allocator: the calling thread's scratch buffers, full-size
+    weight-gradient buffers nobody references, and the gate tables and gathered weights a training
+    forward kept for its backward (a backward that finds none recomputes them). Results do not change."""
+    from . import cpp_backend
+
+    cpp_backend.release_cached_memory()
+
+
 def gate_apply(pre, theta, alive, seed, training: bool):
     return _impl("gate_apply", pre.device)(pre, theta, alive, seed, training)
 

@@ -55,6 +55,13 @@ def supports(device) -> bool:
 # The ops with the reference signatures
 
 
+def release_cached_memory() -> None:
+    """See cadk.kernels.release_cached_memory."""
+    release = getattr(_C, "release_cached_memory", None) if AVAILABLE else None
+    if release is not None:
+        release()
+
+
 def _seed(seed) -> torch.Tensor:
     return seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
 

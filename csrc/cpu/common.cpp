@@ -171,6 +171,8 @@ Tensor draw_gates(const GateKey& key) {
 
 }  // namespace
 
+void release_kept_gates() { kept_gates().clear(); }
+
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch, bool training,
                  at::ScalarType act_dtype, Pass pass) {
   if (!theta.has_value()) return {};

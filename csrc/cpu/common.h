@@ -179,6 +179,13 @@ void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const floa
 // than the pass that fills them.
 Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt);
 
+// Frees what the kernels keep for reuse and is not in use: the calling thread's scratch memory, the
+// free full-size gradient buffers, and the gate tables and gathered weights kept for a backward (a
+// backward that finds none recomputes them).
+void release_cached_memory();
+// The gate-table part of release_cached_memory.
+void release_kept_gates();
+
 // ---------------------------------------------------------------------------------------------
 // Full-size <-> compact tensors
 

@@ -36,6 +36,12 @@ class KeptForBackward {
     bytes_ += bytes;
   }
 
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.clear();
+    bytes_ = 0;
+  }
+
   Tensor take(const Key& key) {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {  // backward runs newest-first

@@ -1,12 +1,27 @@
 // The Python module cadk._C: importing it loads this library, whose static initialisers register
-// the op schemas (csrc/cadk_ops.cpp) and the kernels below. It exposes no Python functions.
+// the op schemas (csrc/cadk_ops.cpp) and the kernels below. Its one Python function frees the CPU
+// kernels' cached memory (cadk.kernels.release_cached_memory).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "ops.h"
 
+namespace {
+
+PyObject* release_cached_memory(PyObject*, PyObject*) {
+  cadk::cpu::release_cached_memory();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"release_cached_memory", release_cached_memory, METH_NOARGS,
+     "Free the memory cadk's CPU kernels keep for reuse and do not use now."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -2,6 +2,7 @@
 // weight gradient back into a full-size tensor, and the same for per-channel vectors.
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <list>
@@ -79,10 +80,17 @@ bool only_cached(const at::Storage& storage) {
 
 // A few storages per thread, each reused once only this cache still references it. Bounded: at
 // most kSlots storages and kMaxScratchBytes in all; a request that does not fit gets fresh memory.
+namespace {
+std::vector<at::Storage>& scratch_cache() {
+  thread_local std::vector<at::Storage> cached;
+  return cached;
+}
+}  // namespace
+
 Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
   constexpr size_t kSlots = 4;
   constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
-  thread_local std::vector<at::Storage> cached;
+  std::vector<at::Storage>& cached = scratch_cache();
   const int64_t bytes = bytes_of(sizes, options);
   if (bytes > kMaxScratchBytes) return at::empty(sizes, options.memory_format(fmt));
   at::Storage* pick = nullptr;  // the smallest free storage that fits
@@ -134,8 +142,13 @@ class GradientBuffers {
     }
     if (!storage) storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
     buffers_.push_back(storage);
-    trim();
+    trim(kMaxFreeBytes);
     return view_of(storage, sizes, options, fmt);
+  }
+
+  void release_free() {
+    std::lock_guard<std::mutex> lock(mu_);
+    trim(0);
   }
 
  private:
@@ -143,11 +156,11 @@ class GradientBuffers {
   static constexpr int64_t kMaxFreeBytes = int64_t(64) << 20;
   static constexpr size_t kMaxBuffers = 256;
 
-  // Drops the oldest free buffers past kMaxFreeBytes, then the oldest of any past kMaxBuffers.
-  void trim() {
+  // Drops the oldest free buffers past max_free bytes, then the oldest of any past kMaxBuffers.
+  void trim(int64_t max_free) {
     int64_t free_bytes = 0;
     for (const at::Storage& st : buffers_) free_bytes += st.use_count() == 1 ? int64_t(st.nbytes()) : 0;
-    for (auto it = buffers_.begin(); it != buffers_.end() && free_bytes > kMaxFreeBytes;) {
+    for (auto it = buffers_.begin(); it != buffers_.end() && free_bytes > max_free;) {
       if (it->use_count() != 1) {
         ++it;
         continue;
@@ -360,6 +373,15 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
     });
   });
   return out;
+}
+
+void release_cached_memory() {
+  auto& cached = scratch_cache();
+  cached.erase(std::remove_if(cached.begin(), cached.end(), [](const at::Storage& st) { return st.use_count() == 1; }),
+               cached.end());
+  gradient_buffers().release_free();
+  kept_weights().clear();
+  release_kept_gates();
 }
 
 Tensor gather_vector(const Tensor& v, const Tensor& alive) {
