@@ -133,13 +133,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
-                acc_t p = acc_t(scalar_t(acc_t(xr[i]) * sc[k] + sh[k]));  // z rounds to x's dtype
+                acc_t p = acc_t(round_to<scalar_t>(acc_t(xr[i]) * sc[k] + sh[k]));  // z rounds to x's dtype
                 if constexpr (kRelu) p = p < acc_t(0) ? acc_t(0) : p;
                 if constexpr (kGate) {
-                  pr[i] = scalar_t(p);
-                  yr[i] = scalar_t(p * xi[k]);
+                  pr[i] = round_to<scalar_t>(p);
+                  yr[i] = round_to<scalar_t>(p * xi[k]);
                 } else {
-                  yr[i] = scalar_t(p);
+                  yr[i] = round_to<scalar_t>(p);
                 }
               }
             }
@@ -190,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           // activation dtype, then the ReLU mask.
           auto grad_z = [](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
             const acc_t dy = acc_t(gyr[i]);
-            const acc_t g = kGate ? acc_t(scalar_t(dy * xi[kCL ? i : 0])) : dy;
+            const acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
             return kRelu ? (acc_t(pr[i]) > acc_t(0) ? g : acc_t(0)) : g;
           };
           // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
@@ -255,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
               for (int64_t i = 0; i < len; ++i) {
                 const int64_t k = kCL ? i : 0;
                 const acc_t g = grad_z(gyr, pr, xi, i);
-                gxr[i] = scalar_t(ac[k] * g + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k]);
+                gxr[i] = round_to<scalar_t>(ac[k] * g + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k]);
               }
             }
           });

@@ -226,9 +226,9 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
               acc_t p = acc_t(zr[i]);
               if constexpr (kRelu) {
                 p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
-                zr[i] = scalar_t(p);
+                zr[i] = round_to<scalar_t>(p);
               }
-              yr[i] = scalar_t(p * xi[kCL ? i : 0]);
+              yr[i] = round_to<scalar_t>(p * xi[kCL ? i : 0]);
             }
           }
         });
@@ -276,9 +276,9 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
                 const acc_t dy = acc_t(gy[i]);
                 const acc_t pv = acc_t(p[i]);
                 // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask.
-                acc_t g = kGate ? acc_t(scalar_t(dy * xi[kCL ? i : 0])) : dy;
+                acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
                 if constexpr (kRelu) g = pv > acc_t(0) ? g : acc_t(0);
-                gz[i] = scalar_t(g);
+                gz[i] = round_to<scalar_t>(g);
                 if constexpr (kCL) {
                   part_theta[i] += dy * pv;
                   part_bias[i] += g;

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -127,6 +128,21 @@ class Partials {
   std::vector<T> buf_;
 };
 
+// v rounded to the activation dtype T, as T(v). For bfloat16 the same round-to-nearest-even bits as
+// c10::BFloat16(float), but branch-free: c10's conversion tests for NaN with a branch, which kept
+// every bf16 pass scalar.
+template <typename T, typename A>
+inline T round_to(A v) {
+  return T(v);
+}
+template <>
+inline c10::BFloat16 round_to<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16((u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+
 // Calls f(std::integral_constant<bool, b>) so a runtime flag becomes a template parameter.
 template <typename F>
 decltype(auto) with_bool(bool b, const F& f) {
@@ -161,8 +177,10 @@ struct Gates {
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
                  bool training, at::ScalarType act_dtype, Pass pass);
 
-// Whether this CPU runs AVX-512F code (read once).
+// Whether this CPU runs AVX-512F code, and AVX-512 VBMI2 (16-bit compress/expand) code (read once;
+// CADK_CPU_CAPABILITY caps both).
 bool cpu_has_avx512();
+bool cpu_has_avx512_vbmi2();
 
 // Gates of `rows` (1 to 4) consecutive examples 4q..4q+rows-1, whose counters share base = q * C:
 // out[r * stride + k] = uniform(word r of philox4(seed, base + unit[k])) < theta[k] for k < count

@@ -220,6 +220,16 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_vbmi2() {
+#ifdef CADK_HAVE_AVX2_PATH
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count, int rows,
                   float* out, int64_t stride) {
   TORCH_INTERNAL_ASSERT(rows >= 1 && rows <= 4);

@@ -220,14 +220,63 @@ __attribute__((target("avx512f"))) void expand_run32(const uint32_t* src, const 
   }
 }
 
+// The same for 2-byte elements (bfloat16, half), 16 lanes in a 256-bit register.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) void compress_run16(
+    const uint16_t* src, const uint16_t* masks, int64_t n, uint16_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    const __m256i v = _mm256_maskz_compress_epi16(m, _mm256_maskz_loadu_epi16(low_bits(n - j), src + j));
+    _mm256_mask_storeu_epi16(out, low_bits(count), v);
+    out += count;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) void expand_run16(
+    const uint16_t* src, const uint16_t* masks, int64_t n, uint16_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    const __m256i v = _mm256_maskz_expand_epi16(m, _mm256_maskz_loadu_epi16(low_bits(count), src));
+    _mm256_mask_storeu_epi16(out + j, low_bits(n - j), v);
+    src += count;
+  }
+}
+
 bool vector_runs(const WeightShape& s, int64_t element_size) {
-  return cpu_has_avx512() && element_size == 4 && s.in_runs();
+  if (!s.in_runs()) return false;
+  return element_size == 4 ? cpu_has_avx512() : element_size == 2 && cpu_has_avx512_vbmi2();
 }
 #else
 void compress_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
 void expand_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
+void compress_run16(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
+void expand_run16(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
 bool vector_runs(const WeightShape&, int64_t) { return false; }
 #endif
+
+// One run of the vector paths, for the element type B (4 or 2 bytes; others never take them).
+template <typename B>
+void compress_run(const B* src, const uint16_t* masks, int64_t n, B* out) {
+  if constexpr (sizeof(B) == 4) {
+    compress_run32(reinterpret_cast<const uint32_t*>(src), masks, n, reinterpret_cast<uint32_t*>(out));
+  } else if constexpr (sizeof(B) == 2) {
+    compress_run16(reinterpret_cast<const uint16_t*>(src), masks, n, reinterpret_cast<uint16_t*>(out));
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "cadk: no vector path for ", sizeof(B), "-byte elements");
+  }
+}
+
+template <typename B>
+void expand_run(const B* src, const uint16_t* masks, int64_t n, B* out) {
+  if constexpr (sizeof(B) == 4) {
+    expand_run32(reinterpret_cast<const uint32_t*>(src), masks, n, reinterpret_cast<uint32_t*>(out));
+  } else if constexpr (sizeof(B) == 2) {
+    expand_run16(reinterpret_cast<const uint16_t*>(src), masks, n, reinterpret_cast<uint16_t*>(out));
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "cadk: no vector path for ", sizeof(B), "-byte elements");
+  }
+}
 
 // run_masks of alive_in where the rows take the vector path, else none (the scalar loops).
 std::vector<uint16_t> vector_masks(const WeightShape& s, int64_t element_size, const Tensor& alive_in) {
@@ -239,10 +288,7 @@ template <typename B>
 void gather_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
                 B* drow) {
   if (masks != nullptr) {
-    for (int64_t k = 0; k < s.taps; ++k) {
-      compress_run32(reinterpret_cast<const uint32_t*>(srow + k * s.in), masks, s.in,
-                     reinterpret_cast<uint32_t*>(drow + k * ai));
-    }
+    for (int64_t k = 0; k < s.taps; ++k) compress_run<B>(srow + k * s.in, masks, s.in, drow + k * ai);
   } else if (s.in_runs()) {
     for (int64_t k = 0; k < s.taps; ++k)
       for (int64_t i = 0; i < ai; ++i) drow[k * ai + i] = srow[k * s.in + ip[i]];
@@ -257,10 +303,7 @@ template <typename B>
 void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
                  B* drow) {
   if (srow != nullptr && masks != nullptr) {
-    for (int64_t k = 0; k < s.taps; ++k) {
-      expand_run32(reinterpret_cast<const uint32_t*>(srow + k * ai), masks, s.in,
-                   reinterpret_cast<uint32_t*>(drow + k * s.in));
-    }
+    for (int64_t k = 0; k < s.taps; ++k) expand_run<B>(srow + k * ai, masks, s.in, drow + k * s.in);
     return;
   }
   // Zero the row, then write its alive entries: one streaming pass plus a sparse one.
