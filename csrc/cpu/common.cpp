@@ -196,114 +196,31 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogues
+// Epilogues: the baseline build here, the AVX-512 one in epilogues_avx512.cpp.
+
+}  // namespace cadk::cpu
+
+#define CADK_ISA baseline
+#include "epilogues.h"
+#undef CADK_ISA
+
+namespace cadk::cpu {
+
+namespace avx512 {
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act);
+EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
+                                bool want_bias_sum, bool scratch_grad_z);
+}  // namespace avx512
 
 std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act) {
-  const bool relu = act == Act::kRelu;
-  if (!gates.defined()) {
-    if (relu) z.clamp_min_(0);
-    return {z, at::empty({0}, z.options())};
-  }
-  const Rows v = rows_of(z);
-  Tensor y = at::empty_like(z, format_of(z));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "cadk_epilogue_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    with_bool(v.cl, [&](auto cl) {
-      with_bool(relu, [&](auto use_relu) {
-        constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-        const int64_t len = v.len();
-        for_rows(v, [&](int64_t r0, int64_t r1) {
-          RowCursor at(v, r0);
-          for (int64_t r = r0; r < r1; ++r, at.next()) {
-            scalar_t* zr = zp + r * len;
-            scalar_t* yr = yp + r * len;
-            const acc_t* xi = gate_rows.row(at.n()) + at.c();
-            CADK_PRAGMA(omp simd)
-            for (int64_t i = 0; i < len; ++i) {
-              acc_t p = acc_t(zr[i]);
-              if constexpr (kRelu) {
-                p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
-                zr[i] = round_to<scalar_t>(p);
-              }
-              yr[i] = round_to<scalar_t>(p * xi[kCL ? i : 0]);
-            }
-          }
-        });
-      });
-    });
-  });
-  return {y, z};
+  return cpu_has_avx512_bw() ? avx512::epilogue_forward(std::move(z), gates, act)
+                             : baseline::epilogue_forward(std::move(z), gates, act);
 }
 
 EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
                                 bool want_bias_sum, bool scratch_grad_z) {
-  const Rows v = rows_of(pre);
-  const bool gated = gates.defined(), relu = act == Act::kRelu;
-  Tensor grad_z = scratch_grad_z ? scratch_tensor(pre.sizes(), pre.options(), format_of(pre))
-                                 : at::empty_like(pre, format_of(pre));
-  Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pre.scalar_type(), "cadk_epilogue_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
-    const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
-    const scalar_t* pp = pre.data_ptr<scalar_t>();
-    scalar_t* gzp = grad_z.data_ptr<scalar_t>();
-    with_bool(v.cl, [&](auto cl) {
-      with_bool(relu, [&](auto use_relu) {
-        with_bool(gated, [&](auto use_gate) {
-          constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-          constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len(), C = v.C;
-          // Accumulators: [0] theta (sum grad_y * pre), [1] bias (sum grad_z); both always summed
-          // (the bias sum is nearly free in the same pass).
-          sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
-            Partials<acc_t> part(acc, 2, kCL ? C : 0);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
-              const int64_t c = at.c();
-              const scalar_t* gy = gyp + r * len;
-              const scalar_t* p = pp + r * len;
-              scalar_t* gz = gzp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              acc_t* part_theta = part[0];
-              acc_t* part_bias = part[1];
-              acc_t row_theta = 0, row_bias = 0;
-              CADK_PRAGMA(omp simd reduction(+ : row_theta, row_bias))
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t dy = acc_t(gy[i]);
-                const acc_t pv = acc_t(p[i]);
-                // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask.
-                acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
-                if constexpr (kRelu) g = pv > acc_t(0) ? g : acc_t(0);
-                gz[i] = round_to<scalar_t>(g);
-                if constexpr (kCL) {
-                  part_theta[i] += dy * pv;
-                  part_bias[i] += g;
-                } else {
-                  row_theta += dy * pv;
-                  row_bias += g;
-                }
-              }
-              if constexpr (kCL) {
-                part.next_row();
-              } else {
-                acc[c] += row_theta;
-                acc[C + c] += row_bias;
-              }
-            }
-          });
-        });
-      });
-    });
-  });
-  EpilogueGrads out;
-  out.grad_z = grad_z;
-  if (gated) out.theta_sum = sums[0];
-  if (want_bias_sum) out.bias_sum = sums[1];
-  return out;
+  return cpu_has_avx512_bw() ? avx512::epilogue_backward(grad_y, pre, gates, act, want_bias_sum, scratch_grad_z)
+                             : baseline::epilogue_backward(grad_y, pre, gates, act, want_bias_sum, scratch_grad_z);
 }
 
 }  // namespace cadk::cpu

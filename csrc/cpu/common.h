@@ -177,9 +177,10 @@ struct Gates {
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,
                  bool training, at::ScalarType act_dtype, Pass pass);
 
-// Whether this CPU runs AVX-512F code, and AVX-512 VBMI2 (16-bit compress/expand) code (read once;
-// CADK_CPU_CAPABILITY caps both).
+// Whether this CPU runs AVX-512F code, AVX-512F/BW/VL/DQ code (the AVX-512 build of the epilogues)
+// and AVX-512 VBMI2 code (16-bit compress/expand); read once, CADK_CPU_CAPABILITY caps all three.
 bool cpu_has_avx512();
+bool cpu_has_avx512_bw();
 bool cpu_has_avx512_vbmi2();
 
 // Gates of `rows` (1 to 4) consecutive examples 4q..4q+rows-1, whose counters share base = q * C:

@@ -220,6 +220,16 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bw() {
+#ifdef CADK_HAVE_AVX2_PATH
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512_vbmi2() {
 #ifdef CADK_HAVE_AVX2_PATH
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
