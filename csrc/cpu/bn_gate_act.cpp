@@ -1,273 +1,42 @@
-// bn_gate_act: batch norm over the alive channels, then activation and gate, in two passes over
-// x forward (statistics, then normalise+act+gate) and two backward (reductions, then grad_x).
+// bn_gate_act: batch norm over the alive channels, then activation and gate (bn_gate_act_kernels.h),
+// in the build for this CPU: AVX-512 (avx512.cpp) or baseline x86-64 (here).
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
 
 #include <cmath>
 
+#define CADK_ISA baseline
+#include "bn_gate_act_kernels.h"
+#undef CADK_ISA
+
 namespace cadk::cpu {
-namespace {
 
-void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
-              const Tensor& seed, std::initializer_list<std::pair<const Tensor*, const char*>> vectors) {
-  check_cpu(x, "x");
-  check_float(x, "x");
-  TORCH_CHECK(x.dim() >= 2, "cadk bn_gate_act: x must be [N, alive.numel(), ...], got shape ", x.sizes());
-  const int64_t units = weight.numel();
-  for (const auto& [t, name] : vectors) check_vector(*t, units, name);
-  check_vector(theta, units, "theta");
-  check_alive(alive, x.size(1), units, "alive");
-  seed_value(seed);
-}
-
-int64_t values_per_channel(const Rows& v) { return v.N * v.S; }
-
-// Per-channel coefficient vector in the opmath dtype, contiguous.
-Tensor coef(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
-
-// Training statistics: mean and biased variance per channel, summed around a per-channel shift
-// (the channel's first value) so that a large mean does not cancel the variance.
-std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
-  Tensor shift;
-  Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    shift = at::empty({v.C}, at::TensorOptions().dtype(at::toOpMathType(x.scalar_type())));
-    acc_t* sp = shift.data_ptr<acc_t>();
-    for (int64_t c = 0; c < v.C; ++c) sp[c] = acc_t(xp[v.cl ? c : c * v.S]);
-    with_bool(v.cl, [&](auto cl) {
-      constexpr bool kCL = decltype(cl)::value;
-      const int64_t len = v.len(), C = v.C;
-      sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
-        Partials<acc_t> part(acc, 2, kCL ? C : 0);
-        RowCursor at(v, r0);
-        for (int64_t r = r0; r < r1; ++r, at.next()) {
-          const int64_t c = at.c();
-          const scalar_t* xr = xp + r * len;
-          const acc_t* k = sp + c;
-          acc_t *p1 = part[0], *p2 = part[1];
-          acc_t row1 = 0, row2 = 0;
-          CADK_PRAGMA(omp simd reduction(+ : row1, row2))
-          for (int64_t i = 0; i < len; ++i) {
-            const acc_t d = acc_t(xr[i]) - k[kCL ? i : 0];
-            if constexpr (kCL) {
-              p1[i] += d;
-              p2[i] += d * d;
-            } else {
-              row1 += d;
-              row2 += d * d;
-            }
-          }
-          if constexpr (kCL) {
-            part.next_row();
-          } else {
-            acc[c] += row1;
-            acc[C + c] += row2;
-          }
-        }
-      });
-    });
-  });
-  const double m = double(values_per_channel(v));
-  const Tensor d1 = sums[0] / m;
-  return {shift.to(at::kDouble) + d1, (sums[1] / m - d1 * d1).clamp_min(0)};
-}
-
-}  // namespace
+namespace avx512 {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
+    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+    const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
+    const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
+    c10::string_view activation, bool training);
+}  // namespace avx512
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed,
-           {{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}});
-  const Act act = parse_activation(activation);
-  const Tensor xc = in_format(x, format_of(x));
-  const Rows v = rows_of(xc);
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  Tensor mean, var;
-  if (training) {
-    TORCH_CHECK(values_per_channel(v) > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
-                "got input shape ", x.sizes());
-    std::tie(mean, var) = batch_stats(xc, v);
-    mean = mean.to(acc_type);
-    var = var.to(acc_type);
-  } else {
-    // Fresh tensors: with every channel alive the gather would return the running statistics themselves.
-    mean = coef(gather_vector(running_mean, alive), acc_type).clone();
-    var = coef(gather_vector(running_var, alive), acc_type).clone();
-  }
-  // z = x * scale + shift, the form ATen's batch norm uses.
-  const Tensor scale = coef(gather_vector(weight, alive), acc_type) * (var + eps).rsqrt();
-  const Tensor shift = coef(gather_vector(bias, alive), acc_type) - mean * scale;
-  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kForward);
-  const bool gated = gates.defined(), relu = act == Act::kRelu;
-  Tensor y = at::empty_like(xc, format_of(xc));
-  Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* pp = gated ? pre.data_ptr<scalar_t>() : nullptr;
-    const acc_t* scp = scale.data_ptr<acc_t>();
-    const acc_t* shp = shift.data_ptr<acc_t>();
-    with_bool(v.cl, [&](auto cl) {
-      with_bool(relu, [&](auto use_relu) {
-        with_bool(gated, [&](auto use_gate) {
-          constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-          constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len();
-          for_rows(v, [&](int64_t r0, int64_t r1) {
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
-              const int64_t c = at.c();
-              const scalar_t* xr = xp + r * len;
-              scalar_t* yr = yp + r * len;
-              scalar_t* pr = kGate ? pp + r * len : nullptr;
-              const acc_t* sc = scp + c;
-              const acc_t* sh = shp + c;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              CADK_PRAGMA(omp simd)
-              for (int64_t i = 0; i < len; ++i) {
-                const int64_t k = kCL ? i : 0;
-                acc_t p = acc_t(round_to<scalar_t>(acc_t(xr[i]) * sc[k] + sh[k]));  // z rounds to x's dtype
-                if constexpr (kRelu) p = p < acc_t(0) ? acc_t(0) : p;
-                if constexpr (kGate) {
-                  pr[i] = round_to<scalar_t>(p);
-                  yr[i] = round_to<scalar_t>(p * xi[k]);
-                } else {
-                  yr[i] = round_to<scalar_t>(p);
-                }
-              }
-            }
-          });
-        });
-      });
-    });
-  });
-  return {y, pre, mean, var};
+  const auto fwd = cpu_has_avx512_bw() ? &avx512::bn_gate_act_fwd : &baseline::bn_gate_act_fwd;
+  return fwd(x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
     const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed, {{&weight, "weight"}});
-  const Act act = parse_activation(activation);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && pre.sizes() == x.sizes(), "cadk bn_gate_act: grad_y ",
-              grad_y.sizes(), " and pre ", pre.sizes(), " must both match x ", x.sizes());
-  const int64_t A = alive.numel();
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == A && var.dim() == 1 && var.size(0) == A,
-              "cadk bn_gate_act: mean and var must be the [", A, "] statistics returned by bn_gate_act_fwd");
-  const auto fmt = format_of(x);
-  const Tensor xc = in_format(x, fmt), gy = in_format(grad_y, fmt), pc = in_format(pre, fmt);
-  const Rows v = rows_of(xc);
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  const Tensor mu = coef(mean, acc_type);
-  const Tensor invstd = (coef(var, acc_type) + eps).rsqrt();
-  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kBackward);
-  const bool gated = gates.defined(), relu = act == Act::kRelu;
-  Tensor grad_x = at::empty_like(xc, fmt);
-  Tensor grad_w_alive, grad_b_alive, theta_sum;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cadk_bn_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const scalar_t* gyp = gy.data_ptr<scalar_t>();
-    const scalar_t* pp = pc.data_ptr<scalar_t>();
-    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    const acc_t* mup = mu.data_ptr<acc_t>();
-    with_bool(v.cl, [&](auto cl) {
-      with_bool(relu, [&](auto use_relu) {
-        with_bool(gated, [&](auto use_gate) {
-          constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-          constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len(), C = v.C;
-          // Gradient reaching z (the normalised value): as the reference, grad_y * xi rounded to the
-          // activation dtype, then the ReLU mask.
-          auto grad_z = [](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
-            const acc_t dy = acc_t(gyr[i]);
-            const acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
-            return kRelu ? (acc_t(pr[i]) > acc_t(0) ? g : acc_t(0)) : g;
-          };
-          // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
-          const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
-            Partials<acc_t> part(acc, 3, kCL ? C : 0);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
-              const int64_t c = at.c();
-              const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              const acc_t* m = mup + c;
-              acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
-              acc_t row_g = 0, row_gx = 0, row_t = 0;
-              CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
-              for (int64_t i = 0; i < len; ++i) {
-                const acc_t g = grad_z(gyr, pr, xi, i);
-                const acc_t gx = g * (acc_t(xr[i]) - m[kCL ? i : 0]);
-                const acc_t t = kGate ? acc_t(gyr[i]) * acc_t(pr[i]) : acc_t(0);
-                if constexpr (kCL) {
-                  pg[i] += g;
-                  pgx[i] += gx;
-                  if (kGate) pt[i] += t;
-                } else {
-                  row_g += g;
-                  row_gx += gx;
-                  row_t += t;
-                }
-              }
-              if constexpr (kCL) {
-                part.next_row();
-              } else {
-                acc[c] += row_g;
-                acc[C + c] += row_gx;
-                acc[2 * C + c] += row_t;
-              }
-            }
-          });
-          // grad_x = a * g + b * (x - mean) + c per channel; b = c = 0 in eval (running stats are
-          // constants).
-          const Tensor w = coef(gather_vector(weight, alive), at::kDouble);
-          const Tensor inv = invstd.to(at::kDouble);
-          const Tensor a = w * inv;
-          const double m = double(values_per_channel(v));
-          const Tensor sg = sums[0], sgx = sums[1];
-          grad_w_alive = sgx * inv;
-          grad_b_alive = sg;
-          theta_sum = sums[2];
-          const Tensor ca = coef(a, acc_type);
-          const Tensor cb = coef(training ? -a * inv * inv * sgx / m : at::zeros_like(a), acc_type);
-          const Tensor cc = coef(training ? -a * sg / m : at::zeros_like(a), acc_type);
-          const acc_t *ap = ca.data_ptr<acc_t>(), *bp = cb.data_ptr<acc_t>(), *cp = cc.data_ptr<acc_t>();
-          // Pass 2: grad_x.
-          for_rows(v, [&](int64_t r0, int64_t r1) {
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
-              const int64_t c = at.c();
-              const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              scalar_t* gxr = gxp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              const acc_t *ac = ap + c, *bc = bp + c, *cc_ = cp + c, *mc = mup + c;
-              CADK_PRAGMA(omp simd)
-              for (int64_t i = 0; i < len; ++i) {
-                const int64_t k = kCL ? i : 0;
-                const acc_t g = grad_z(gyr, pr, xi, i);
-                gxr[i] = round_to<scalar_t>(ac[k] * g + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k]);
-              }
-            }
-          });
-        });
-      });
-    });
-  });
-  const int64_t units = weight.numel();
-  const auto wtype = weight.scalar_type();
-  Tensor grad_theta = gated ? scatter_vector(theta_sum, alive, units, theta->scalar_type()) : no_grad_like(x);
-  return {grad_x, scatter_vector(grad_w_alive, alive, units, wtype), scatter_vector(grad_b_alive, alive, units, wtype),
-          grad_theta};
+  const auto bwd = cpu_has_avx512_bw() ? &avx512::bn_gate_act_bwd : &baseline::bn_gate_act_bwd;
+  return bwd(grad_y, x, weight, pre, mean, var, theta, alive, seed, eps, activation, training);
 }
 
 }  // namespace cadk::cpu

@@ -196,7 +196,7 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogues: the baseline build here, the AVX-512 one in epilogues_avx512.cpp.
+// Epilogues: the baseline build here, the AVX-512 one in avx512.cpp.
 
 }  // namespace cadk::cpu
 

@@ -1,5 +1,5 @@
 // The fused gate/activation epilogues (declared in common.h), compiled twice: for baseline x86-64 in
-// common.cpp and with AVX-512 enabled in epilogues_avx512.cpp, each inside its own namespace CADK_ISA;
+// common.cpp and with AVX-512 enabled in avx512.cpp, each inside its own namespace CADK_ISA;
 // common.cpp picks one per call (cpu_has_avx512_bw). A baseline build vectorises 4 floats wide and
 // packs bf16 results with emulated shuffles, where the AVX-512 build runs 16 lanes.
 // Included only by those two files, after all other headers.
