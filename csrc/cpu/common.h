@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -63,8 +64,17 @@ class RowCursor {
       : cl_(v.cl), per_(std::max<int64_t>(1, v.cl ? v.S : v.C)), n_(r0 / per_), pos_(r0 % per_) {}
   int64_t n() const { return n_; }
   int64_t c() const { return cl_ ? 0 : pos_; }
+  // Rows from this one to the last of its example (channels-last) or channel (channel-major).
+  int64_t rows_left() const { return per_ - pos_; }
   void next() {
     if (++pos_ == per_) {
+      pos_ = 0;
+      ++n_;
+    }
+  }
+  void skip(int64_t rows) {  // rows <= rows_left()
+    pos_ += rows;
+    if (pos_ == per_) {
       pos_ = 0;
       ++n_;
     }
@@ -74,6 +84,11 @@ class RowCursor {
   bool cl_;
   int64_t per_, n_, pos_;
 };
+
+// Channels-last rows hold one example's C alive channels at one position: with few channels, a loop
+// per row costs more than the row's work. The passes walk runs of up to run_rows(v) consecutive rows
+// of one example instead (about 64 values), with that example's gate row tiled to the run's length.
+inline int64_t run_rows(const Rows& v) { return v.cl ? std::max<int64_t>(1, 64 / std::max<int64_t>(1, v.C)) : 1; }
 
 // Runs f(row_begin, row_end) over all rows in parallel.
 template <typename F>
@@ -102,31 +117,37 @@ Tensor reduce_rows(const Rows& v, int64_t n_acc, const F& f) {
 
 // Per-channel sums of channels-last rows: inner loops add into opmath partials (vectorisable),
 // flushed into the double accumulators every kFlushRows rows to bound fp32 rounding.
+// With tiles > 1 each accumulator holds `tiles` copies of the C channels, for runs of rows
+// (run_rows): entry j adds to channel j % C.
 template <typename T>
 class Partials {
  public:
   static constexpr int64_t kFlushRows = 64;
-  Partials(double* acc, int64_t n_acc, int64_t C) : acc_(acc), C_(C), buf_(n_acc * C, T(0)) {}
+  Partials(double* acc, int64_t n_acc, int64_t C, int64_t tiles = 1)
+      : acc_(acc), n_acc_(n_acc), C_(C), width_(C * tiles), buf_(n_acc * C * tiles, T(0)) {}
   Partials(const Partials&) = delete;
   Partials& operator=(const Partials&) = delete;
   ~Partials() { flush(); }
-  T* operator[](int64_t k) { return buf_.data() + k * C_; }
-  void next_row() {
+  T* operator[](int64_t k) { return buf_.data() + k * width_; }
+  void next_row() {  // a row, or a run of rows
     if (++rows_ == kFlushRows) flush();
   }
   void flush() {
-    for (size_t k = 0; k < buf_.size(); ++k) {
-      acc_[k] += double(buf_[k]);
-      buf_[k] = T(0);
+    for (int64_t k = 0; k < n_acc_; ++k) {
+      for (int64_t j = 0; j < width_; ++j) {
+        acc_[k * C_ + j % C_] += double(buf_[k * width_ + j]);
+        buf_[k * width_ + j] = T(0);
+      }
     }
     rows_ = 0;
   }
 
  private:
   double* acc_;
-  int64_t C_, rows_ = 0;
+  int64_t n_acc_, C_, width_, rows_ = 0;
   std::vector<T> buf_;
 };
+
 
 // v rounded to the activation dtype T, as T(v). For bfloat16 the same round-to-nearest-even bits as
 // c10::BFloat16(float), but branch-free: c10's conversion tests for NaN with a branch, which kept
@@ -172,6 +193,28 @@ struct Gates {
   bool defined() const { return table.defined(); }
   template <typename T>
   GateRows<T> rows() const { return defined() ? GateRows<T>{table.data_ptr<T>(), row_stride} : GateRows<T>{}; }
+};
+
+// The gate row of an example, tiled `tiles` times (see run_rows); the row itself when tiles == 1.
+template <typename T>
+class TiledGateRow {
+ public:
+  TiledGateRow(const GateRows<T>& rows, int64_t C, int64_t tiles)
+      : rows_(rows), C_(C), tiles_(tiles), buf_(tiles > 1 && rows.base != nullptr ? C * tiles : 0) {}
+  const T* of(int64_t n) {
+    if (rows_.base == nullptr || tiles_ == 1) return rows_.base == nullptr ? nullptr : rows_.row(n);
+    if (n != n_) {
+      const T* row = rows_.row(n);
+      for (int64_t t = 0; t < tiles_; ++t) std::copy(row, row + C_, buf_.begin() + t * C_);
+      n_ = n;
+    }
+    return buf_.data();
+  }
+
+ private:
+  GateRows<T> rows_;
+  int64_t C_, tiles_, n_ = -1;
+  std::vector<T> buf_;
 };
 
 Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed, int64_t batch,

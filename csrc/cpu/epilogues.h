@@ -25,15 +25,19 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
     with_bool(v.cl, [&](auto cl) {
       with_bool(relu, [&](auto use_relu) {
         constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-        const int64_t len = v.len();
+        const int64_t len = v.len(), run = run_rows(v);
         for_rows(v, [&](int64_t r0, int64_t r1) {
+          TiledGateRow<acc_t> tiled(gate_rows, v.C, run);
           RowCursor at(v, r0);
-          for (int64_t r = r0; r < r1; ++r, at.next()) {
+          for (int64_t r = r0; r < r1;) {
+            const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
             scalar_t* zr = zp + r * len;
             scalar_t* yr = yp + r * len;
-            const acc_t* xi = gate_rows.row(at.n()) + at.c();
+            const acc_t* xi = kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + at.c();
+            r += rows;
+            at.skip(rows);
             CADK_PRAGMA(omp simd)
-            for (int64_t i = 0; i < len; ++i) {
+            for (int64_t i = 0; i < count; ++i) {
               acc_t p = acc_t(zr[i]);
               if constexpr (kRelu) {
                 p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
@@ -67,23 +71,27 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
         with_bool(gated, [&](auto use_gate) {
           constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
           constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len(), C = v.C;
+          const int64_t len = v.len(), C = v.C, run = run_rows(v);
           // Accumulators: [0] theta (sum grad_y * pre), [1] bias (sum grad_z); both always summed
           // (the bias sum is nearly free in the same pass).
           sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
-            Partials<acc_t> part(acc, 2, kCL ? C : 0);
+            Partials<acc_t> part(acc, 2, kCL ? C : 0, run);
+            TiledGateRow<acc_t> tiled(gate_rows, C, run);
             RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
+            for (int64_t r = r0; r < r1;) {
+              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
               const int64_t c = at.c();
               const scalar_t* gy = gyp + r * len;
               const scalar_t* p = pp + r * len;
               scalar_t* gz = gzp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
+              const acc_t* xi = !kGate ? nullptr : kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + c;
+              r += rows;
+              at.skip(rows);
               acc_t* part_theta = part[0];
               acc_t* part_bias = part[1];
               acc_t row_theta = 0, row_bias = 0;
               CADK_PRAGMA(omp simd reduction(+ : row_theta, row_bias))
-              for (int64_t i = 0; i < len; ++i) {
+              for (int64_t i = 0; i < count; ++i) {
                 const acc_t dy = acc_t(gy[i]);
                 const acc_t pv = acc_t(p[i]);
                 // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask.
