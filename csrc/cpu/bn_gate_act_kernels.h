@@ -40,18 +40,23 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
     for (int64_t c = 0; c < v.C; ++c) sp[c] = acc_t(xp[v.cl ? c : c * v.S]);
     with_bool(v.cl, [&](auto cl) {
       constexpr bool kCL = decltype(cl)::value;
-      const int64_t len = v.len(), C = v.C;
+      const int64_t len = v.len(), C = v.C, run = run_rows(v);
+      const std::vector<acc_t> shift_runs = kCL ? tiled(sp, C, run) : std::vector<acc_t>{};
+      const acc_t* shift_base = kCL ? shift_runs.data() : sp;
       sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
-        Partials<acc_t> part(acc, 2, kCL ? C : 0);
+        Partials<acc_t> part(acc, 2, kCL ? C : 0, run);
         RowCursor at(v, r0);
-        for (int64_t r = r0; r < r1; ++r, at.next()) {
+        for (int64_t r = r0; r < r1;) {
+          const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
           const int64_t c = at.c();
           const scalar_t* xr = xp + r * len;
-          const acc_t* k = sp + c;
+          const acc_t* k = shift_base + c;
+          r += rows;
+          at.skip(rows);
           acc_t *p1 = part[0], *p2 = part[1];
           acc_t row1 = 0, row2 = 0;
           CADK_PRAGMA(omp simd reduction(+ : row1, row2))
-          for (int64_t i = 0; i < len; ++i) {
+          for (int64_t i = 0; i < count; ++i) {
             const acc_t d = acc_t(xr[i]) - k[kCL ? i : 0];
             if constexpr (kCL) {
               p1[i] += d;
@@ -120,19 +125,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
         with_bool(gated, [&](auto use_gate) {
           constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
           constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len();
+          const int64_t len = v.len(), run = run_rows(v);
+          const std::vector<acc_t> sc_runs = kCL ? tiled(scp, v.C, run) : std::vector<acc_t>{};
+          const std::vector<acc_t> sh_runs = kCL ? tiled(shp, v.C, run) : std::vector<acc_t>{};
+          const acc_t* sc_base = kCL ? sc_runs.data() : scp;
+          const acc_t* sh_base = kCL ? sh_runs.data() : shp;
           for_rows(v, [&](int64_t r0, int64_t r1) {
+            TiledGateRow<acc_t> tiled_gates(gate_rows, v.C, run);
             RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
+            for (int64_t r = r0; r < r1;) {
+              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
               const int64_t c = at.c();
               const scalar_t* xr = xp + r * len;
               scalar_t* yr = yp + r * len;
               scalar_t* pr = kGate ? pp + r * len : nullptr;
-              const acc_t* sc = scp + c;
-              const acc_t* sh = shp + c;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
+              const acc_t* sc = sc_base + c;
+              const acc_t* sh = sh_base + c;
+              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              r += rows;
+              at.skip(rows);
               CADK_PRAGMA(omp simd)
-              for (int64_t i = 0; i < len; ++i) {
+              for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;
                 acc_t p = acc_t(round_to<scalar_t>(acc_t(xr[i]) * sc[k] + sh[k]));  // z rounds to x's dtype
                 if constexpr (kRelu) p = p < acc_t(0) ? acc_t(0) : p;
@@ -186,7 +199,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
         with_bool(gated, [&](auto use_gate) {
           constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
           constexpr bool kGate = decltype(use_gate)::value;
-          const int64_t len = v.len(), C = v.C;
+          const int64_t len = v.len(), C = v.C, run = run_rows(v);
+          const std::vector<acc_t> mu_runs = kCL ? tiled(mup, C, run) : std::vector<acc_t>{};
+          const acc_t* mu_base = kCL ? mu_runs.data() : mup;
           // Gradient reaching z (the normalised value): as the reference, grad_y * xi rounded to the
           // activation dtype, then the ReLU mask.
           auto grad_z = [](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
@@ -196,17 +211,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           };
           // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
           const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
-            Partials<acc_t> part(acc, 3, kCL ? C : 0);
+            Partials<acc_t> part(acc, 3, kCL ? C : 0, run);
+            TiledGateRow<acc_t> tiled_gates(gate_rows, C, run);
             RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
+            for (int64_t r = r0; r < r1;) {
+              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              const acc_t* m = mup + c;
+              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t* m = mu_base + c;
+              r += rows;
+              at.skip(rows);
               acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
               CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
-              for (int64_t i = 0; i < len; ++i) {
+              for (int64_t i = 0; i < count; ++i) {
                 const acc_t g = grad_z(gyr, pr, xi, i);
                 const acc_t gx = g * (acc_t(xr[i]) - m[kCL ? i : 0]);
                 const acc_t t = kGate ? acc_t(gyr[i]) * acc_t(pr[i]) : acc_t(0);
@@ -243,17 +262,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const Tensor cb = coef(training ? -a * inv * inv * sgx / m : at::zeros_like(a), acc_type);
           const Tensor cc = coef(training ? -a * sg / m : at::zeros_like(a), acc_type);
           const acc_t *ap = ca.data_ptr<acc_t>(), *bp = cb.data_ptr<acc_t>(), *cp = cc.data_ptr<acc_t>();
+          const std::vector<acc_t> a_runs = kCL ? tiled(ap, C, run) : std::vector<acc_t>{};
+          const std::vector<acc_t> b_runs = kCL ? tiled(bp, C, run) : std::vector<acc_t>{};
+          const std::vector<acc_t> c_runs = kCL ? tiled(cp, C, run) : std::vector<acc_t>{};
+          const acc_t* a_base = kCL ? a_runs.data() : ap;
+          const acc_t* b_base = kCL ? b_runs.data() : bp;
+          const acc_t* c_base = kCL ? c_runs.data() : cp;
           // Pass 2: grad_x.
           for_rows(v, [&](int64_t r0, int64_t r1) {
+            TiledGateRow<acc_t> tiled_gates(gate_rows, C, run);
             RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1; ++r, at.next()) {
+            for (int64_t r = r0; r < r1;) {
+              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               scalar_t* gxr = gxp + r * len;
-              const acc_t* xi = kGate ? gate_rows.row(at.n()) + c : nullptr;
-              const acc_t *ac = ap + c, *bc = bp + c, *cc_ = cp + c, *mc = mup + c;
+              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t *ac = a_base + c, *bc = b_base + c, *cc_ = c_base + c, *mc = mu_base + c;
+              r += rows;
+              at.skip(rows);
               CADK_PRAGMA(omp simd)
-              for (int64_t i = 0; i < len; ++i) {
+              for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;
                 const acc_t g = grad_z(gyr, pr, xi, i);
                 gxr[i] = round_to<scalar_t>(ac[k] * g + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k]);

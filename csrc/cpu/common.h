@@ -90,6 +90,14 @@ class RowCursor {
 // of one example instead (about 64 values), with that example's gate row tiled to the run's length.
 inline int64_t run_rows(const Rows& v) { return v.cl ? std::max<int64_t>(1, 64 / std::max<int64_t>(1, v.C)) : 1; }
 
+// A per-channel vector v[0..C) repeated `tiles` times, for loops over runs of rows.
+template <typename T>
+std::vector<T> tiled(const T* v, int64_t C, int64_t tiles) {
+  std::vector<T> out(C * tiles);
+  for (int64_t t = 0; t < tiles; ++t) std::copy(v, v + C, out.begin() + t * C);
+  return out;
+}
+
 // Runs f(row_begin, row_end) over all rows in parallel.
 template <typename F>
 void for_rows(const Rows& v, const F& f) {
