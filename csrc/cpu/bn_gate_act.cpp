@@ -12,15 +12,9 @@
 
 namespace cadk::cpu {
 
-namespace avx512 {
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
-    const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-    const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
-    c10::string_view activation, bool training);
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
-    const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
-    c10::string_view activation, bool training);
+namespace avx512 {  // avx512.cpp
+decltype(cpu::bn_gate_act_fwd) bn_gate_act_fwd;
+decltype(cpu::bn_gate_act_bwd) bn_gate_act_bwd;
 }  // namespace avx512
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(

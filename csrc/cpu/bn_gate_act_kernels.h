@@ -45,14 +45,11 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
       const acc_t* shift_base = kCL ? shift_runs.data() : sp;
       sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
         Partials<acc_t> part(acc, 2, kCL ? C : 0, run);
-        RowCursor at(v, r0);
-        for (int64_t r = r0; r < r1;) {
-          const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+        for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+          const int64_t r = at.row(), count = at.count();
           const int64_t c = at.c();
           const scalar_t* xr = xp + r * len;
           const acc_t* k = shift_base + c;
-          r += rows;
-          at.skip(rows);
           acc_t *p1 = part[0], *p2 = part[1];
           acc_t row1 = 0, row2 = 0;
           CADK_PRAGMA(omp simd reduction(+ : row1, row2))
@@ -132,9 +129,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
           const acc_t* sh_base = kCL ? sh_runs.data() : shp;
           for_rows(v, [&](int64_t r0, int64_t r1) {
             TiledGateRow<acc_t> tiled_gates(gate_rows, v.C, run);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1;) {
-              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+            for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+              const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t* xr = xp + r * len;
               scalar_t* yr = yp + r * len;
@@ -142,8 +138,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
               const acc_t* sc = sc_base + c;
               const acc_t* sh = sh_base + c;
               const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
-              r += rows;
-              at.skip(rows);
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;
@@ -213,15 +207,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
             Partials<acc_t> part(acc, 3, kCL ? C : 0, run);
             TiledGateRow<acc_t> tiled_gates(gate_rows, C, run);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1;) {
-              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+            for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+              const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
               const acc_t* m = mu_base + c;
-              r += rows;
-              at.skip(rows);
               acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
               CADK_PRAGMA(omp simd reduction(+ : row_g, row_gx, row_t))
@@ -271,16 +262,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           // Pass 2: grad_x.
           for_rows(v, [&](int64_t r0, int64_t r1) {
             TiledGateRow<acc_t> tiled_gates(gate_rows, C, run);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1;) {
-              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+            for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+              const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               scalar_t* gxr = gxp + r * len;
               const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
               const acc_t *ac = a_base + c, *bc = b_base + c, *cc_ = c_base + c, *mc = mu_base + c;
-              r += rows;
-              at.skip(rows);
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;

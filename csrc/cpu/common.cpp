@@ -206,10 +206,9 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
 
 namespace cadk::cpu {
 
-namespace avx512 {
-std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act);
-EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
-                                bool want_bias_sum, bool scratch_grad_z);
+namespace avx512 {  // avx512.cpp
+decltype(cpu::epilogue_forward) epilogue_forward;
+decltype(cpu::epilogue_backward) epilogue_backward;
 }  // namespace avx512
 
 std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act) {

@@ -98,6 +98,32 @@ std::vector<T> tiled(const T* v, int64_t C, int64_t tiles) {
   return out;
 }
 
+// Walks rows [r0, r1) in runs of up to `run` rows of one example (channels-last, see run_rows) or
+// single rows (channel-major): row() is the run's first row, count() its values, n() and c() those of
+// its rows.
+class RunCursor {
+ public:
+  RunCursor(const Rows& v, int64_t run, int64_t r0, int64_t r1)
+      : at_(v, r0), run_(run), len_(v.len()), r_(r0), r1_(r1) {
+    measure();
+  }
+  bool done() const { return r_ >= r1_; }
+  int64_t row() const { return r_; }
+  int64_t count() const { return rows_ * len_; }
+  int64_t n() const { return at_.n(); }
+  int64_t c() const { return at_.c(); }
+  void next() {
+    r_ += rows_;
+    at_.skip(rows_);
+    measure();
+  }
+
+ private:
+  void measure() { rows_ = r_ < r1_ ? std::min({run_, r1_ - r_, at_.rows_left()}) : 0; }
+  RowCursor at_;
+  int64_t run_, len_, r_, r1_, rows_ = 0;
+};
+
 // Runs f(row_begin, row_end) over all rows in parallel.
 template <typename F>
 void for_rows(const Rows& v, const F& f) {

@@ -28,14 +28,11 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
         const int64_t len = v.len(), run = run_rows(v);
         for_rows(v, [&](int64_t r0, int64_t r1) {
           TiledGateRow<acc_t> tiled(gate_rows, v.C, run);
-          RowCursor at(v, r0);
-          for (int64_t r = r0; r < r1;) {
-            const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+          for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+            const int64_t r = at.row(), count = at.count();
             scalar_t* zr = zp + r * len;
             scalar_t* yr = yp + r * len;
             const acc_t* xi = kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + at.c();
-            r += rows;
-            at.skip(rows);
             CADK_PRAGMA(omp simd)
             for (int64_t i = 0; i < count; ++i) {
               acc_t p = acc_t(zr[i]);
@@ -77,16 +74,13 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
           sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
             Partials<acc_t> part(acc, 2, kCL ? C : 0, run);
             TiledGateRow<acc_t> tiled(gate_rows, C, run);
-            RowCursor at(v, r0);
-            for (int64_t r = r0; r < r1;) {
-              const int64_t rows = std::min({run, r1 - r, at.rows_left()}), count = rows * len;
+            for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+              const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t* gy = gyp + r * len;
               const scalar_t* p = pp + r * len;
               scalar_t* gz = gzp + r * len;
               const acc_t* xi = !kGate ? nullptr : kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + c;
-              r += rows;
-              at.skip(rows);
               acc_t* part_theta = part[0];
               acc_t* part_bias = part[1];
               acc_t row_theta = 0, row_bias = 0;
