@@ -16,7 +16,9 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Without OpenMP at::parallel_for runs serially; without -fno-trapping-math GCC will not if-convert
 # (and so not vectorise) the ReLU selects of the fused passes. cadk never reads FP exception flags.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# -ffp-contract=off: the AVX-512 build of the passes (csrc/cpu/avx512.cpp) would otherwise fuse
+# multiply-adds that the baseline build rounds twice, and results would depend on the CPU.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

@@ -425,7 +425,7 @@ def test_cpu_vector_paths_this_cpu_skips(capability):
         pytest.skip("the C++ extension is not built")
     env = dict(os.environ, CADK_CPU_CAPABILITY=capability)
     select = ("(cpp-cpu and ((float32 and (bit_identical or test_gated_linear or test_gate_apply)) "
-              "or test_wide_layers or test_bn_gate_act)) or test_recycled")
+              "or test_wide_layers or test_bn_gate_act or (test_gated_conv2d and nhwc))) or test_recycled")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

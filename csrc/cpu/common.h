@@ -87,8 +87,11 @@ class RowCursor {
 
 // Channels-last rows hold one example's C alive channels at one position: with few channels, a loop
 // per row costs more than the row's work. The passes walk runs of up to run_rows(v) consecutive rows
-// of one example instead (about 64 values), with that example's gate row tiled to the run's length.
-inline int64_t run_rows(const Rows& v) { return v.cl ? std::max<int64_t>(1, 64 / std::max<int64_t>(1, v.C)) : 1; }
+// of one example instead (about 64 values, at most the example's S rows), with that example's gate
+// row tiled to the run's length.
+inline int64_t run_rows(const Rows& v) {
+  return v.cl ? std::clamp<int64_t>(64 / std::max<int64_t>(1, v.C), 1, std::max<int64_t>(1, v.S)) : 1;
+}
 
 // A per-channel vector v[0..C) repeated `tiles` times, for loops over runs of rows.
 template <typename T>
@@ -237,17 +240,18 @@ class TiledGateRow {
       : rows_(rows), C_(C), tiles_(tiles), buf_(tiles > 1 && rows.base != nullptr ? C * tiles : 0) {}
   const T* of(int64_t n) {
     if (rows_.base == nullptr || tiles_ == 1) return rows_.base == nullptr ? nullptr : rows_.row(n);
-    if (n != n_) {
-      const T* row = rows_.row(n);
+    const T* row = rows_.row(n);
+    if (row != tiled_from_) {  // eval tables repeat one row for every example: tiled once
       for (int64_t t = 0; t < tiles_; ++t) std::copy(row, row + C_, buf_.begin() + t * C_);
-      n_ = n;
+      tiled_from_ = row;
     }
     return buf_.data();
   }
 
  private:
   GateRows<T> rows_;
-  int64_t C_, tiles_, n_ = -1;
+  int64_t C_, tiles_;
+  const T* tiled_from_ = nullptr;
   std::vector<T> buf_;
 };
 

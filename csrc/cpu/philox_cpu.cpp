@@ -223,7 +223,8 @@ bool cpu_has_avx512() {
 bool cpu_has_avx512_bw() {
 #ifdef CADK_HAVE_AVX2_PATH
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("fma");
   return has;
 #else
   return false;
