@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
               scalar_t* pr = kGate ? pp + r * len : nullptr;
               const acc_t* sc = sc_base + c;
               const acc_t* sh = sh_base + c;
-              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t* xi = tiled_gates.of(at.n(), c);
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;
@@ -211,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
               const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
-              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t* xi = tiled_gates.of(at.n(), c);
               const acc_t* m = mu_base + c;
               acc_t *pg = part[0], *pgx = part[1], *pt = part[2];
               acc_t row_g = 0, row_gx = 0, row_t = 0;
@@ -267,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
               const int64_t c = at.c();
               const scalar_t *xr = xp + r * len, *gyr = gyp + r * len, *pr = pp + r * len;
               scalar_t* gxr = gxp + r * len;
-              const acc_t* xi = !kGate ? nullptr : kCL ? tiled_gates.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t* xi = tiled_gates.of(at.n(), c);
               const acc_t *ac = a_base + c, *bc = b_base + c, *cc_ = c_base + c, *mc = mu_base + c;
               CADK_PRAGMA(omp simd)
               for (int64_t i = 0; i < count; ++i) {

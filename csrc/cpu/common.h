@@ -66,12 +66,6 @@ class RowCursor {
   int64_t c() const { return cl_ ? 0 : pos_; }
   // Rows from this one to the last of its example (channels-last) or channel (channel-major).
   int64_t rows_left() const { return per_ - pos_; }
-  void next() {
-    if (++pos_ == per_) {
-      pos_ = 0;
-      ++n_;
-    }
-  }
   void skip(int64_t rows) {  // rows <= rows_left()
     pos_ += rows;
     if (pos_ == per_) {
@@ -93,11 +87,17 @@ inline int64_t run_rows(const Rows& v) {
   return v.cl ? std::clamp<int64_t>(64 / std::max<int64_t>(1, v.C), 1, std::max<int64_t>(1, v.S)) : 1;
 }
 
-// A per-channel vector v[0..C) repeated `tiles` times, for loops over runs of rows.
+// out[0..C * tiles) = v[0..C) repeated `tiles` times, for loops over runs of rows.
+template <typename T>
+void tile_into(const T* v, int64_t C, int64_t tiles, T* out) {
+  for (int64_t t = 0; t < tiles; ++t) std::copy(v, v + C, out + t * C);
+}
+
+// A per-channel vector, tiled (tile_into).
 template <typename T>
 std::vector<T> tiled(const T* v, int64_t C, int64_t tiles) {
   std::vector<T> out(C * tiles);
-  for (int64_t t = 0; t < tiles; ++t) std::copy(v, v + C, out.begin() + t * C);
+  tile_into(v, C, tiles, out.data());
   return out;
 }
 
@@ -232,17 +232,19 @@ struct Gates {
   GateRows<T> rows() const { return defined() ? GateRows<T>{table.data_ptr<T>(), row_stride} : GateRows<T>{}; }
 };
 
-// The gate row of an example, tiled `tiles` times (see run_rows); the row itself when tiles == 1.
+// The gates a run of rows (RunCursor) reads: example n's gate row tiled `tiles` times (channels-last
+// runs, see run_rows), or its gate at channel c when tiles == 1; null without a gate.
 template <typename T>
 class TiledGateRow {
  public:
   TiledGateRow(const GateRows<T>& rows, int64_t C, int64_t tiles)
       : rows_(rows), C_(C), tiles_(tiles), buf_(tiles > 1 && rows.base != nullptr ? C * tiles : 0) {}
-  const T* of(int64_t n) {
-    if (rows_.base == nullptr || tiles_ == 1) return rows_.base == nullptr ? nullptr : rows_.row(n);
+  const T* of(int64_t n, int64_t c) {
+    if (rows_.base == nullptr) return nullptr;
+    if (tiles_ == 1) return rows_.row(n) + c;
     const T* row = rows_.row(n);
     if (row != tiled_from_) {  // eval tables repeat one row for every example: tiled once
-      for (int64_t t = 0; t < tiles_; ++t) std::copy(row, row + C_, buf_.begin() + t * C_);
+      tile_into(row, C_, tiles_, buf_.data());
       tiled_from_ = row;
     }
     return buf_.data();

@@ -27,12 +27,12 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act ac
         constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
         const int64_t len = v.len(), run = run_rows(v);
         for_rows(v, [&](int64_t r0, int64_t r1) {
-          TiledGateRow<acc_t> tiled(gate_rows, v.C, run);
+          TiledGateRow<acc_t> tiled_gates(gate_rows, v.C, run);
           for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
             const int64_t r = at.row(), count = at.count();
             scalar_t* zr = zp + r * len;
             scalar_t* yr = yp + r * len;
-            const acc_t* xi = kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + at.c();
+            const acc_t* xi = tiled_gates.of(at.n(), at.c());
             CADK_PRAGMA(omp simd)
             for (int64_t i = 0; i < count; ++i) {
               acc_t p = acc_t(zr[i]);
@@ -73,14 +73,14 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
           // (the bias sum is nearly free in the same pass).
           sums = reduce_rows(v, 2, [&](int64_t r0, int64_t r1, double* acc) {
             Partials<acc_t> part(acc, 2, kCL ? C : 0, run);
-            TiledGateRow<acc_t> tiled(gate_rows, C, run);
+            TiledGateRow<acc_t> tiled_gates(gate_rows, C, run);
             for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
               const int64_t r = at.row(), count = at.count();
               const int64_t c = at.c();
               const scalar_t* gy = gyp + r * len;
               const scalar_t* p = pp + r * len;
               scalar_t* gz = gzp + r * len;
-              const acc_t* xi = !kGate ? nullptr : kCL ? tiled.of(at.n()) : gate_rows.row(at.n()) + c;
+              const acc_t* xi = tiled_gates.of(at.n(), c);
               acc_t* part_theta = part[0];
               acc_t* part_bias = part[1];
               acc_t row_theta = 0, row_bias = 0;

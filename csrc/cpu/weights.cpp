@@ -76,17 +76,15 @@ bool only_cached(const at::Storage& storage) {
   return true;
 }
 
-}  // namespace
-
-// A few storages per thread, each reused once only this cache still references it. Bounded: at
-// most kSlots storages and kMaxScratchBytes in all; a request that does not fit gets fresh memory.
-namespace {
 std::vector<at::Storage>& scratch_cache() {
   thread_local std::vector<at::Storage> cached;
   return cached;
 }
+
 }  // namespace
 
+// A few storages per thread, each reused once only this cache still references it. Bounded: at
+// most kSlots storages and kMaxScratchBytes in all; a request that does not fit gets fresh memory.
 Tensor scratch_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
   constexpr size_t kSlots = 4;
   constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;
@@ -396,7 +394,7 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   const WeightShape s = weight_shape(full_like);
   const auto fmt = format_of(full_like);
   const Tensor src = compact.to(full_like.scalar_type()).contiguous(fmt);
-  if (is_full(alive_in, s.in) && is_full(alive_out, s.out)) return src;
+  if (all_alive(full_like, alive_in, alive_out)) return src;
   Tensor out = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
   const Tensor in_idx = alive_in.contiguous();
