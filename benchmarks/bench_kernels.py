@@ -1,7 +1,8 @@
 """Forward+backward time of cadk's gated layers against masked-dense and compact-dense baselines.
 
 For each layer and keep ratio (kept fraction of input AND output channels, as between two pruned
-layers) it times, in one run and round-robin so drift hits all variants alike:
+layers) it times, in one run and round-robin so drift hits all variants alike (each round in a fresh
+random order: a variant's time depends on what the one before it left in the caches):
   gated[<backend>]  the cadk op (ReLU + gate sampled from theta) on each backend for the device;
   masked            the full-size dense op, then a 0/1 output-channel mask (what pruning by masks,
                     e.g. torch.nn.utils.prune, costs);
@@ -13,8 +14,10 @@ and prints medians with the ratios gated/floor and gated/masked.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
+import random
 import statistics
 import time
 
@@ -124,18 +127,28 @@ def _with_leaves(tensors, step):
 
 
 def time_round_robin(steps: dict, device, warmup: int, repeats: int) -> dict:
+    """Median ms of each step. Rounds run the steps in a fresh seeded random order, so no variant
+    always follows the same one; Python's garbage collector stays off while timing, as in timeit."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            samples[name].append(time.perf_counter() - start)
+    order, rng = list(steps), random.Random(0)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for name in order:
+                sync()
+                start = time.perf_counter()
+                steps[name]()
+                sync()
+                samples[name].append(time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
     return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
 
 

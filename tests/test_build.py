@@ -55,7 +55,7 @@ def test_compiler_that_does_not_build_is_left_alone(monkeypatch):
 # (csrc/cpu/avx512.cpp) and the kernels with their own target attributes, all reached only after a
 # CPU feature check.
 VECTOR_ISA_FUNCTIONS = ("cadk::cpu::avx512::", "philox_block", "philox_gates_avx", "compress_run", "expand_run",
-                        "mulhilo", "xor3")
+                        "zero_run", "mulhilo", "xor3")
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64",

@@ -452,8 +452,8 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
 @pytest.mark.parametrize("layer", ["linear", "conv-nhwc", "conv-nchw"])
 def test_recycled_weight_gradient_buffers(gen, layer):
     """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
-    back once the caller has dropped them. A gradient still held is never written again; a recycled
-    buffer is rewritten whole, so entries dead in this call are zero where it held earlier values."""
+    back once the caller has dropped them. A gradient still held is never written again; entries dead
+    in this call are zero where a recycled buffer held earlier values, also after an in-place change."""
     from cadk.kernels import cpp_backend
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
@@ -493,6 +493,17 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     del first, second
     third = call(subset(c_in, 40), subset(c_out, 30))  # compared with the reference inside call()
     assert third.data_ptr() in used, "a dropped gradient buffer was not reused"
+    # A buffer remembers the rows it was written with and skips the others while they hold its zeros;
+    # a gradient changed in place (as an optimizer's in-place ops or grad.zero_() do) is rewritten whole.
+    del third
+    kernels.release_cached_memory()  # the next gradient gets the one free buffer below
+    alive_out = subset(c_out, 30)
+    fourth = call(subset(c_in, 40), alive_out)
+    fourth.fill_(5.0)
+    at = fourth.data_ptr()
+    del fourth
+    fifth = call(subset(c_in, 50), alive_out)  # the same rows alive: only they would be written
+    assert fifth.data_ptr() == at, "the gradient buffer changed in place was not the one reused"
 
 
 def test_release_cached_memory_changes_no_result(gen):

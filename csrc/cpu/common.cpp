@@ -52,7 +52,7 @@ uint64_t seed_value(const Tensor& seed) {
               "cadk: seed must be a 0-dim int64 tensor, got shape ", seed.sizes(), " and dtype ",
               seed.scalar_type());
   check_cpu(seed, "seed");
-  return static_cast<uint64_t>(seed.item<int64_t>());
+  return static_cast<uint64_t>(*seed.data_ptr<int64_t>());  // not item(): no op call for one scalar
 }
 
 void check_vector(const OptTensor& t, int64_t full, const char* name) {
@@ -211,9 +211,9 @@ decltype(cpu::epilogue_forward) epilogue_forward;
 decltype(cpu::epilogue_backward) epilogue_backward;
 }  // namespace avx512
 
-std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act) {
-  return cpu_has_avx512_bw() ? avx512::epilogue_forward(std::move(z), gates, act)
-                             : baseline::epilogue_forward(std::move(z), gates, act);
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, const Gates& gates, Act act) {
+  return cpu_has_avx512_bw() ? avx512::epilogue_forward(std::move(z), bias, gates, act)
+                             : baseline::epilogue_forward(std::move(z), bias, gates, act);
 }
 
 EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,

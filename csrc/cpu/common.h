@@ -142,14 +142,19 @@ Tensor reduce_rows(const Rows& v, int64_t n_acc, const F& f) {
   const int64_t rows = v.count();
   const int64_t min_rows = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, v.len()));
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + min_rows - 1) / min_rows));
-  Tensor acc = at::zeros({chunks, n_acc, v.C}, at::TensorOptions().dtype(at::kDouble));
-  double* base = acc.data_ptr<double>();
+  const int64_t width = n_acc * v.C;
+  std::vector<double> acc(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      f(rows * k / chunks, rows * (k + 1) / chunks, base + k * n_acc * v.C);
-    }
+    for (int64_t k = b; k < e; ++k) f(rows * k / chunks, rows * (k + 1) / chunks, acc.data() + k * width);
   });
-  return acc.sum(0);
+  // Chunk sums added in chunk order by a plain loop: ATen's reduction would cost more than the sums.
+  Tensor out = at::empty({n_acc, v.C}, at::TensorOptions().dtype(at::kDouble));
+  double* op = out.data_ptr<double>();
+  std::copy(acc.begin(), acc.begin() + width, op);
+  for (int64_t k = 1; k < chunks; ++k) {
+    for (int64_t j = 0; j < width; ++j) op[j] += acc[k * width + j];
+  }
+  return out;
 }
 
 // Per-channel sums of channels-last rows: inner loops add into opmath partials (vectorisable),
@@ -169,13 +174,16 @@ class Partials {
   void next_row() {  // a row, or a run of rows
     if (++rows_ == kFlushRows) flush();
   }
-  void flush() {
+  void flush() {  // tile by tile: no j % C per entry (a division each would cost more than the rows)
     for (int64_t k = 0; k < n_acc_; ++k) {
-      for (int64_t j = 0; j < width_; ++j) {
-        acc_[k * C_ + j % C_] += double(buf_[k * width_ + j]);
-        buf_[k * width_ + j] = T(0);
+      double* acc = acc_ + k * C_;
+      for (int64_t t = 0; t < width_; t += C_) {
+        T* buf = buf_.data() + k * width_ + t;
+        CADK_PRAGMA(omp simd)
+        for (int64_t c = 0; c < C_; ++c) acc[c] += double(buf[c]);
       }
     }
+    std::fill(buf_.begin(), buf_.end(), T(0));
     rows_ = 0;
   }
 
@@ -311,9 +319,11 @@ Tensor no_grad_like(const Tensor& t);
 // ---------------------------------------------------------------------------------------------
 // Fused gate/activation epilogues shared by gate_apply, gated_linear and gated_conv2d.
 
-// From z (modified in place into pre = act(z)) returns {y, pre}: y = xi * pre. Without a gate y is
-// z itself (after the activation) and pre is an empty tensor: the caller uses y as pre.
-std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act);
+// From z (modified in place into pre = act(z + bias)) returns {y, pre}: y = xi * pre. Without a gate
+// y is z itself (after the bias and activation) and pre is an empty tensor: the caller uses y as pre.
+// bias: absent, or one value per channel of z (the compact bias), added in opmath precision; callers
+// pass it only where z + bias rounds as the GEMM's own bias would (float32, float64).
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, const Gates& gates, Act act);
 
 // grad_z = grad_y * xi * act'(pre) plus the per-channel sums of grad_y * pre (theta gradient,
 // when gated) and of grad_z (bias gradient, when want_bias_sum). Sums are double [C] tensors, or

@@ -9,45 +9,53 @@
 
 namespace cadk::cpu::CADK_ISA {
 
-std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const Gates& gates, Act act) {
-  const bool relu = act == Act::kRelu;
-  if (!gates.defined()) {
+std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, const Gates& gates, Act act) {
+  const bool relu = act == Act::kRelu, gated = gates.defined();
+  if (!gated && !bias.has_value()) {
     if (relu) z.clamp_min_(0);
     return {z, at::empty({0}, z.options())};
   }
   const Rows v = rows_of(z);
-  Tensor y = at::empty_like(z, format_of(z));
+  Tensor y = gated ? at::empty_like(z, format_of(z)) : z;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "cadk_epilogue_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const GateRows<acc_t> gate_rows = gates.rows<acc_t>();
+    const Tensor b = bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : Tensor();
+    const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
     scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     with_bool(v.cl, [&](auto cl) {
       with_bool(relu, [&](auto use_relu) {
-        constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
-        const int64_t len = v.len(), run = run_rows(v);
-        for_rows(v, [&](int64_t r0, int64_t r1) {
-          TiledGateRow<acc_t> tiled_gates(gate_rows, v.C, run);
-          for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
-            const int64_t r = at.row(), count = at.count();
-            scalar_t* zr = zp + r * len;
-            scalar_t* yr = yp + r * len;
-            const acc_t* xi = tiled_gates.of(at.n(), at.c());
-            CADK_PRAGMA(omp simd)
-            for (int64_t i = 0; i < count; ++i) {
-              acc_t p = acc_t(zr[i]);
-              if constexpr (kRelu) {
-                p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
-                zr[i] = round_to<scalar_t>(p);
+        with_bool(gated, [&](auto use_gate) {
+          with_bool(bp != nullptr, [&](auto use_bias) {
+            constexpr bool kCL = decltype(cl)::value, kRelu = decltype(use_relu)::value;
+            constexpr bool kGate = decltype(use_gate)::value, kBias = decltype(use_bias)::value;
+            const int64_t len = v.len(), run = run_rows(v);
+            for_rows(v, [&](int64_t r0, int64_t r1) {
+              TiledGateRow<acc_t> tiled_gates(gate_rows, v.C, run);
+              const std::vector<acc_t> tiled_bias = kBias && kCL ? tiled(bp, v.C, run) : std::vector<acc_t>{};
+              for (RunCursor at(v, run, r0, r1); !at.done(); at.next()) {
+                const int64_t r = at.row(), count = at.count();
+                scalar_t* zr = zp + r * len;
+                scalar_t* yr = yp + r * len;
+                const acc_t* xi = tiled_gates.of(at.n(), at.c());
+                const acc_t* bv = kBias ? (kCL ? tiled_bias.data() : bp + at.c()) : nullptr;
+                CADK_PRAGMA(omp simd)
+                for (int64_t i = 0; i < count; ++i) {
+                  acc_t p = acc_t(zr[i]);
+                  if constexpr (kBias) p += bv[kCL ? i : 0];
+                  if constexpr (kRelu) p = p < acc_t(0) ? acc_t(0) : p;  // NaN stays NaN, as torch.relu
+                  if constexpr (kRelu || kBias) zr[i] = round_to<scalar_t>(p);
+                  if constexpr (kGate) yr[i] = round_to<scalar_t>(p * xi[kCL ? i : 0]);
+                }
               }
-              yr[i] = round_to<scalar_t>(p * xi[kCL ? i : 0]);
-            }
-          }
+            });
+          });
         });
       });
     });
   });
-  return {y, z};
+  return {y, gated ? z : at::empty({0}, z.options())};
 }
 
 EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,

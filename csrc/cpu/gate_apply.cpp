@@ -20,7 +20,7 @@ Tensor gate_apply_fwd(const Tensor& pre, const Tensor& theta, const Tensor& aliv
   check_gate_inputs(pre, theta, alive, seed);
   const Tensor p = in_format(pre, format_of(pre));
   const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), Pass::kForward);
-  return std::get<0>(epilogue_forward(p, gates, Act::kNone));  // no activation: p is only read
+  return std::get<0>(epilogue_forward(p, std::nullopt, gates, Act::kNone));  // no activation: p is only read
 }
 
 std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pre, const Tensor& theta,

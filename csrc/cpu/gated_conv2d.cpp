@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     z = in_format(at::convolution(xs, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
   }
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
-  return epilogue_forward(z, gates, act);
+  return epilogue_forward(z, std::nullopt, gates, act);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(

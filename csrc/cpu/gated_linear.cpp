@@ -34,9 +34,14 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
   const Act act = parse_activation(activation);
   const Tensor w = gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone);
   const Tensor xc = x.contiguous();
-  Tensor z = bias.has_value() ? at::addmm(gather_vector(*bias, alive_out), xc, w.t()) : at::mm(xc, w.t());
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
-  return epilogue_forward(z, gates, act);
+  const bool exact = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  if (bias.has_value() && !exact) {  // bf16: the GEMM adds the bias before its one rounding
+    return epilogue_forward(at::addmm(gather_vector(*bias, alive_out), xc, w.t()), std::nullopt, gates, act);
+  }
+  // The bias joins the epilogue's pass: addmm would first copy it into every row of z.
+  const OptTensor b = bias.has_value() ? OptTensor(gather_vector(*bias, alive_out)) : std::nullopt;
+  return epilogue_forward(at::mm(xc, w.t()), b, gates, act);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(

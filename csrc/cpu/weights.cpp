@@ -121,27 +121,45 @@ namespace {
 // from malloc, blocks of this size came back as fresh pages (glibc trims and regrows the heap), so
 // every backward page-faulted its gradient in again. A buffer is reused only when the pool holds its
 // one remaining strong reference (only_cached). Buffers in use cost the pool nothing; the free ones
-// are bounded in bytes, least recently handed out dropped first. Small gradients come from malloc's
+// are bounded in bytes, least recently handed out first dropped. Small gradients come from malloc's
 // free lists anyway and are not kept. The pool's reference also makes autograd sum two gradients of
 // one weight (a weight used twice in a graph) out of place rather than into the first.
+//
+// A buffer also remembers which output rows it was last written with, and the version counter of the
+// tensor it was handed out as (shared by the detached alias autograd stores as .grad). Handed back
+// with that counter unchanged, its other rows still hold the zeros written then, so the next scatter
+// writes only the rows alive now and zeroes only those alive then but dead now: at keep 0.5 half the
+// full-size gradient is never touched. As for autograd's saved tensors, a write the counter does not
+// see (through .data, or raw pointers) defeats the check.
 class GradientBuffers {
  public:
-  Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+  struct Taken {
+    Tensor tensor;
+    // Rows that may hold values from an earlier use, or none known: every row must be written.
+    std::optional<std::vector<bool>> dirty_rows;
+  };
+
+  Taken take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt,
+             std::vector<bool> rows_written) {
     const int64_t bytes = bytes_of(sizes, options);
-    if (bytes < kMinBytes || bytes > kMaxFreeBytes) return at::empty(sizes, options.memory_format(fmt));
+    if (bytes < kMinBytes || bytes > kMaxFreeBytes) return {at::empty(sizes, options.memory_format(fmt)), {}};
     std::lock_guard<std::mutex> lock(mu_);
-    at::Storage storage;
+    Buffer buffer;
+    std::optional<std::vector<bool>> dirty;
     for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
-      if (int64_t(it->nbytes()) == bytes && only_cached(*it)) {
-        storage = std::move(*it);
+      if (int64_t(it->storage.nbytes()) == bytes && only_cached(it->storage)) {
+        buffer = std::move(*it);
         buffers_.erase(it);
+        if (buffer.untouched(sizes, options, fmt)) dirty = std::move(buffer.rows);
         break;
       }
     }
-    if (!storage) storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
-    buffers_.push_back(storage);
+    if (!buffer.storage) buffer.storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
+    Tensor out = view_of(buffer.storage, sizes, options, fmt);
+    buffer.remember(out, fmt, std::move(rows_written));
+    buffers_.push_back(std::move(buffer));
     trim(kMaxFreeBytes);
-    return view_of(storage, sizes, options, fmt);
+    return {out, std::move(dirty)};
   }
 
   void release_free() {
@@ -154,23 +172,47 @@ class GradientBuffers {
   static constexpr int64_t kMaxFreeBytes = int64_t(64) << 20;
   static constexpr size_t kMaxBuffers = 256;
 
+  struct Buffer {
+    at::Storage storage;
+    // The layout, version counter and written rows of the tensor last handed out.
+    std::vector<int64_t> sizes;
+    at::ScalarType dtype = at::kFloat;
+    at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+    c10::VariableVersion version;  // disabled until remember()
+    uint32_t version_at_write = 0;
+    std::vector<bool> rows;
+
+    void remember(const Tensor& t, at::MemoryFormat f, std::vector<bool> written) {
+      sizes = t.sizes().vec();
+      dtype = t.scalar_type();
+      fmt = f;
+      version = t.unsafeGetTensorImpl()->version_counter();
+      version_at_write = version.enabled() ? version.current_version() : 0;
+      rows = std::move(written);
+    }
+    bool untouched(at::IntArrayRef s, const at::TensorOptions& options, at::MemoryFormat f) const {
+      return version.enabled() && version.current_version() == version_at_write && s.vec() == sizes &&
+             options.dtype().toScalarType() == dtype && f == fmt;
+    }
+  };
+
   // Drops the oldest free buffers past max_free bytes, then the oldest of any past kMaxBuffers.
   void trim(int64_t max_free) {
     int64_t free_bytes = 0;
-    for (const at::Storage& st : buffers_) free_bytes += st.use_count() == 1 ? int64_t(st.nbytes()) : 0;
+    for (const Buffer& b : buffers_) free_bytes += b.storage.use_count() == 1 ? int64_t(b.storage.nbytes()) : 0;
     for (auto it = buffers_.begin(); it != buffers_.end() && free_bytes > max_free;) {
-      if (it->use_count() != 1) {
+      if (it->storage.use_count() != 1) {
         ++it;
         continue;
       }
-      free_bytes -= int64_t(it->nbytes());
+      free_bytes -= int64_t(it->storage.nbytes());
       it = buffers_.erase(it);
     }
     while (buffers_.size() > kMaxBuffers) buffers_.pop_front();
   }
 
   std::mutex mu_;
-  std::list<at::Storage> buffers_;  // least recently handed out first
+  std::list<Buffer> buffers_;  // least recently handed out first
 };
 
 GradientBuffers& gradient_buffers() {
@@ -218,6 +260,24 @@ __attribute__((target("avx512f"))) void expand_run32(const uint32_t* src, const 
   }
 }
 
+// expand_run32 and zeros with streaming stores (see streams()): `out` 64-byte aligned, n a multiple of 16.
+__attribute__((target("avx512f"))) void expand_run32_stream(const uint32_t* src, const uint16_t* masks, int64_t n,
+                                                           uint32_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j),
+                        _mm512_maskz_expand_epi32(m, _mm512_maskz_loadu_epi32(low_bits(count), src)));
+    src += count;
+  }
+}
+
+__attribute__((target("avx512f"))) void zero_run32_stream(uint32_t* out, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), _mm512_setzero_si512());
+}
+
+__attribute__((target("avx512f"))) void stream_fence() { _mm_sfence(); }
+
 // The same for 2-byte elements (bfloat16, half), 16 lanes in a 256-bit register.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) void compress_run16(
     const uint16_t* src, const uint16_t* masks, int64_t n, uint16_t* out) {
@@ -251,6 +311,9 @@ void expand_run32(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
 void compress_run16(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
 void expand_run16(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
 bool vector_runs(const WeightShape&, int64_t) { return false; }
+void expand_run32_stream(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
+void zero_run32_stream(uint32_t*, int64_t) {}
+void stream_fence() {}
 #endif
 
 // One run of the vector paths, for the element type B (4 or 2 bytes; others never take them).
@@ -297,9 +360,23 @@ void gather_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint1
 }
 
 // Full-size row `drow` from compact row `srow`, zeros at dead channels; srow == nullptr: all zeros.
+// `stream`: with streaming stores (see streams()).
 template <typename B>
 void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
-                 B* drow) {
+                 B* drow, bool stream) {
+  if (stream) {
+    if constexpr (sizeof(B) == 4) {
+      uint32_t* d = reinterpret_cast<uint32_t*>(drow);
+      for (int64_t k = 0; k < s.taps; ++k) {
+        if (srow == nullptr) {
+          zero_run32_stream(d + k * s.in, s.in);
+        } else {
+          expand_run32_stream(reinterpret_cast<const uint32_t*>(srow) + k * ai, masks, s.in, d + k * s.in);
+        }
+      }
+      return;
+    }
+  }
   if (srow != nullptr && masks != nullptr) {
     for (int64_t k = 0; k < s.taps; ++k) expand_run<B>(srow + k * ai, masks, s.in, drow + k * s.in);
     return;
@@ -314,6 +391,15 @@ void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint
     for (int64_t i = 0; i < ai; ++i)
       for (int64_t k = 0; k < s.taps; ++k) drow[ip[i] * s.taps + k] = srow[i * s.taps + k];
   }
+}
+
+// Whether scatter rows go out with streaming stores: 4-byte elements on the vector path, aligned
+// 64-byte lines, and a gradient too large to stay in cache, where writing through the cache would
+// first read every line and evict the operands of the GEMMs around it.
+bool streams(const WeightShape& s, const Tensor& out, const uint16_t* masks) {
+  constexpr int64_t kMinStreamBytes = int64_t(1) << 20;
+  return masks != nullptr && out.element_size() == 4 && s.in_runs() && s.in % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 && out.nbytes() >= size_t(kMinStreamBytes);
 }
 
 int64_t row_grain(const WeightShape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.in * s.taps)); }
@@ -395,22 +481,33 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   const auto fmt = format_of(full_like);
   const Tensor src = compact.to(full_like.scalar_type()).contiguous(fmt);
   if (all_alive(full_like, alive_in, alive_out)) return src;
-  Tensor out = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
+  std::vector<bool> alive_rows(s.out);
+  for (int64_t o = 0; o < s.out; ++o) alive_rows[o] = inv_out[o] >= 0;
+  auto [out, dirty] = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt, alive_rows);
   const Tensor in_idx = alive_in.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t ai = alive_in.numel();
   const std::vector<uint16_t> masks = vector_masks(s, out.element_size(), alive_in);
   const uint16_t* mp = masks.empty() ? nullptr : masks.data();
+  // Rows to write: the alive ones, and dead ones unless known to hold zeros already.
+  std::vector<int64_t> rows;
+  rows.reserve(s.out);
+  for (int64_t o = 0; o < s.out; ++o) {
+    if (alive_rows[o] || !dirty.has_value() || (*dirty)[o]) rows.push_back(o);
+  }
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(src.data_ptr());
     B* dp = static_cast<B*>(out.data_ptr());
-    at::parallel_for(0, s.out, row_grain(s), [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) {
+    const bool stream = streams(s, out, mp);
+    at::parallel_for(0, int64_t(rows.size()), row_grain(s), [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t o = rows[k];
         const B* srow = inv_out[o] >= 0 ? sp + inv_out[o] * ai * s.taps : nullptr;
-        scatter_row<B>(s, ip, ai, mp, srow, dp + o * s.in * s.taps);
+        scatter_row<B>(s, ip, ai, mp, srow, dp + o * s.in * s.taps, stream);
       }
+      if (stream) stream_fence();
     });
   });
   return out;
@@ -425,23 +522,37 @@ void release_cached_memory() {
   release_kept_gates();
 }
 
+// These two run between large passes, when ATen's generic paths (index_select, TensorIterator
+// copies) have dropped out of the caches: a plain loop costs a fraction of their first call.
 Tensor gather_vector(const Tensor& v, const Tensor& alive) {
-  return is_full(alive, v.size(0)) ? v : v.index_select(0, alive);
+  if (is_full(alive, v.size(0))) return v;
+  const Tensor src = v.contiguous(), idx = alive.contiguous();
+  Tensor out = at::empty({idx.numel()}, v.options());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  with_bits(out, [&](auto bits) {
+    using B = decltype(bits);
+    const B* sp = static_cast<const B*>(src.data_ptr());
+    B* dp = static_cast<B*>(out.data_ptr());
+    for (int64_t k = 0; k < idx.numel(); ++k) dp[k] = sp[ip[k]];
+  });
+  return out;
 }
 
 Tensor scatter_vector(const Tensor& values, const Tensor& alive, int64_t full, at::ScalarType dtype) {
-  const Tensor v = values.to(dtype).contiguous();
-  if (is_full(alive, full)) return v;
-  Tensor out = at::zeros({full}, v.options());
-  const Tensor idx = alive.contiguous();
-  const int64_t* ip = idx.data_ptr<int64_t>();
+  const Tensor v = values.contiguous(), idx = alive.contiguous();
   TORCH_INTERNAL_ASSERT(v.numel() == idx.numel(), "cadk scatter_vector: ", v.numel(), " values for ",
                         idx.numel(), " alive indices");
-  with_bits(out, [&](auto bits) {
-    using B = decltype(bits);
-    const B* sp = static_cast<const B*>(v.data_ptr());
-    B* dp = static_cast<B*>(out.data_ptr());
-    for (int64_t k = 0; k < idx.numel(); ++k) dp[ip[k]] = sp[k];
+  const bool all = is_full(alive, full);
+  const auto options = v.options().dtype(dtype);
+  Tensor out = all ? at::empty({full}, options) : at::zeros({full}, options);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "cadk_scatter_vector", [&] {
+    const scalar_t* sp = v.data_ptr<scalar_t>();
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cadk_scatter_vector", [&] {
+      scalar_t* dp = out.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < idx.numel(); ++k) dp[all ? k : ip[k]] = static_cast<scalar_t>(src_t(sp[k]));
+    });
   });
   return out;
 }
