@@ -118,7 +118,7 @@ KeptForBackward<GateKey>& kept_gates() {
 // Units whose theta is 0 or 1 (or NaN) have a fixed gate (u in [0, 1) never reaches 1, and never
 // falls below 0): only the others need Philox words. Converged gates sit at exactly 0 or 1.
 struct GatePlan {
-  std::vector<float> fixed;     // [A]: gate of fixed units, 0 for sampled ones
+  std::vector<uint8_t> fixed;   // [A]: gate of fixed units, 0 for sampled ones
   std::vector<int64_t> pos;     // positions j' of sampled units
   std::vector<uint32_t> unit;   // their full-range index j
   std::vector<float> theta;     // their theta
@@ -134,24 +134,24 @@ GatePlan plan_gates(const GateKey& key) {
       plan.unit.push_back(static_cast<uint32_t>(key.alive[k]));
       plan.theta.push_back(t);
     }
-    plan.fixed[k] = t >= 1.0f ? 1.0f : 0.0f;
+    plan.fixed[k] = t >= 1.0f ? 1 : 0;
   }
   return plan;
 }
 
-// The [batch, A] float table of sampled gates, four examples (one Philox counter) at a time.
+// The [batch, A] byte table of sampled gates, four examples (one Philox counter) at a time.
 Tensor draw_gates(const GateKey& key) {
   const int64_t A = int64_t(key.alive.size()), batch = key.batch, units = key.units;
   const GatePlan plan = plan_gates(key);
   const int64_t sampled = static_cast<int64_t>(plan.pos.size());
-  Tensor table = at::empty({batch, A}, at::TensorOptions().dtype(at::kFloat));
-  float* tp = table.data_ptr<float>();
+  Tensor table = at::empty({batch, A}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* tp = table.data_ptr<uint8_t>();
   const int64_t quads = (batch + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, A));
   at::parallel_for(0, quads, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> drawn(4 * sampled);
+    std::vector<uint8_t> drawn(4 * sampled);
     for (int64_t q = b; q < e; ++q) {
-      float* rows = tp + 4 * q * A;
+      uint8_t* rows = tp + 4 * q * A;
       const int count = static_cast<int>(std::min<int64_t>(4, batch - 4 * q));
       const uint32_t base = philox_counter(4 * q, 0, units);  // of unit 0; unit j adds j
       if (sampled == A) {  // no fixed unit: draw straight into the rows
@@ -190,7 +190,6 @@ Gates make_gates(const OptTensor& theta, const Tensor& alive, const Tensor& seed
     if (kept.defined()) return {kept, A};
   }
   Tensor table = draw_gates(key);
-  if (opmath != at::kFloat) table = table.to(opmath);
   if (pass == Pass::kForward) kept_gates().put(std::move(key), table);
   return {table, A};
 }

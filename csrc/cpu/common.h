@@ -221,14 +221,18 @@ decltype(auto) with_bool(bool b, const F& f) {
 enum class Pass { kForward, kBackward, kAlone };
 
 // ---------------------------------------------------------------------------------------------
-// Gates: xi as an opmath table, [N, A] in training (Philox samples), [1, A] in eval (theta
-// rounded through the activation dtype, as the reference's theta.to(pre.dtype)).
+// Gates: xi as a table, [N, A] bytes 0 or 1 in training (Philox samples), [1, A] opmath values in
+// eval (theta rounded through the activation dtype, as the reference's theta.to(pre.dtype)). Bytes
+// keep the training table a quarter of the activation's size for linear layers, where it has one
+// entry per output value and is kept from the forward for its backward.
 
-// Example n's gates in a table: a raw pointer, so row loops read the tensor's data_ptr once.
+// Example n's gates in a table: raw pointers, so row loops read the tensor's data_ptr once.
 template <typename T>
 struct GateRows {
-  const T* base = nullptr;  // null: no gate
+  const T* base = nullptr;         // opmath table (eval)
+  const uint8_t* bytes = nullptr;  // byte table (training)
   int64_t stride = 0;
+  bool none() const { return base == nullptr && bytes == nullptr; }
   const T* row(int64_t n) const { return base + n * stride; }
 };
 
@@ -237,7 +241,11 @@ struct Gates {
   int64_t row_stride = 0;
   bool defined() const { return table.defined(); }
   template <typename T>
-  GateRows<T> rows() const { return defined() ? GateRows<T>{table.data_ptr<T>(), row_stride} : GateRows<T>{}; }
+  GateRows<T> rows() const {
+    if (!defined()) return {};
+    if (table.scalar_type() == at::kByte) return {nullptr, table.data_ptr<uint8_t>(), row_stride};
+    return {table.data_ptr<T>(), nullptr, row_stride};
+  }
 };
 
 // The gates a run of rows (RunCursor) reads: example n's gate row tiled `tiles` times (channels-last
@@ -246,9 +254,18 @@ template <typename T>
 class TiledGateRow {
  public:
   TiledGateRow(const GateRows<T>& rows, int64_t C, int64_t tiles)
-      : rows_(rows), C_(C), tiles_(tiles), buf_(tiles > 1 && rows.base != nullptr ? C * tiles : 0) {}
+      : rows_(rows), C_(C), tiles_(tiles), buf_((tiles > 1 || rows.bytes != nullptr) && !rows.none() ? C * tiles : 0) {}
   const T* of(int64_t n, int64_t c) {
-    if (rows_.base == nullptr) return nullptr;
+    if (rows_.none()) return nullptr;
+    if (rows_.bytes != nullptr) {  // example n's bytes as T, tiled; once per example
+      const uint8_t* row = rows_.bytes + n * rows_.stride;
+      if (row != bytes_from_) {
+        for (int64_t k = 0; k < C_; ++k) buf_[k] = T(row[k]);
+        tile_into(buf_.data(), C_, tiles_, buf_.data());
+        bytes_from_ = row;
+      }
+      return buf_.data() + (tiles_ == 1 ? c : 0);
+    }
     if (tiles_ == 1) return rows_.row(n) + c;
     const T* row = rows_.row(n);
     if (row != tiled_from_) {  // eval tables repeat one row for every example: tiled once
@@ -262,6 +279,7 @@ class TiledGateRow {
   GateRows<T> rows_;
   int64_t C_, tiles_;
   const T* tiled_from_ = nullptr;
+  const uint8_t* bytes_from_ = nullptr;
   std::vector<T> buf_;
 };
 
@@ -276,9 +294,9 @@ bool cpu_has_avx512_vbmi2();
 
 // Gates of `rows` (1 to 4) consecutive examples 4q..4q+rows-1, whose counters share base = q * C:
 // out[r * stride + k] = uniform(word r of philox4(seed, base + unit[k])) < theta[k] for k < count
-// (csrc/philox.h semantics), vectorised where the CPU allows.
+// (csrc/philox.h semantics; 1 or 0), vectorised where the CPU allows.
 void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count,
-                  int rows, float* out, int64_t stride);
+                  int rows, uint8_t* out, int64_t stride);
 
 // ---------------------------------------------------------------------------------------------
 // Memory

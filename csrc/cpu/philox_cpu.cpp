@@ -7,6 +7,7 @@
 #include "../philox.h"
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -18,16 +19,27 @@ namespace cadk::cpu {
 namespace {
 
 void philox_gates_scalar(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count,
-                         int rows, float* out, int64_t stride) {
+                         int rows, uint8_t* out, int64_t stride) {
   for (int64_t k = 0; k < count; ++k) {
     const PhiloxWords r = philox4(seed, base + unit[k]);
     for (int row = 0; row < rows; ++row) {
-      out[row * stride + k] = philox_uniform(philox_lane(r, row)) < theta[k] ? 1.0f : 0.0f;
+      out[row * stride + k] = philox_uniform(philox_lane(r, row)) < theta[k] ? 1 : 0;
     }
   }
 }
 
 #ifdef CADK_HAVE_AVX2_PATH
+
+// The 8 gate bytes (0 or 1) of each 8-bit lane mask.
+struct GateBytes {
+  uint64_t of[256];
+  constexpr GateBytes() : of() {
+    for (int m = 0; m < 256; ++m) {
+      for (int b = 0; b < 8; ++b) of[m] |= uint64_t((m >> b) & 1) << (8 * b);
+    }
+  }
+};
+constexpr GateBytes kGateBytes;
 
 // (hi, lo) 32-bit halves of a * x per lane: _mm256_mul_epu32 multiplies the even lanes only.
 __attribute__((target("avx2"))) inline void mulhilo(__m256i a, __m256i x, __m256i& hi, __m256i& lo) {
@@ -44,7 +56,7 @@ __attribute__((target("avx2"))) inline __m256i set1(uint32_t v) { return _mm256_
 // bits as philox4 with 18 instead of 20 32x32->64 multiplies per counter.
 template <int V>
 __attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i base, const uint32_t* unit,
-                                                         const float* theta, int rows, float* out,
+                                                         const float* theta, int rows, uint8_t* out,
                                                          int64_t stride) {
   const __m256i round_a = set1(kPhiloxRoundA), round_b = set1(kPhiloxRoundB);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -87,12 +99,12 @@ __attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i 
     }
   }
   const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f);
-  const __m256 one = _mm256_set1_ps(1.0f);
   for (int v = 0; v < V; ++v) {
     const __m256 th = _mm256_loadu_ps(theta + 8 * v);
     auto emit = [&](__m256i word, int row) __attribute__((target("avx2"))) {  // word >> 8 < 2^24 converts exactly as signed
       const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(word, 8)), scale);
-      _mm256_storeu_ps(out + row * stride + 8 * v, _mm256_and_ps(_mm256_cmp_ps(u, th, _CMP_LT_OQ), one));
+      const int bits = _mm256_movemask_ps(_mm256_cmp_ps(u, th, _CMP_LT_OQ));  // 8 gates in one 64-bit store
+      std::memcpy(out + row * stride + 8 * v, &kGateBytes.of[bits], sizeof(uint64_t));
     };
     // Constant indices into c keep it in registers.
     emit(c[0][v], 0);
@@ -103,7 +115,7 @@ __attribute__((target("avx2"))) inline void philox_block(uint64_t seed, __m256i 
 }
 
 __attribute__((target("avx2"))) void philox_gates_avx2(uint64_t seed, uint32_t base, const uint32_t* unit,
-                                                       const float* theta, int64_t count, int rows, float* out,
+                                                       const float* theta, int64_t count, int rows, uint8_t* out,
                                                        int64_t stride) {
   const __m256i vbase = _mm256_set1_epi32(static_cast<int>(base));
   int64_t k = 0;
@@ -127,7 +139,7 @@ __attribute__((target("avx512f"))) inline __m512i xor3(__m512i a, __m512i b, __m
 
 template <int V>
 __attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m512i base, const uint32_t* unit,
-                                                              const float* theta, int rows, float* out,
+                                                              const float* theta, int rows, uint8_t* out,
                                                               int64_t stride) {
   const __m512i round_a = _mm512_set1_epi32(int(kPhiloxRoundA)), round_b = _mm512_set1_epi32(int(kPhiloxRoundB));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -166,12 +178,14 @@ __attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m
       c[3][v] = lo_a;
     }
   }
-  const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f), one = _mm512_set1_ps(1.0f);
+  const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f);
+  const __m512i one = _mm512_set1_epi32(1);
   for (int v = 0; v < V; ++v) {
     const __m512 th = _mm512_loadu_ps(theta + 16 * v);
     auto emit = [&](__m512i word, int row) __attribute__((target("avx512f"))) {
       const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(word, 8)), scale);
-      _mm512_storeu_ps(out + row * stride + 16 * v, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, th, _CMP_LT_OQ), one));
+      const __m512i gate = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(u, th, _CMP_LT_OQ), one);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + row * stride + 16 * v), _mm512_cvtepi32_epi8(gate));
     };
     emit(c[0][v], 0);  // constant indices into c keep it in registers
     if (rows > 1) emit(c[1][v], 1);
@@ -181,7 +195,7 @@ __attribute__((target("avx512f"))) inline void philox_block16(uint64_t seed, __m
 }
 
 __attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint32_t base, const uint32_t* unit,
-                                                         const float* theta, int64_t count, int rows, float* out,
+                                                         const float* theta, int64_t count, int rows, uint8_t* out,
                                                          int64_t stride) {
   const __m512i vbase = _mm512_set1_epi32(static_cast<int>(base));
   int64_t k = 0;
@@ -242,7 +256,7 @@ bool cpu_has_avx512_vbmi2() {
 }
 
 void philox_gates(uint64_t seed, uint32_t base, const uint32_t* unit, const float* theta, int64_t count, int rows,
-                  float* out, int64_t stride) {
+                  uint8_t* out, int64_t stride) {
   TORCH_INTERNAL_ASSERT(rows >= 1 && rows <= 4);
 #ifdef CADK_HAVE_AVX2_PATH
   if (cpu_has_avx512()) return philox_gates_avx512(seed, base, unit, theta, count, rows, out, stride);

@@ -139,8 +139,7 @@ class GradientBuffers {
     std::optional<std::vector<bool>> dirty_rows;
   };
 
-  Taken take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt,
-             std::vector<bool> rows_written) {
+  Taken take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
     const int64_t bytes = bytes_of(sizes, options);
     if (bytes < kMinBytes || bytes > kMaxFreeBytes) return {at::empty(sizes, options.memory_format(fmt)), {}};
     std::lock_guard<std::mutex> lock(mu_);
@@ -156,10 +155,23 @@ class GradientBuffers {
     }
     if (!buffer.storage) buffer.storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
     Tensor out = view_of(buffer.storage, sizes, options, fmt);
-    buffer.remember(out, fmt, std::move(rows_written));
+    buffer.handed_out(out, fmt);
     buffers_.push_back(std::move(buffer));
     trim(kMaxFreeBytes);
     return {out, std::move(dirty)};
+  }
+
+  // Records that `t`, just taken, now holds values at `rows` only (zeros elsewhere). Until then its
+  // buffer counts as written nowhere known: a write cut short leaves no false record of zeros.
+  void written(const Tensor& t, std::vector<bool> rows) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Buffer& b : buffers_) {
+      if (b.storage.is_alias_of(t.storage())) {
+        b.rows = std::move(rows);
+        b.version_at_write = b.version.enabled() ? b.version.current_version() : 0;
+        return;
+      }
+    }
   }
 
   void release_free() {
@@ -178,21 +190,20 @@ class GradientBuffers {
     std::vector<int64_t> sizes;
     at::ScalarType dtype = at::kFloat;
     at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-    c10::VariableVersion version;  // disabled until remember()
+    c10::VariableVersion version;  // disabled until handed_out()
     uint32_t version_at_write = 0;
-    std::vector<bool> rows;
+    std::optional<std::vector<bool>> rows;  // none: not (fully) written
 
-    void remember(const Tensor& t, at::MemoryFormat f, std::vector<bool> written) {
+    void handed_out(const Tensor& t, at::MemoryFormat f) {
       sizes = t.sizes().vec();
       dtype = t.scalar_type();
       fmt = f;
       version = t.unsafeGetTensorImpl()->version_counter();
-      version_at_write = version.enabled() ? version.current_version() : 0;
-      rows = std::move(written);
+      rows.reset();
     }
     bool untouched(at::IntArrayRef s, const at::TensorOptions& options, at::MemoryFormat f) const {
-      return version.enabled() && version.current_version() == version_at_write && s.vec() == sizes &&
-             options.dtype().toScalarType() == dtype && f == fmt;
+      return rows.has_value() && version.enabled() && version.current_version() == version_at_write &&
+             s.vec() == sizes && options.dtype().toScalarType() == dtype && f == fmt;
     }
   };
 
@@ -484,7 +495,7 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
   std::vector<bool> alive_rows(s.out);
   for (int64_t o = 0; o < s.out; ++o) alive_rows[o] = inv_out[o] >= 0;
-  auto [out, dirty] = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt, alive_rows);
+  auto [out, dirty] = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
   const Tensor in_idx = alive_in.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t ai = alive_in.numel();
@@ -510,6 +521,7 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
       if (stream) stream_fence();
     });
   });
+  gradient_buffers().written(out, std::move(alive_rows));
   return out;
 }
 
