@@ -126,6 +126,14 @@ def _with_leaves(tensors, step):
     return run
 
 
+def _default_repeats(kind: str, device: str, size: str) -> int:
+    """Enough repeats for a stable median on a shared machine: the CPU's linear steps take milliseconds
+    and vary by several percent from step to step; its default and large convs take 0.1 s and more."""
+    if device == "cpu" and size in ("default", "large"):
+        return 7 if kind.startswith("conv") else 41
+    return 15
+
+
 def time_round_robin(steps: dict, device, warmup: int, repeats: int) -> dict:
     """Median ms of each step. Rounds run the steps in a fresh seeded random order, so no variant
     always follows the same one; Python's garbage collector stays off while timing, as in timeit."""
@@ -196,7 +204,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--backends", default=None, help="comma list (default: all available for the device)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=None, help="default 15 (7 for conv on CPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="default 15 (on the CPU at the default and large sizes: 41 for linear, 7 for conv)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.add_argument("--system-malloc", action="store_true",
@@ -217,7 +226,7 @@ def main(argv=None) -> list[dict]:
           f"format={args.memory_format} size={size} backends={backends} malloc={malloc}")
     print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
     for kind in args.layers.split(","):
-        repeats = args.repeats or (7 if kind.startswith("conv") and args.device == "cpu" and size in ("default", "large") else 15)
+        repeats = args.repeats or _default_repeats(kind, args.device, size)
         for keep in map(float, args.keeps.split(",")):
             layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
             steps = {f"gated[{b}]": layer.gated(b) for b in backends}
