@@ -449,16 +449,17 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
         reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)
 
 
-@pytest.mark.parametrize("layer", ["linear", "conv-nhwc", "conv-nchw"])
+@pytest.mark.parametrize("layer", ["linear", "linear-large", "conv-nhwc", "conv-nchw"])
 def test_recycled_weight_gradient_buffers(gen, layer):
     """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
     back once the caller has dropped them. A gradient still held is never written again; entries dead
-    in this call are zero where a recycled buffer held earlier values, also after an in-place change."""
+    in this call are zero where a recycled buffer held earlier values. Gradients of 1 MiB and more
+    ("linear-large") are written with streaming stores."""
     from cadk.kernels import cpp_backend
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
-    c_out, c_in = (300, 260) if layer == "linear" else (130, 70)  # 312 KB, 328 KB of float32
-    taps = () if layer == "linear" else (3, 3)
+    c_out, c_in = {"linear": (300, 260), "linear-large": (528, 512)}.get(layer, (130, 70))  # 312 KB, 1.1 MB, 328 KB
+    taps = () if layer.startswith("linear") else (3, 3)
     fmt = torch.channels_last if layer == "conv-nhwc" else torch.contiguous_format
     weight = torch.randn(c_out, c_in, *taps, generator=gen).contiguous(memory_format=fmt)
     theta, seed = torch.rand(c_out, generator=gen), torch.tensor(7)
@@ -468,7 +469,7 @@ def test_recycled_weight_gradient_buffers(gen, layer):
 
     def weight_grad(module, alive_in, alive_out, x, grad_y):
         w = weight.clone(memory_format=torch.preserve_format).requires_grad_(True)
-        if layer == "linear":
+        if layer.startswith("linear"):
             y = module.gated_linear(x, w, None, theta, alive_in, alive_out, seed, "relu", True)
         else:
             y = module.gated_conv2d(x, w, None, theta, alive_in, alive_out, seed, (1, 1), (1, 1), (1, 1), "relu",
@@ -477,7 +478,7 @@ def test_recycled_weight_gradient_buffers(gen, layer):
         return w.grad
 
     def call(alive_in, alive_out):
-        spatial = () if layer == "linear" else (5, 4)
+        spatial = () if layer.startswith("linear") else (5, 4)
         x = torch.randn(3, alive_in.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
         grad_y = torch.randn(3, alive_out.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
         got = weight_grad(cpp_backend, alive_in, alive_out, x, grad_y)
@@ -493,8 +494,8 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     del first, second
     third = call(subset(c_in, 40), subset(c_out, 30))  # compared with the reference inside call()
     assert third.data_ptr() in used, "a dropped gradient buffer was not reused"
-    # A buffer remembers the rows it was written with and skips the others while they hold its zeros;
-    # a gradient changed in place (as an optimizer's in-place ops or grad.zero_() do) is rewritten whole.
+    # A gradient changed in place after use (an optimizer's in-place ops, grad.zero_()) leaves nothing
+    # behind in the next gradient written into its buffer.
     del third
     kernels.release_cached_memory()  # the next gradient gets the one free buffer below
     alive_out = subset(c_out, 30)

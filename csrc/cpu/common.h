@@ -87,10 +87,10 @@ inline int64_t run_rows(const Rows& v) {
   return v.cl ? std::clamp<int64_t>(64 / std::max<int64_t>(1, v.C), 1, std::max<int64_t>(1, v.S)) : 1;
 }
 
-// out[0..C * tiles) = v[0..C) repeated `tiles` times, for loops over runs of rows.
+// out[0..C * tiles) = v[0..C) repeated `tiles` times, for loops over runs of rows; out may be v.
 template <typename T>
 void tile_into(const T* v, int64_t C, int64_t tiles, T* out) {
-  for (int64_t t = 0; t < tiles; ++t) std::copy(v, v + C, out + t * C);
+  for (int64_t t = out == v ? 1 : 0; t < tiles; ++t) std::copy(v, v + C, out + t * C);
 }
 
 // A per-channel vector, tiled (tile_into).
@@ -339,8 +339,9 @@ Tensor no_grad_like(const Tensor& t);
 
 // From z (modified in place into pre = act(z + bias)) returns {y, pre}: y = xi * pre. Without a gate
 // y is z itself (after the bias and activation) and pre is an empty tensor: the caller uses y as pre.
-// bias: absent, or one value per channel of z (the compact bias), added in opmath precision; callers
-// pass it only where z + bias rounds as the GEMM's own bias would (float32, float64).
+// bias: absent, or one value per channel of z (the compact bias), added in opmath precision. Callers
+// pass it for float32/float64, where z + bias is as exact as a GEMM's own bias (its bits may differ
+// from addmm's, as between any two GEMM kernels); a bf16 z is already rounded, so bf16 keeps addmm.
 std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, const Gates& gates, Act act);
 
 // grad_z = grad_y * xi * act'(pre) plus the per-channel sums of grad_y * pre (theta gradient,

@@ -121,57 +121,27 @@ namespace {
 // from malloc, blocks of this size came back as fresh pages (glibc trims and regrows the heap), so
 // every backward page-faulted its gradient in again. A buffer is reused only when the pool holds its
 // one remaining strong reference (only_cached). Buffers in use cost the pool nothing; the free ones
-// are bounded in bytes, least recently handed out first dropped. Small gradients come from malloc's
+// are bounded in bytes, least recently handed out dropped first. Small gradients come from malloc's
 // free lists anyway and are not kept. The pool's reference also makes autograd sum two gradients of
 // one weight (a weight used twice in a graph) out of place rather than into the first.
-//
-// A buffer also remembers which output rows it was last written with, and the version counter of the
-// tensor it was handed out as (shared by the detached alias autograd stores as .grad). Handed back
-// with that counter unchanged, its other rows still hold the zeros written then, so the next scatter
-// writes only the rows alive now and zeroes only those alive then but dead now: at keep 0.5 half the
-// full-size gradient is never touched. As for autograd's saved tensors, a write the counter does not
-// see (through .data, or raw pointers) defeats the check.
 class GradientBuffers {
  public:
-  struct Taken {
-    Tensor tensor;
-    // Rows that may hold values from an earlier use, or none known: every row must be written.
-    std::optional<std::vector<bool>> dirty_rows;
-  };
-
-  Taken take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+  Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
     const int64_t bytes = bytes_of(sizes, options);
-    if (bytes < kMinBytes || bytes > kMaxFreeBytes) return {at::empty(sizes, options.memory_format(fmt)), {}};
+    if (bytes < kMinBytes || bytes > kMaxFreeBytes) return at::empty(sizes, options.memory_format(fmt));
     std::lock_guard<std::mutex> lock(mu_);
-    Buffer buffer;
-    std::optional<std::vector<bool>> dirty;
+    at::Storage storage;
     for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
-      if (int64_t(it->storage.nbytes()) == bytes && only_cached(it->storage)) {
-        buffer = std::move(*it);
+      if (int64_t(it->nbytes()) == bytes && only_cached(*it)) {
+        storage = std::move(*it);
         buffers_.erase(it);
-        if (buffer.untouched(sizes, options, fmt)) dirty = std::move(buffer.rows);
         break;
       }
     }
-    if (!buffer.storage) buffer.storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
-    Tensor out = view_of(buffer.storage, sizes, options, fmt);
-    buffer.handed_out(out, fmt);
-    buffers_.push_back(std::move(buffer));
+    if (!storage) storage = at::empty({bytes}, options.dtype(at::kByte)).storage();
+    buffers_.push_back(storage);
     trim(kMaxFreeBytes);
-    return {out, std::move(dirty)};
-  }
-
-  // Records that `t`, just taken, now holds values at `rows` only (zeros elsewhere). Until then its
-  // buffer counts as written nowhere known: a write cut short leaves no false record of zeros.
-  void written(const Tensor& t, std::vector<bool> rows) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Buffer& b : buffers_) {
-      if (b.storage.is_alias_of(t.storage())) {
-        b.rows = std::move(rows);
-        b.version_at_write = b.version.enabled() ? b.version.current_version() : 0;
-        return;
-      }
-    }
+    return view_of(storage, sizes, options, fmt);
   }
 
   void release_free() {
@@ -184,46 +154,23 @@ class GradientBuffers {
   static constexpr int64_t kMaxFreeBytes = int64_t(64) << 20;
   static constexpr size_t kMaxBuffers = 256;
 
-  struct Buffer {
-    at::Storage storage;
-    // The layout, version counter and written rows of the tensor last handed out.
-    std::vector<int64_t> sizes;
-    at::ScalarType dtype = at::kFloat;
-    at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
-    c10::VariableVersion version;  // disabled until handed_out()
-    uint32_t version_at_write = 0;
-    std::optional<std::vector<bool>> rows;  // none: not (fully) written
-
-    void handed_out(const Tensor& t, at::MemoryFormat f) {
-      sizes = t.sizes().vec();
-      dtype = t.scalar_type();
-      fmt = f;
-      version = t.unsafeGetTensorImpl()->version_counter();
-      rows.reset();
-    }
-    bool untouched(at::IntArrayRef s, const at::TensorOptions& options, at::MemoryFormat f) const {
-      return rows.has_value() && version.enabled() && version.current_version() == version_at_write &&
-             s.vec() == sizes && options.dtype().toScalarType() == dtype && f == fmt;
-    }
-  };
-
   // Drops the oldest free buffers past max_free bytes, then the oldest of any past kMaxBuffers.
   void trim(int64_t max_free) {
     int64_t free_bytes = 0;
-    for (const Buffer& b : buffers_) free_bytes += b.storage.use_count() == 1 ? int64_t(b.storage.nbytes()) : 0;
+    for (const at::Storage& st : buffers_) free_bytes += st.use_count() == 1 ? int64_t(st.nbytes()) : 0;
     for (auto it = buffers_.begin(); it != buffers_.end() && free_bytes > max_free;) {
-      if (it->storage.use_count() != 1) {
+      if (it->use_count() != 1) {
         ++it;
         continue;
       }
-      free_bytes -= int64_t(it->storage.nbytes());
+      free_bytes -= int64_t(it->nbytes());
       it = buffers_.erase(it);
     }
     while (buffers_.size() > kMaxBuffers) buffers_.pop_front();
   }
 
   std::mutex mu_;
-  std::list<Buffer> buffers_;  // least recently handed out first
+  std::list<at::Storage> buffers_;  // least recently handed out first
 };
 
 GradientBuffers& gradient_buffers() {
@@ -492,36 +439,26 @@ Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tens
   const auto fmt = format_of(full_like);
   const Tensor src = compact.to(full_like.scalar_type()).contiguous(fmt);
   if (all_alive(full_like, alive_in, alive_out)) return src;
+  Tensor out = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
   const std::vector<int64_t> inv_out = inverse_index(alive_out, s.out);
-  std::vector<bool> alive_rows(s.out);
-  for (int64_t o = 0; o < s.out; ++o) alive_rows[o] = inv_out[o] >= 0;
-  auto [out, dirty] = gradient_buffers().take(full_like.sizes(), full_like.options(), fmt);
   const Tensor in_idx = alive_in.contiguous();
   const int64_t* ip = in_idx.data_ptr<int64_t>();
   const int64_t ai = alive_in.numel();
   const std::vector<uint16_t> masks = vector_masks(s, out.element_size(), alive_in);
   const uint16_t* mp = masks.empty() ? nullptr : masks.data();
-  // Rows to write: the alive ones, and dead ones unless known to hold zeros already.
-  std::vector<int64_t> rows;
-  rows.reserve(s.out);
-  for (int64_t o = 0; o < s.out; ++o) {
-    if (alive_rows[o] || !dirty.has_value() || (*dirty)[o]) rows.push_back(o);
-  }
   with_bits(out, [&](auto bits) {
     using B = decltype(bits);
     const B* sp = static_cast<const B*>(src.data_ptr());
     B* dp = static_cast<B*>(out.data_ptr());
     const bool stream = streams(s, out, mp);
-    at::parallel_for(0, int64_t(rows.size()), row_grain(s), [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        const int64_t o = rows[k];
+    at::parallel_for(0, s.out, row_grain(s), [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
         const B* srow = inv_out[o] >= 0 ? sp + inv_out[o] * ai * s.taps : nullptr;
         scatter_row<B>(s, ip, ai, mp, srow, dp + o * s.in * s.taps, stream);
       }
       if (stream) stream_fence();
     });
   });
-  gradient_buffers().written(out, std::move(alive_rows));
   return out;
 }
 
