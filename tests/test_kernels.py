@@ -449,7 +449,7 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
         reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)
 
 
-@pytest.mark.parametrize("layer", ["linear", "linear-large", "conv-nhwc", "conv-nchw"])
+@pytest.mark.parametrize("layer", ["linear", "linear-large", "linear-large-bf16", "conv-nhwc", "conv-nchw"])
 def test_recycled_weight_gradient_buffers(gen, layer):
     """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
     back once the caller has dropped them. A gradient still held is never written again; entries dead
@@ -458,10 +458,12 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     from cadk.kernels import cpp_backend
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
-    c_out, c_in = {"linear": (300, 260), "linear-large": (528, 512)}.get(layer, (130, 70))  # 312 KB, 1.1 MB, 328 KB
+    c_out, c_in = {"linear": (300, 260), "linear-large": (528, 512), "linear-large-bf16": (1056, 512)}.get(
+        layer, (130, 70))  # 312 KB, 1.1 MB, 1.1 MB, 328 KB
+    dtype = torch.bfloat16 if layer.endswith("bf16") else torch.float32
     taps = () if layer.startswith("linear") else (3, 3)
     fmt = torch.channels_last if layer == "conv-nhwc" else torch.contiguous_format
-    weight = torch.randn(c_out, c_in, *taps, generator=gen).contiguous(memory_format=fmt)
+    weight = torch.randn(c_out, c_in, *taps, generator=gen).to(dtype).contiguous(memory_format=fmt)
     theta, seed = torch.rand(c_out, generator=gen), torch.tensor(7)
 
     def subset(full, count):
@@ -479,10 +481,10 @@ def test_recycled_weight_gradient_buffers(gen, layer):
 
     def call(alive_in, alive_out):
         spatial = () if layer.startswith("linear") else (5, 4)
-        x = torch.randn(3, alive_in.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
-        grad_y = torch.randn(3, alive_out.numel(), *spatial, generator=gen).contiguous(memory_format=fmt)
+        x = torch.randn(3, alive_in.numel(), *spatial, generator=gen).to(dtype).contiguous(memory_format=fmt)
+        grad_y = torch.randn(3, alive_out.numel(), *spatial, generator=gen).to(dtype).contiguous(memory_format=fmt)
         got = weight_grad(cpp_backend, alive_in, alive_out, x, grad_y)
-        assert_close(got, weight_grad(reference, alive_in, alive_out, x, grad_y), "weight gradient", torch.float32)
+        assert_close(got, weight_grad(reference, alive_in, alive_out, x, grad_y), "weight gradient", dtype)
         return got
 
     first = call(subset(c_in, c_in - 10), subset(c_out, c_out - 10))

@@ -234,6 +234,22 @@ __attribute__((target("avx512f"))) void zero_run32_stream(uint32_t* out, int64_t
   for (int64_t j = 0; j < n; j += 16) _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), _mm512_setzero_si512());
 }
 
+// The same for 2-byte elements (VBMI2), 16 lanes in a 256-bit register: `out` 32-byte aligned.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2"))) void expand_run16_stream(
+    const uint16_t* src, const uint16_t* masks, int64_t n, uint16_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = masks[j >> 4];
+    const int count = __builtin_popcount(m);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out + j),
+                        _mm256_maskz_expand_epi16(m, _mm256_maskz_loadu_epi16(low_bits(count), src)));
+    src += count;
+  }
+}
+
+__attribute__((target("avx512f"))) void zero_run16_stream(uint16_t* out, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) _mm256_stream_si256(reinterpret_cast<__m256i*>(out + j), _mm256_setzero_si256());
+}
+
 __attribute__((target("avx512f"))) void stream_fence() { _mm_sfence(); }
 
 // The same for 2-byte elements (bfloat16, half), 16 lanes in a 256-bit register.
@@ -271,6 +287,8 @@ void expand_run16(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
 bool vector_runs(const WeightShape&, int64_t) { return false; }
 void expand_run32_stream(const uint32_t*, const uint16_t*, int64_t, uint32_t*) {}
 void zero_run32_stream(uint32_t*, int64_t) {}
+void expand_run16_stream(const uint16_t*, const uint16_t*, int64_t, uint16_t*) {}
+void zero_run16_stream(uint16_t*, int64_t) {}
 void stream_fence() {}
 #endif
 
@@ -294,6 +312,22 @@ void expand_run(const B* src, const uint16_t* masks, int64_t n, B* out) {
     expand_run16(reinterpret_cast<const uint16_t*>(src), masks, n, reinterpret_cast<uint16_t*>(out));
   } else {
     TORCH_INTERNAL_ASSERT(false, "cadk: no vector path for ", sizeof(B), "-byte elements");
+  }
+}
+
+// One run with streaming stores (see streams()): the expanded compact run, or zeros for src == null.
+template <typename B>
+void stream_run(const B* src, const uint16_t* masks, int64_t n, B* out) {
+  if constexpr (sizeof(B) == 4) {
+    uint32_t* d = reinterpret_cast<uint32_t*>(out);
+    if (src == nullptr) return zero_run32_stream(d, n);
+    expand_run32_stream(reinterpret_cast<const uint32_t*>(src), masks, n, d);
+  } else if constexpr (sizeof(B) == 2) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(out);
+    if (src == nullptr) return zero_run16_stream(d, n);
+    expand_run16_stream(reinterpret_cast<const uint16_t*>(src), masks, n, d);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "cadk: no streaming path for ", sizeof(B), "-byte elements");
   }
 }
 
@@ -323,14 +357,9 @@ template <typename B>
 void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
                  B* drow, bool stream) {
   if (stream) {
-    if constexpr (sizeof(B) == 4) {
-      uint32_t* d = reinterpret_cast<uint32_t*>(drow);
+    if constexpr (sizeof(B) == 4 || sizeof(B) == 2) {
       for (int64_t k = 0; k < s.taps; ++k) {
-        if (srow == nullptr) {
-          zero_run32_stream(d + k * s.in, s.in);
-        } else {
-          expand_run32_stream(reinterpret_cast<const uint32_t*>(srow) + k * ai, masks, s.in, d + k * s.in);
-        }
+        stream_run(srow == nullptr ? nullptr : srow + k * ai, masks, s.in, drow + k * s.in);
       }
       return;
     }
@@ -351,13 +380,15 @@ void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint
   }
 }
 
-// Whether scatter rows go out with streaming stores: 4-byte elements on the vector path, aligned
-// 64-byte lines, and a gradient too large to stay in cache, where writing through the cache would
-// first read every line and evict the operands of the GEMMs around it.
+// Whether scatter rows go out with streaming stores: 4- or 2-byte elements on the vector path (masks
+// given), runs of whole 16-element vectors from a 64-byte aligned start, and a gradient too large to
+// stay in cache, where writing through the cache would first read every line and evict the operands
+// of the GEMMs around it.
 bool streams(const WeightShape& s, const Tensor& out, const uint16_t* masks) {
   constexpr int64_t kMinStreamBytes = int64_t(1) << 20;
-  return masks != nullptr && out.element_size() == 4 && s.in_runs() && s.in % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 && out.nbytes() >= size_t(kMinStreamBytes);
+  return masks != nullptr && (out.element_size() == 4 || out.element_size() == 2) && s.in_runs() &&
+         s.in % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 &&
+         out.nbytes() >= size_t(kMinStreamBytes);
 }
 
 int64_t row_grain(const WeightShape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.in * s.taps)); }
