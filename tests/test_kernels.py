@@ -449,7 +449,8 @@ def test_batch_times_units_past_counter_range_is_refused(backend):
         reference.gate_apply(too_big.cpu(), theta.cpu(), alive.cpu(), seed, True)
 
 
-@pytest.mark.parametrize("layer", ["linear", "linear-large", "linear-large-bf16", "conv-nhwc", "conv-nchw"])
+@pytest.mark.parametrize("layer", ["linear", "linear-large", "linear-large-bf16", "conv-nhwc", "conv-nhwc-large",
+                                   "conv-nchw"])
 def test_recycled_weight_gradient_buffers(gen, layer):
     """The C++ CPU backward writes full-size weight gradients of 256 KiB and more into buffers it takes
     back once the caller has dropped them. A gradient still held is never written again; entries dead
@@ -458,11 +459,13 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     from cadk.kernels import cpp_backend
     if not cpp_backend.has_kernel("CPU"):
         pytest.skip("the C++ extension is not built")
-    c_out, c_in = {"linear": (300, 260), "linear-large": (528, 512), "linear-large-bf16": (1056, 512)}.get(
-        layer, (130, 70))  # 312 KB, 1.1 MB, 1.1 MB, 328 KB
+    # 312 KB, 1.1 MB, 1.1 MB (rows 32- but not 64-byte aligned), 1.2 MB and 328 KB: from 1 MiB on, rows
+    # go out with streaming stores.
+    c_out, c_in = {"linear": (300, 260), "linear-large": (528, 512), "linear-large-bf16": (1056, 528),
+                   "conv-nhwc-large": (256, 128)}.get(layer, (130, 70))
     dtype = torch.bfloat16 if layer.endswith("bf16") else torch.float32
     taps = () if layer.startswith("linear") else (3, 3)
-    fmt = torch.channels_last if layer == "conv-nhwc" else torch.contiguous_format
+    fmt = torch.channels_last if layer.startswith("conv-nhwc") else torch.contiguous_format
     weight = torch.randn(c_out, c_in, *taps, generator=gen).to(dtype).contiguous(memory_format=fmt)
     theta, seed = torch.rand(c_out, generator=gen), torch.tensor(7)
 
@@ -496,16 +499,16 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     del first, second
     third = call(subset(c_in, 40), subset(c_out, 30))  # compared with the reference inside call()
     assert third.data_ptr() in used, "a dropped gradient buffer was not reused"
-    # A gradient changed in place after use (an optimizer's in-place ops, grad.zero_()) leaves nothing
-    # behind in the next gradient written into its buffer.
+    # A gradient changed in place after use, even by a write its version counter does not see, leaves
+    # nothing behind in the next gradient written into its buffer.
     del third
     kernels.release_cached_memory()  # the next gradient gets the one free buffer below
     alive_out = subset(c_out, 30)
     fourth = call(subset(c_in, 40), alive_out)
-    fourth.fill_(5.0)
+    fourth.data.fill_(5.0)  # through .data: unseen by the version counter, as NumPy views or collectives
     at = fourth.data_ptr()
     del fourth
-    fifth = call(subset(c_in, 50), alive_out)  # the same rows alive: only they would be written
+    fifth = call(subset(c_in, 50), alive_out)  # the same rows alive as in the changed gradient
     assert fifth.data_ptr() == at, "the gradient buffer changed in place was not the one reused"
 
 

@@ -368,7 +368,7 @@ void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint
     for (int64_t k = 0; k < s.taps; ++k) expand_run<B>(srow + k * ai, masks, s.in, drow + k * s.in);
     return;
   }
-  // Zero the row, then write its alive entries: one streaming pass plus a sparse one.
+  // Zero the row, then write its alive entries: a memset plus a sparse pass.
   std::memset(drow, 0, s.in * s.taps * sizeof(B));
   if (srow == nullptr) return;
   if (s.in_runs()) {
@@ -381,9 +381,10 @@ void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint
 }
 
 // Whether scatter rows go out with streaming stores: 4- or 2-byte elements on the vector path (masks
-// given), runs of whole 16-element vectors from a 64-byte aligned start, and a gradient too large to
-// stay in cache, where writing through the cache would first read every line and evict the operands
-// of the GEMMs around it.
+// given), runs of whole 16-element vectors (from a 64-byte aligned base, each run starts 64-byte
+// aligned for 4-byte and 32-byte aligned for 2-byte elements, as the 512- and 256-bit stores need),
+// and a gradient too large to stay in cache, where writing through the cache would first read every
+// line and evict the operands of the GEMMs around it.
 bool streams(const WeightShape& s, const Tensor& out, const uint16_t* masks) {
   constexpr int64_t kMinStreamBytes = int64_t(1) << 20;
   return masks != nullptr && (out.element_size() == 4 || out.element_size() == 2) && s.in_runs() &&
