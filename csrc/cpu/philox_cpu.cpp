@@ -6,6 +6,7 @@
 
 #include "../philox.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -29,6 +30,26 @@ void philox_gates_scalar(uint64_t seed, uint32_t base, const uint32_t* unit, con
 }
 
 #ifdef CADK_HAVE_AVX2_PATH
+
+// The last count < W units as one W-lane block, padded by repeating the last unit: a scalar Philox
+// per unit costs more than the whole block. The block draws into `drawn` ([rows, W]), whose first
+// count columns tail_out copies out.
+template <int W>
+struct PaddedTail {
+  uint32_t unit[W];
+  float theta[W];
+  uint8_t drawn[4 * W];
+  PaddedTail(const uint32_t* u, const float* t, int64_t count) {
+    for (int i = 0; i < W; ++i) {
+      const int64_t from = std::min<int64_t>(i, count - 1);
+      unit[i] = u[from];
+      theta[i] = t[from];
+    }
+  }
+  void copy_out(int64_t count, int rows, uint8_t* out, int64_t stride) const {
+    for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride, drawn + r * W, size_t(count));
+  }
+};
 
 // The 8 gate bytes (0 or 1) of each 8-bit lane mask.
 struct GateBytes {
@@ -121,7 +142,11 @@ __attribute__((target("avx2"))) void philox_gates_avx2(uint64_t seed, uint32_t b
   int64_t k = 0;
   for (; k + 32 <= count; k += 32) philox_block<4>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
   for (; k + 8 <= count; k += 8) philox_block<1>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
-  philox_gates_scalar(seed, base, unit + k, theta + k, count - k, rows, out + k, stride);
+  if (k < count) {
+    PaddedTail<8> tail(unit + k, theta + k, count - k);
+    philox_block<1>(seed, vbase, tail.unit, tail.theta, rows, tail.drawn, 8);
+    tail.copy_out(count - k, rows, out + k, stride);
+  }
 }
 
 // The same words 16 lanes at a time. mul_epu32 multiplies even lanes; masked 32-bit shuffles merge
@@ -201,7 +226,11 @@ __attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint3
   int64_t k = 0;
   for (; k + 64 <= count; k += 64) philox_block16<4>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
   for (; k + 16 <= count; k += 16) philox_block16<1>(seed, vbase, unit + k, theta + k, rows, out + k, stride);
-  philox_gates_avx2(seed, base, unit + k, theta + k, count - k, rows, out + k, stride);
+  if (k < count) {
+    PaddedTail<16> tail(unit + k, theta + k, count - k);
+    philox_block16<1>(seed, vbase, tail.unit, tail.theta, rows, tail.drawn, 16);
+    tail.copy_out(count - k, rows, out + k, stride);
+  }
 }
 
 // CADK_CPU_CAPABILITY=avx2|default caps the vector paths (read once), as ATEN_CPU_CAPABILITY
