@@ -33,7 +33,7 @@ void philox_gates_scalar(uint64_t seed, uint32_t base, const uint32_t* unit, con
 
 // The last count < W units as one W-lane block, padded by repeating the last unit: a scalar Philox
 // per unit costs more than the whole block. The block draws into `drawn` ([rows, W]), whose first
-// count columns tail_out copies out.
+// count columns copy_out copies out.
 template <int W>
 struct PaddedTail {
   uint32_t unit[W];

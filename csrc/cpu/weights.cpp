@@ -357,12 +357,10 @@ template <typename B>
 void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint16_t* masks, const B* srow,
                  B* drow, bool stream) {
   if (stream) {
-    if constexpr (sizeof(B) == 4 || sizeof(B) == 2) {
-      for (int64_t k = 0; k < s.taps; ++k) {
-        stream_run(srow == nullptr ? nullptr : srow + k * ai, masks, s.in, drow + k * s.in);
-      }
-      return;
+    for (int64_t k = 0; k < s.taps; ++k) {
+      stream_run(srow == nullptr ? nullptr : srow + k * ai, masks, s.in, drow + k * s.in);
     }
+    return;
   }
   if (srow != nullptr && masks != nullptr) {
     for (int64_t k = 0; k < s.taps; ++k) expand_run<B>(srow + k * ai, masks, s.in, drow + k * s.in);
@@ -380,16 +378,15 @@ void scatter_row(const WeightShape& s, const int64_t* ip, int64_t ai, const uint
   }
 }
 
-// Whether scatter rows go out with streaming stores: 4- or 2-byte elements on the vector path (masks
-// given), runs of whole 16-element vectors (from a 64-byte aligned base, each run starts 64-byte
+// Whether scatter rows go out with streaming stores: rows on the vector path (masks given, so 4- or
+// 2-byte elements), runs of whole 16-element vectors (from a 64-byte aligned base, each run starts 64-byte
 // aligned for 4-byte and 32-byte aligned for 2-byte elements, as the 512- and 256-bit stores need),
 // and a gradient too large to stay in cache, where writing through the cache would first read every
 // line and evict the operands of the GEMMs around it.
 bool streams(const WeightShape& s, const Tensor& out, const uint16_t* masks) {
   constexpr int64_t kMinStreamBytes = int64_t(1) << 20;
-  return masks != nullptr && (out.element_size() == 4 || out.element_size() == 2) && s.in_runs() &&
-         s.in % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 &&
-         out.nbytes() >= size_t(kMinStreamBytes);
+  return masks != nullptr && s.in_runs() && s.in % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0 && out.nbytes() >= size_t(kMinStreamBytes);
 }
 
 int64_t row_grain(const WeightShape& s) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.in * s.taps)); }
