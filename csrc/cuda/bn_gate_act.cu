@@ -88,12 +88,14 @@ __global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scala
   for_each_row_group(L, c, [&](const RowGroup& rg) {
     acc_t v[kUnroll];
     load_rows(x, rg, v);
+    float xi[kUnroll];
+    gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
       const scalar_t p = activate<scalar_t, kRelu>(v[u] * f.scale + f.shift);
       if (pre != nullptr) pre[rg.off[u]] = p;
-      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(gate(rg.n[u])));
+      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(xi[u]));
     }
   });
 }
@@ -118,10 +120,12 @@ __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
       load_rows(x, rg, xv);
+      float xi[kUnroll];
+      gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (!rg.valid[u]) continue;
-        const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+        const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
         s.v[0] += dy[u] * p[u];
         s.v[1] += dz;
         s.v[2] += dz * (xv[u] - m);
@@ -158,10 +162,12 @@ __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t*
     load_rows(grad_y, rg, dy);
     load_rows(pre, rg, p);
     load_rows(x, rg, xv);
+    float xi[kUnroll];
+    gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
-      const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+      const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
       const acc_t xhat = (xv[u] - m) * rstd;
       grad_x[rg.off[u]] = static_cast<scalar_t>(k * (dz - mean_dz - xhat * mean_dz_xhat));
     }

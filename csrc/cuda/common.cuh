@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
@@ -133,28 +134,49 @@ constexpr int kThreads = 256;  // threads per block of every channel-wise kernel
 constexpr int kUnroll = 4;     // rows per thread whose loads are issued together
 
 // Up to kUnroll rows of one thread's channel: example index and element offset of each.
+// aligned: the rows are examples n[0] .. n[0] + 3 with n[0] a multiple of 4, whose gates one Philox
+// evaluation gives (philox.h).
 struct RowGroup {
   int64_t n[kUnroll];
   int64_t off[kUnroll];
   bool valid[kUnroll];
+  bool aligned;
 };
+static_assert(kUnroll == 4, "aligned row groups take the four words of one Philox evaluation");
 
 __device__ __forceinline__ int64_t channel_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-// Calls body(group) over this thread's rows of channel c, kUnroll rows at a time. (n, s) advance
-// incrementally, so the loop has no integer division.
+// Calls body(group) over this thread's rows of channel c, kUnroll rows at a time. When rows are
+// examples (S == 1) a thread takes aligned groups of kUnroll consecutive rows; else rows a grid
+// stride apart, with (n, s) advancing incrementally so the loop has no integer division. Either
+// way the threads along x (consecutive channels) of one load read the same row.
 template <typename F>
 __device__ __forceinline__ void for_each_row_group(const Layout& L, int64_t c, const F& body) {
   const int64_t rows = L.rows();
   const int64_t step = static_cast<int64_t>(blockDim.y) * gridDim.y;
   int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (L.S == 1) {
+    for (r *= kUnroll; r < rows; r += step * kUnroll) {
+      RowGroup g;
+      g.aligned = true;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        g.n[u] = r + u;
+        g.valid[u] = r + u < rows;
+        g.off[u] = L.offset(r + u, 0, c);
+      }
+      body(g);
+    }
+    return;
+  }
   if (r >= rows) return;
   int64_t n = r / L.S, s = r % L.S;
   const int64_t dn = step / L.S, ds = step % L.S;
   while (r < rows) {
     RowGroup g;
+    g.aligned = false;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       g.valid[u] = r < rows;
@@ -209,6 +231,18 @@ __device__ __forceinline__ Sums<T, K> add_sums(const Sums<T, K>& a, const Sums<T
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Streaming multiprocessors of the current device, queried once per device.
+inline int multiprocessor_count() {
+  static std::atomic<int> cached[64];  // zero-initialised: static storage
+  const int device = c10::cuda::current_device();
+  const int known = device < 64 ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (known > 0) return known;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cached[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
 struct LaunchShape {
   dim3 grid, block;
 };
@@ -223,8 +257,7 @@ inline LaunchShape channel_launch(const Layout& L) {
   }
   const int64_t tr = kThreads / tc;
   const int64_t gx = ceil_div(L.A, tc);
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int sms = multiprocessor_count();
   const int64_t blocks_per_sm = 2048 / kThreads;
   const int64_t row_blocks = std::min<int64_t>(ceil_div(L.rows(), tr * kUnroll), 65535);
   const int64_t gy = std::clamp<int64_t>(ceil_div(sms * blocks_per_sm, gx), 1, std::max<int64_t>(row_blocks, 1));
@@ -288,6 +321,18 @@ class ChannelGate {
     return value_;
   }
 
+  // The gates of a row group's examples (rows past the end get any value).
+  __device__ __forceinline__ void fill(const RowGroup& g, float (&xi)[kUnroll]) const {
+    if (sampled_ && g.aligned) {
+      const PhiloxWords w = cadk::philox4(seed_, cadk::philox_counter(g.n[0], unit_, units_));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) xi[u] = cadk::philox_uniform(w.w[u]) < theta_ ? 1.0f : 0.0f;
+      return;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) xi[u] = g.valid[u] ? (*this)(g.n[u]) : 0.0f;
+  }
+
  private:
   float value_ = 1.0f;
   const float* table_ = nullptr;
@@ -332,9 +377,17 @@ __device__ __forceinline__ acc_t gated_grad(acc_t dy, acc_t pre, float xi) {
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return ::rsqrt(v); }
 
+// A new tensor of zeros on the current device: one cudaMemsetAsync, where at::zeros costs a fill
+// kernel and its dispatch (host time that small layers wait for).
+inline Tensor zeros_fast(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  if (t.nbytes() > 0) C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), current_stream()));
+  return t;
+}
+
 // Full-size zero accumulator of `units` entries in the math dtype of `like`.
 inline Tensor zero_sums(int64_t units, const Tensor& like) {
-  return at::zeros({units}, like.options().dtype(at::toOpMathType(like.scalar_type())));
+  return zeros_fast({units}, like.options().dtype(at::toOpMathType(like.scalar_type())));
 }
 
 template <typename T>

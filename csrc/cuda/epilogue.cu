@@ -17,22 +17,24 @@ __global__ void gate_table_kernel(GateParams g, int64_t total, float* out) {
 }
 
 template <typename scalar_t, bool kRelu>
-__global__ void gate_forward_kernel(const scalar_t* z, const at::opmath_type<scalar_t>* bias, GateParams g,
-                                    Layout L, scalar_t* pre, scalar_t* y) {
+__global__ void gate_forward_kernel(const scalar_t* z, const scalar_t* bias, GateParams g, Layout L, scalar_t* pre,
+                                    scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = channel_index();
   if (c >= L.A) return;  // no block-wide synchronisation below
-  const acc_t b = bias != nullptr ? bias[unit_of(g, c)] : acc_t(0);
+  const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[unit_of(g, c)]) : acc_t(0);
   const ChannelGate<scalar_t> gate(g, c);
   for_each_row_group(L, c, [&](const RowGroup& rg) {
     acc_t v[kUnroll];
     load_rows(z, rg, v);
+    float xi[kUnroll];
+    gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
       const scalar_t p = activate<scalar_t, kRelu>(v[u] + b);
       if (pre != nullptr) pre[rg.off[u]] = p;
-      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(gate(rg.n[u])));
+      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(xi[u]));
     }
   });
 }
@@ -52,10 +54,12 @@ __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre
       acc_t dy[kUnroll], p[kUnroll];
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
+      float xi[kUnroll];
+      gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (!rg.valid[u]) continue;
-        const acc_t gz = gated_grad<scalar_t, kRelu>(dy[u], p[u], gate(rg.n[u]));
+        const acc_t gz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
         grad_z[rg.off[u]] = static_cast<scalar_t>(gz);
         s.v[0] += dy[u] * p[u];
         s.v[1] += gz;
@@ -81,14 +85,15 @@ Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, 
   gate.params.units = units;
   if (!theta.has_value()) return gate;
   TORCH_CHECK(theta->numel() == units, "cadk: theta has ", theta->numel(), " entries for ", units, " units");
-  gate.theta = theta->detach().to(at::kFloat).contiguous();
+  // Below autograd here: theta's data is read as it is, no detach needed.
+  gate.theta = theta->scalar_type() == at::kFloat ? theta->contiguous() : theta->to(at::kFloat).contiguous();
   gate.params.theta = gate.theta.data_ptr<float>();
   gate.params.training = training;
   if (!training) return gate;
   TORCH_CHECK(L.N * units <= kPhiloxMaxOffset, "cadk gates: batch ", L.N, " x ", units,
               " units exceeds the 2^31 Philox counter range; split the batch");
   if (seed.device().is_cpu()) {
-    gate.params.seed = seed.item<int64_t>();
+    gate.params.seed = *seed.const_data_ptr<int64_t>();  // a host read, without item()'s dispatch
   } else {
     gate.params.seed_ptr = seed.data_ptr<int64_t>();
   }
@@ -105,14 +110,15 @@ Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, 
 
 void gate_forward(const Tensor& z, const Tensor& bias, const Gate& gate, bool relu, const Tensor& pre,
                   const Tensor& y) {
+  TORCH_INTERNAL_ASSERT(!bias.defined() || (bias.scalar_type() == z.scalar_type() && bias.is_contiguous()),
+                        "cadk: the epilogue bias must be contiguous in z's dtype");
   const Layout L = layout_of(z);
   if (L.numel() == 0) return;
   const LaunchShape shape = channel_launch(L);
   CADK_DISPATCH_FLOATING(z.scalar_type(), "cadk_gate_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     with_bool(relu, [&](auto use_relu) {
       gate_forward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
-          z.data_ptr<scalar_t>(), ptr_or_null<acc_t>(bias), gate.params, L, ptr_or_null<scalar_t>(pre),
+          z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), gate.params, L, ptr_or_null<scalar_t>(pre),
           y.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -8,7 +8,7 @@
 namespace cadk::cuda {
 
 // y = xi * act(z + bias[unit]) and pre = act(z + bias[unit]) in z's layout; pre may be undefined
-// (not stored), pre and y may be z itself. bias: full-size in z's math dtype, or undefined.
+// (not stored), pre and y may be z itself. bias: full-size in z's dtype, or undefined.
 void gate_forward(const Tensor& z, const Tensor& bias, const Gate& gate, bool relu, const Tensor& pre,
                   const Tensor& y);
 

@@ -1,6 +1,6 @@
-// gate_apply, gated_linear and gated_conv2d on CUDA: alive weight rows/columns gathered with
-// index_select, cuBLAS / cuDNN on the compact shapes (at::addmm, at::convolution[_backward]), and
-// the fused channel-wise kernels of epilogue.cu around them. Also registers all CUDA kernels.
+// gate_apply, gated_linear and gated_conv2d on CUDA: alive weight blocks gathered by one kernel
+// (weights.cu), cuBLAS / cuDNN on the compact shapes (at::mm, at::convolution[_backward]), and the
+// fused channel-wise kernels of epilogue.cu around them. Also registers all CUDA kernels.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -12,40 +12,10 @@
 
 #include "epilogue.cuh"
 #include "ops.cuh"
+#include "weights.cuh"
 
 namespace cadk::cuda {
 namespace {
-
-bool is_full(const Tensor& alive, int64_t full) { return alive.numel() == full; }
-
-// weight[alive_out][:, alive_in] in weight's memory format; weight itself when both sets are full.
-Tensor gather_weight(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
-  const bool full_out = is_full(alive_out, weight.size(0)), full_in = is_full(alive_in, weight.size(1));
-  if (full_out && full_in) return weight;
-  Tensor w = full_out ? weight : weight.index_select(0, alive_out);
-  if (!full_in) w = w.index_select(1, alive_in);
-  return w.contiguous(format_of(weight));
-}
-
-// Full-size tensor shaped, typed and formatted like `full_like` holding `compact` at the alive
-// rows and columns and zeros elsewhere.
-Tensor scatter_weight(const Tensor& compact, const Tensor& full_like, const Tensor& alive_in,
-                      const Tensor& alive_out) {
-  const auto options = full_like.options().memory_format(format_of(full_like));
-  Tensor out = compact.to(full_like.scalar_type());
-  for (int64_t d : {1, 0}) {
-    const Tensor& alive = d == 1 ? alive_in : alive_out;
-    if (is_full(alive, full_like.size(d))) continue;
-    std::vector<int64_t> sizes = out.sizes().vec();
-    sizes[d] = full_like.size(d);
-    out = at::zeros(sizes, options).index_copy_(d, alive, out);
-  }
-  return out.contiguous(format_of(full_like));
-}
-
-Tensor gather_vector(const Tensor& v, const Tensor& alive) {
-  return is_full(alive, v.size(0)) ? v : v.index_select(0, alive);
-}
 
 // Full-size math-dtype sums as `dtype` (the gradient of a full-size parameter).
 Tensor as_grad(const Tensor& sums, at::ScalarType dtype) { return sums.to(dtype); }
@@ -169,10 +139,12 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
   const bool relu = parse_relu(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor w = gather_weight(weight, alive_in, alive_out);
-  // The bias rides in the cuBLASLt epilogue; activation and gate follow in one pass.
-  Tensor z = bias.has_value() ? at::addmm(gather_vector(*bias, alive_out), x, w.t()) : at::mm(x, w.t());
+  // In fp32/fp64 the epilogue adds the full-size bias by unit (no gather, no extra launch); in 16-bit
+  // dtypes it rides in the cuBLASLt epilogue, so z is rounded once, as the reference's addmm.
+  const bool bias_in_gemm = bias.has_value() && at::isReducedFloatingType(x.scalar_type());
+  Tensor z = bias_in_gemm ? at::addmm(gather_vector(*bias, alive_out), x, w.t()) : at::mm(x, w.t());
   const Gate gate = make_gate(theta, alive_out, seed, training, weight.size(0), layout_of(z));
-  return epilogue_forward(z, Tensor(), gate, relu);
+  return epilogue_forward(z, bias.has_value() && !bias_in_gemm ? bias->contiguous() : Tensor(), gate, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
@@ -209,15 +181,14 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor z;
   if (degenerate(alive_in, alive_out)) {
-    z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
+    z = zeros_fast({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
   } else {
     const Tensor w = gather_weight(weight, alive_in, alive_out);
     z = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, 1).contiguous(geo.fmt);
   }
   // cuDNN would add the bias in a separate pass; the epilogue reads it by unit instead.
-  const Tensor b = bias.has_value() ? bias->to(at::toOpMathType(x.scalar_type())).contiguous() : Tensor();
   const Gate gate = make_gate(theta, alive_out, seed, training, weight.size(0), layout_of(z));
-  return epilogue_forward(z, b, gate, relu);
+  return epilogue_forward(z, bias.has_value() ? bias->contiguous() : Tensor(), gate, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
@@ -241,8 +212,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   const EpilogueGrads g = epilogue_backward(grad_y.contiguous(geo.fmt), p, gate, relu, has_bias);
   Tensor grad_x = no_grad_like(x), grad_wc;
   if (degenerate(alive_in, alive_out)) {
-    if (need_grad_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
-    grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
+    if (need_grad_x) grad_x = zeros_fast(x.sizes(), x.options().memory_format(geo.fmt));
+    grad_wc = zeros_fast({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
   } else {
     const Tensor w = gather_weight(weight, alive_in, alive_out);
     Tensor gx;
