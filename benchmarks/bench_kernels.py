@@ -7,7 +7,8 @@ random order: a variant's time depends on what the one before it left in the cac
   masked            the full-size dense op, then a 0/1 output-channel mask (what pruning by masks,
                     e.g. torch.nn.utils.prune, costs);
   floor             the plain dense op on the compacted shapes (small weights, no gate): the floor.
-and prints medians with the ratios gated/floor and gated/masked.
+and prints medians with the ratios gated/floor and gated/masked. `--layers residual` times a residual
+block's gated output instead (the Residual class below: fused op, unfused ops, masked, floor).
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--small] [--json out.json]
 """
@@ -34,14 +35,18 @@ BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")
 SIZES = {
     # Per-call overhead: the host work around a layer's kernels, which small networks pay per layer.
     "tiny": {"linear": dict(batch=2, c_in=8, c_out=8),
-             "conv3x3": dict(batch=1, c_in=4, c_out=4, hw=4)},
+             "conv3x3": dict(batch=1, c_in=4, c_out=4, hw=4),
+             "residual": dict(batch=1, c_in=4, c_out=4, hw=4)},
     "small": {"linear": dict(batch=128, c_in=256, c_out=256),
-              "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16)},
+              "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16),
+              "residual": dict(batch=16, c_in=32, c_out=32, hw=16)},
     "default": {"linear": dict(batch=512, c_in=1024, c_out=1024),
-                "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32)},
+                "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32),
+                "residual": dict(batch=128, c_in=64, c_out=64, hw=32)},
     # Enough work to keep a data-centre GPU busy, so launch and host overheads do not dominate.
     "large": {"linear": dict(batch=4096, c_in=4096, c_out=4096),
-              "conv3x3": dict(batch=128, c_in=128, c_out=128, hw=56)},
+              "conv3x3": dict(batch=128, c_in=128, c_out=128, hw=56),
+              "residual": dict(batch=128, c_in=128, c_out=128, hw=56)},
 }
 
 
@@ -111,6 +116,66 @@ class Layer:
 
         def step():
             F.relu(self._dense(*leaves)).backward(self.grad_y)
+        return _with_leaves(leaves, step)
+
+
+class Residual:
+    """A residual block's output relu(shortcut + xi[n] * branch) over the stream's kept channels:
+    gated[<backend>] the fused op; unfused[<backend>] the backend's gate_apply, then add and ReLU (what a
+    block cost before the fused op); masked the same sum at full width, the gate a plain multiply;
+    floor the compacted block's relu(shortcut + branch)."""
+
+    def __init__(self, spec: dict, keep: float, device, dtype, fmt, gen):
+        n, c, hw = spec["batch"], spec["c_out"], spec["hw"]
+        alive = alive_subset(c, keep, gen)
+        opts = dict(device=device, dtype=dtype)
+
+        def make(channels):
+            return torch.randn(n, channels, hw, hw, **opts).contiguous(memory_format=fmt)
+        self.shortcut, self.branch = make(alive.numel()), make(alive.numel())
+        self.shortcut_full, self.branch_full = make(c), make(c)
+        self.theta = torch.full((1,), 0.9, device=device)
+        self.alive = torch.zeros(1, dtype=torch.int64, device=device)
+        self.seed = torch.tensor(12345, dtype=torch.int64)
+        self.xi = (torch.rand(n, 1, 1, 1, generator=gen) < 0.9).to(**opts)
+        self.grad_y = torch.randn_like(self.shortcut)
+        self.grad_full = torch.randn_like(self.shortcut_full)
+
+    def gated(self, backend: str):
+        module = backend_module(backend)
+        leaves = [self.shortcut, self.branch, self.theta]
+
+        def step():
+            s, b, th = leaves
+            module.gated_residual(s, b, th, self.alive, self.seed, True).backward(self.grad_y)
+        return _with_leaves(leaves, step)
+
+    def unfused(self, backend: str):
+        module = backend_module(backend)
+        leaves = [self.shortcut, self.branch, self.theta]
+
+        def step():
+            s, b, th = leaves
+            v = b.permute(0, 2, 3, 1) if b.is_contiguous(memory_format=torch.channels_last) else b
+            gated = module.gate_apply(v.reshape(b.shape[0], 1, -1), th, self.alive, self.seed, True)
+            gated = gated.view(v.shape).permute(0, 3, 1, 2) if v is not b else gated.view(b.shape)
+            F.relu(s + gated).backward(self.grad_y)
+        return _with_leaves(leaves, step)
+
+    def masked(self):
+        leaves = [self.shortcut_full, self.branch_full]
+
+        def step():
+            s, b = leaves
+            F.relu(s + self.xi * b).backward(self.grad_full)
+        return _with_leaves(leaves, step)
+
+    def floor(self):
+        leaves = [self.shortcut, self.branch]
+
+        def step():
+            s, b = leaves
+            F.relu(s + b).backward(self.grad_y)
         return _with_leaves(leaves, step)
 
 
@@ -200,7 +265,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
                    help="layout of conv activations and weights")
-    p.add_argument("--layers", default="linear,conv3x3")
+    p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, residual")
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--backends", default=None, help="comma list (default: all available for the device)")
     p.add_argument("--warmup", type=int, default=3)
@@ -228,14 +293,19 @@ def main(argv=None) -> list[dict]:
     for kind in args.layers.split(","):
         repeats = args.repeats or _default_repeats(kind, args.device, size)
         for keep in map(float, args.keeps.split(",")):
-            layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
-            steps = {f"gated[{b}]": layer.gated(b) for b in backends}
+            if kind == "residual":
+                layer = Residual(specs[kind], keep, args.device, dtype, fmt, gen)
+                steps = {f"gated[{b}]": layer.gated(b) for b in backends}
+                steps.update({f"unfused[{b}]": layer.unfused(b) for b in backends})
+            else:
+                layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
+                steps = {f"gated[{b}]": layer.gated(b) for b in backends}
             steps.update(masked=layer.masked(), floor=layer.floor())
             ms = time_round_robin(steps, args.device, args.warmup, repeats)
             if args.profile and not results:
                 profile(steps, args.device)
             for name, t in ms.items():
-                gated = name.startswith("gated")
+                gated = name.startswith(("gated", "unfused"))
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
                            threads=torch.get_num_threads(), shape=specs[kind], malloc=malloc,
                            vs_floor=t / ms["floor"] if gated else None,

@@ -13,8 +13,8 @@
 # The steps share a time budget (BUDGET_S, default 560 s) so the whole run stays under 10 minutes;
 # a step that would exceed it is cut off and counted as failed. Env: PYTHON (python3),
 # MAX_JOBS (parallel compile jobs, default: all cores), TORCH_CUDA_ARCH_LIST (default: this GPU's),
-# TESTS=cuda runs only the CUDA backend's tests (about 4 minutes less, for a lease too short for the
-# Triton ones, whose first calls compile every kernel), BASELINE=DIR also builds the cadk sources in DIR
+# TESTS=cuda runs only the CUDA backend's tests (about 4 minutes less, when GPU time is too short for
+# the Triton ones, whose first calls compile every kernel), BASELINE=DIR also builds the cadk sources in DIR
 # (an earlier checkout; in parallel with this build and the tests) and times its CUDA backend after
 # this one's, so a change is measured before and after on the same GPU.
 set -uo pipefail
@@ -116,6 +116,7 @@ for spec in "${SPECS[@]}"; do
   step "backends_${spec%%:*}" 120 "${BENCH[@]}" --backends cuda,triton ${spec#*:} \
     --json "$OUT/bench_kernels_cuda_${spec%%:*}_backends.json"
 done
+step residual 90 "${BENCH[@]}" --layers residual --backends cuda,triton --json "$OUT/bench_kernels_cuda_residual.json"
 # A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
 step train_step 90 "$PYTHON" benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10
 step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends cuda,triton --profile

@@ -68,6 +68,9 @@ variable_list layer_grads(size_t count, const Grads4& g, bool need_grad_x, bool 
 using GateFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool);
 using GateBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                            const Tensor&, bool);
+using ResidualFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool);
+using ResidualBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                       const Tensor&, const Tensor&, bool);
 using LinearFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                              const Tensor&, const Tensor&, const Tensor&, c10::string_view, bool);
 using LinearBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -109,6 +112,27 @@ struct GateApply : Function<GateApply> {
     const variable_list s = ctx->get_saved_variables();
     auto [grad_pre, grad_theta] = bwd.call(grads[0], s[0], s[1], s[2], s[3], ctx->saved_data["training"].toBool());
     return {grad_pre, grad_theta, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct GatedResidual : Function<GatedResidual> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& shortcut, const Tensor& branch, const Tensor& theta,
+                        const Tensor& alive, const Tensor& seed, bool training) {
+    static const auto fwd = op<ResidualFwd>("cadk::gated_residual_fwd");
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor y = fwd.call(shortcut, branch, theta, alive, seed, training);
+    ctx->save_for_backward({y, branch, theta, alive, seed});
+    ctx->saved_data["training"] = training;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<ResidualBwd>("cadk::gated_residual_bwd");
+    check_first_order();
+    const variable_list s = ctx->get_saved_variables();
+    auto [grad_shortcut, grad_branch, grad_theta] =
+        bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["training"].toBool());
+    return {grad_shortcut, grad_branch, grad_theta, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -212,6 +236,11 @@ Tensor gate_apply_autograd(const Tensor& pre, const Tensor& theta, const Tensor&
   return GateApply::apply(pre, theta, alive, seed, training);
 }
 
+Tensor gated_residual_autograd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta,
+                               const Tensor& alive, const Tensor& seed, bool training) {
+  return GatedResidual::apply(shortcut, branch, theta, alive, seed, training);
+}
+
 std::tuple<Tensor, Tensor> gated_linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                  const OptTensor& theta, const Tensor& alive_in,
                                                  const Tensor& alive_out, const Tensor& seed,
@@ -246,6 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_autograd(const Tensor& x,
 
 TORCH_LIBRARY_IMPL(cadk, Autograd, m) {
   m.impl("gate_apply_fwd", &cadk::gate_apply_autograd);
+  m.impl("gated_residual_fwd", &cadk::gated_residual_autograd);
   m.impl("gated_linear_fwd", &cadk::gated_linear_autograd);
   m.impl("gated_conv2d_fwd", &cadk::gated_conv2d_autograd);
   m.impl("bn_gate_act_fwd", &cadk::bn_gate_act_autograd);

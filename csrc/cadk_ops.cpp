@@ -16,6 +16,12 @@ TORCH_LIBRARY(cadk, m) {
   m.def("gate_apply_fwd(Tensor pre, Tensor theta, Tensor alive, Tensor seed, bool training) -> Tensor");
   m.def("gate_apply_bwd(Tensor grad_y, Tensor pre, Tensor theta, Tensor alive, Tensor seed, bool training)"
         " -> (Tensor, Tensor)");
+  // A residual block's output relu(shortcut + xi[n] * branch), xi the block's layer gate (one unit).
+  // Backward takes the output y (ReLU's derivative) and returns grads of shortcut, branch and theta.
+  m.def("gated_residual_fwd(Tensor shortcut, Tensor branch, Tensor theta, Tensor alive, Tensor seed,"
+        " bool training) -> Tensor");
+  m.def("gated_residual_bwd(Tensor grad_y, Tensor y, Tensor branch, Tensor theta, Tensor alive, Tensor seed,"
+        " bool training) -> (Tensor, Tensor, Tensor)");
   m.def("gated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? theta, Tensor alive_in,"
         " Tensor alive_out, Tensor seed, str activation, bool training) -> (Tensor, Tensor)");
   m.def("gated_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor? theta,"

@@ -80,6 +80,22 @@ def gate_apply_case(gen, device, dtype, kind, training, with_theta, channels_las
     return Case([pre, theta, alive.to(device), seed, training], [0, 1])
 
 
+RESIDUAL_LAYOUTS = ("nchw", "nhwc", "mixed", "2d", "large")
+
+
+def gated_residual_case(gen, device, dtype, training, layout) -> Case:
+    """A block gate (one alive unit of 1-3) over branch and shortcut of one shape: NCHW, channels-last,
+    the two mixed, 2-D, or examples of more than one CPU task's 16384 values."""
+    units = randint(gen, 1, 3)
+    alive = torch.tensor([randint(gen, 0, units - 1)])
+    spatial = {"2d": (), "large": (48, 48)}.get(layout) or choice(gen, ((5, 7), (3, 4), (1, 1)))
+    shape = (randint(gen, 1, 9), 8 if layout == "large" else randint(gen, 1, 6)) + spatial
+    shortcut = randn(shape, gen, dtype, device, layout == "nhwc")
+    branch = randn(shape, gen, dtype, device, layout in ("nhwc", "mixed"))
+    seed = torch.tensor(randint(gen, 0, 2**40), dtype=torch.int64)
+    return Case([shortcut, branch, theta_values(units, gen).to(device), alive.to(device), seed, training], [0, 1, 2])
+
+
 def _layer_common(gen, device, kind_in, kind_out, with_theta, with_bias, channels=None):
     c_in, c_out = channels or (channels_for(kind_in, gen), channels_for(kind_out, gen))
     alive_in, alive_out = alive_set(kind_in, c_in, gen), alive_set(kind_out, c_out, gen)

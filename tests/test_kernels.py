@@ -13,8 +13,8 @@ import torch
 
 import cadk.kernels as kernels
 from cadk.kernels import philox, reference
-from kernel_cases import (ALIVE_KINDS, assert_close, bn_gate_act_case, choice, data_seed, gate_apply_case,
-                          gated_conv2d_case, gated_linear_case, run)
+from kernel_cases import (ALIVE_KINDS, RESIDUAL_LAYOUTS, assert_close, bn_gate_act_case, choice, data_seed,
+                          gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, run)
 
 
 def _backend_params():
@@ -116,6 +116,25 @@ def test_gated_conv2d(backend, gen, kinds, training, activation, with_theta, cha
     case = gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
                              with_bias=bool(int(torch.randint(2, (1,), generator=gen))))
     _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", RESIDUAL_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gated_residual(backend, gen, training, layout, dtype):
+    module, device = backend
+    case = gated_residual_case(gen, device, dtype, training, layout)
+    _compare("gated_residual", module.gated_residual, reference.gated_residual, case, dtype, gen)
+
+
+def test_gated_residual_needs_one_alive_unit(backend, gen):
+    module, device = backend
+    shortcut, branch, theta, alive, seed, _ = gated_residual_case(gen, device, torch.float32, True, "nchw").args
+    for bad in (alive[:0], torch.tensor([0, 1], device=device)):
+        with pytest.raises(RuntimeError, match="one unit of the block gate"):
+            module.gated_residual(shortcut, branch, torch.rand(2, device=device), bad, seed, True)
+    with pytest.raises(RuntimeError, match="must match in shape"):
+        module.gated_residual(torch.cat([shortcut, shortcut]), branch, theta, alive, seed, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -250,6 +269,7 @@ def test_opcheck(backend, gen):
     ops = torch.ops.cadk
     cases = [
         (ops.gate_apply_fwd, gate_apply_case(gen, device, torch.float32, "subset", True, True, True)),
+        (ops.gated_residual_fwd, gated_residual_case(gen, device, torch.float32, True, "nhwc")),
         (ops.gated_linear_fwd, gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
                                                  True)),
         (ops.gated_conv2d_fwd, gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu",
@@ -291,6 +311,25 @@ def test_compile_fullgraph_matches_eager(backend, gen):
         loss = fn(*leaves, *stats)
         loss.backward()
         return [loss.detach()] + [t.grad for t in leaves] + stats
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(grads(compiled), grads(step)):
+        assert_close(got, want, "compiled vs eager", torch.float32)
+
+
+def test_compile_fullgraph_residual_matches_eager(backend, gen):
+    module, device = backend
+    torch._dynamo.reset()
+    shortcut, branch, theta, alive, seed, _ = gated_residual_case(gen, device, torch.float32, True, "nhwc").args
+
+    def step(shortcut, branch, theta):
+        return (module.gated_residual(shortcut, branch, theta, alive, seed, True) ** 2).sum()
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (shortcut, branch, theta)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(grads(compiled), grads(step)):

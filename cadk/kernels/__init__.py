@@ -14,7 +14,7 @@ import torch
 from . import flops, reference
 
 _BACKENDS = {"reference": reference}
-OP_NAMES = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
+OP_NAMES = ("gate_apply", "gated_residual", "gated_linear", "gated_conv2d", "bn_gate_act")
 
 
 def register_backend(name: str, module) -> None:
@@ -68,6 +68,10 @@ def release_cached_memory() -> None:
 
 def gate_apply(pre, theta, alive, seed, training: bool):
     return _impl("gate_apply", pre.device)(pre, theta, alive, seed, training)
+
+
+def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
+    return _impl("gated_residual", branch.device)(shortcut, branch, theta, alive, seed, training)
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation="none", training=True):

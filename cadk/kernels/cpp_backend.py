@@ -34,7 +34,7 @@ if AVAILABLE and not torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated
                   "backends stay off until it is rebuilt: pip install --no-deps --no-build-isolation -e .")
     AVAILABLE = False
 
-_OPS = ("gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act")
+_OPS = ("gate_apply", "gated_residual", "gated_linear", "gated_conv2d", "bn_gate_act")
 
 
 # Read once: registrations are fixed after the import, and torch.compile cannot trace the query.
@@ -68,6 +68,10 @@ def _seed(seed) -> torch.Tensor:
 
 def gate_apply(pre, theta, alive, seed, training: bool):
     return torch.ops.cadk.gate_apply_fwd(pre, theta, alive, _seed(seed), training)
+
+
+def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
+    return torch.ops.cadk.gated_residual_fwd(shortcut, branch, theta, alive, _seed(seed), training)
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
@@ -212,6 +216,20 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cadk::gate_apply_bwd")
     def _(grad_y, pre, theta, alive, seed, training):
         return _empty(pre.shape, pre, _format(pre)), _empty(theta.shape, theta)
+
+    @torch.library.register_fake("cadk::gated_residual_fwd")
+    def _(shortcut, branch, theta, alive, seed, training):
+        torch._check(shortcut.shape == branch.shape and shortcut.dtype == branch.dtype,
+                     lambda: f"cadk gated_residual: shortcut {tuple(shortcut.shape)} {shortcut.dtype} and branch "
+                             f"{tuple(branch.shape)} {branch.dtype} must match in shape and dtype")
+        _check_alive(alive, 1, "alive")
+        _check_seed(seed)
+        return _empty(branch.shape, branch, _format(branch))
+
+    @torch.library.register_fake("cadk::gated_residual_bwd")
+    def _(grad_y, y, branch, theta, alive, seed, training):
+        fmt = _format(branch)
+        return _empty(branch.shape, branch, fmt), _empty(branch.shape, branch, fmt), _empty(theta.shape, theta)
 
     @torch.library.register_fake("cadk::gated_linear_fwd")
     def _(x, weight, bias, theta, alive_in, alive_out, seed, activation, training):

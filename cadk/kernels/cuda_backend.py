@@ -2,7 +2,7 @@
 import torch
 
 from . import cpp_backend
-from .cpp_backend import bn_gate_act, gate_apply, gated_conv2d, gated_linear  # noqa: F401
+from .cpp_backend import bn_gate_act, gate_apply, gated_conv2d, gated_linear, gated_residual  # noqa: F401
 
 AVAILABLE = cpp_backend.AVAILABLE
 

@@ -69,6 +69,26 @@ def gate_apply(pre: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed
     return _Gate.apply(pre, theta, alive, seed, training)
 
 
+def check_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor) -> None:
+    """The contract of gated_residual that every backend checks first, with the same messages."""
+    if shortcut.shape != branch.shape or shortcut.dtype != branch.dtype:
+        raise RuntimeError(f"cadk gated_residual: shortcut {tuple(shortcut.shape)} {shortcut.dtype} and branch "
+                           f"{tuple(branch.shape)} {branch.dtype} must match in shape and dtype")
+    if branch.dim() < 1:
+        raise RuntimeError("cadk gated_residual: branch must be [N, ...], got a 0-dim tensor")
+    if alive.dim() != 1 or alive.numel() != 1:
+        raise RuntimeError(f"cadk gated_residual: alive must list the one unit of the block gate, got shape "
+                           f"{tuple(alive.shape)}; a pruned block skips its branch (relu(shortcut))")
+
+
+def gated_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor,
+                   seed: torch.Tensor, training: bool) -> torch.Tensor:
+    """y = relu(shortcut + xi[n] * branch): the output of a residual block whose branch carries a layer
+    gate, xi[n] the gate of example n and unit alive[0] of theta (one unit: alive has one entry)."""
+    check_residual(shortcut, branch, theta, alive)
+    return F.relu(shortcut + gate_apply(branch.unsqueeze(1), theta, alive, seed, training).squeeze(1))
+
+
 def gather_weight(weight: torch.Tensor, alive_in: torch.Tensor, alive_out: torch.Tensor) -> torch.Tensor:
     """W[alive_out][:, alive_in]; its gradient lands in a zero full-size tensor."""
     w = weight if alive_out.numel() == weight.shape[0] else weight.index_select(0, alive_out)

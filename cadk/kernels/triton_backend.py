@@ -14,6 +14,7 @@ input shapes only, never from tensor values.
 - bn_gate_act: Triton batch statistics, BN-apply + act + gate in one pass, BN backward fused with the
   gate/act prologue. Running statistics are updated here in Python; the ops stay functional.
 - gate_apply: the channel-wise kernels alone.
+- gated_residual: gate_apply on the branch, then PyTorch's add and ReLU (no kernel of its own).
 
 Any layout whose trailing (spatial) dims merge into one strided dim runs without copies (NCHW and
 channels_last included); others are made contiguous first. Forward ops return (y, pre) with pre the
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import check_activation, gather_weight, safe_conv_args
+from .reference import check_activation, check_residual, gather_weight, safe_conv_args
 
 try:
     import triton
@@ -592,6 +593,12 @@ if AVAILABLE:
 
 def gate_apply(pre, theta, alive, seed, training: bool):
     return torch.ops.cadk.triton_gate_apply_fwd(pre, theta, alive, seed, training)
+
+
+def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
+    """relu(shortcut + xi[n] * branch) from this backend's gate kernel and PyTorch's add and ReLU."""
+    check_residual(shortcut, branch, theta, alive)
+    return F.relu(shortcut + gate_apply(branch.unsqueeze(1), theta, alive, seed, training).squeeze(1))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",

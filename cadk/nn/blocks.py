@@ -69,8 +69,7 @@ class GatedResidualBlock(nn.Module):
         b = x
         for conv in self.branch:
             b = conv(b)
-        b = _gate_examples(b, gate, seed, self.training)
-        return F.relu(s + b)
+        return K.gated_residual(s, b, gate.theta, gate.alive_idx, seed, self.training)
 
     def compact(self) -> nn.Module:
         shortcut = None if self.shortcut is None else self.shortcut.compact()
@@ -119,12 +118,3 @@ class GatedBottleneck(GatedResidualBlock):
         self.branch = nn.ModuleList([conv1, conv2, conv3])
         self._finish(theta_init)
 
-
-def _gate_examples(b: torch.Tensor, gate: UnitGate, seed, training: bool) -> torch.Tensor:
-    """The block gate xi[n] (one unit) times each example of b. gate_apply sees b as [N, 1, M] with each
-    example one dense run: a view for NCHW and channels-last alike, so neither direction copies."""
-    n = b.shape[0]
-    channels_last = b.dim() == 4 and not b.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last)
-    v = b.permute(0, 2, 3, 1) if channels_last else b
-    y = K.gate_apply(v.reshape(n, 1, -1), gate.theta, gate.alive_idx, seed, training).view(v.shape)
-    return y.permute(0, 3, 1, 2) if channels_last else y

@@ -28,6 +28,8 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(cadk, CPU, m) {
   m.impl("gate_apply_fwd", &cadk::cpu::gate_apply_fwd);
   m.impl("gate_apply_bwd", &cadk::cpu::gate_apply_bwd);
+  m.impl("gated_residual_fwd", &cadk::cpu::gated_residual_fwd);
+  m.impl("gated_residual_bwd", &cadk::cpu::gated_residual_bwd);
   m.impl("gated_linear_fwd", &cadk::cpu::gated_linear_fwd);
   m.impl("gated_linear_bwd", &cadk::cpu::gated_linear_bwd);
   m.impl("gated_conv2d_fwd", &cadk::cpu::gated_conv2d_fwd);

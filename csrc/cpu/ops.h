@@ -10,6 +10,12 @@ Tensor gate_apply_fwd(const Tensor& pre, const Tensor& theta, const Tensor& aliv
 std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pre, const Tensor& theta,
                                           const Tensor& alive, const Tensor& seed, bool training);
 
+Tensor gated_residual_fwd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta, const Tensor& alive,
+                          const Tensor& seed, bool training);
+std::tuple<Tensor, Tensor, Tensor> gated_residual_bwd(const Tensor& grad_y, const Tensor& y, const Tensor& branch,
+                                                      const Tensor& theta, const Tensor& alive, const Tensor& seed,
+                                                      bool training);
+
 std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                             const OptTensor& theta, const Tensor& alive_in,
                                             const Tensor& alive_out, const Tensor& seed,
