@@ -113,6 +113,10 @@ def _update_running_stats(running_mean, running_var, alive, mean, var, x, moment
         values = values * size
     unbiased = var * (values / (values - 1))
     with torch.no_grad():
+        if alive.numel() == running_mean.numel():  # every channel alive (sorted, unique): no gather/scatter
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            return
         rm = running_mean.index_select(0, alive)
         rv = running_var.index_select(0, alive)
         running_mean.index_copy_(0, alive, torch.lerp(rm, mean.to(rm.dtype), momentum))

@@ -61,8 +61,7 @@ class UnitGate(nn.Module):
 
     def next_seed(self) -> torch.Tensor:
         """Advance to a fresh sample (owner, once per training step) and return its seed."""
-        with torch.no_grad():
-            self.seed.add_(1)
+        self.seed.add_(1)  # a buffer that never requires grad: autograd records nothing, no no_grad needed
         return self.seed.clone()
 
     def current_seed(self) -> torch.Tensor:
