@@ -19,6 +19,10 @@
 # this one's, so a change is measured before and after on the same GPU.
 set -uo pipefail
 
+if [ -n "${BASELINE:-}" ]; then  # resolved before the cd below: relative to the caller's directory
+  given="$BASELINE"
+  BASELINE="$(cd "$given" 2>/dev/null && pwd)" || { echo "gpu_check: BASELINE=$given is not a directory"; exit 2; }
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-/tmp/cadk_gpu}"
@@ -62,7 +66,6 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build imports from here too
 
 if [ -n "${BASELINE:-}" ]; then
-  BASELINE="$(cd "$BASELINE" && pwd)"
   ( cd "$BASELINE" && MAX_JOBS=$(( (MAX_JOBS + 1) / 2 )) "$PYTHON" setup.py build_ext --inplace ) \
     >"$OUT/baseline_build.log" 2>&1 &
   BASELINE_BUILD=$!

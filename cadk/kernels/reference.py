@@ -57,8 +57,9 @@ class _Gate(torch.autograd.Function):
         grad_theta = None
         if ctx.needs_input_grad[1]:
             dims = [0] + list(range(2, pre.dim()))
-            per_unit = (dy.float() * pre.float()).sum(dim=dims)
-            grad_theta = torch.zeros(ctx.theta_shape, dtype=torch.float32, device=dy.device)
+            acc = torch.float64 if pre.dtype == torch.float64 else torch.float32  # the math dtype of the kernels
+            per_unit = (dy.to(acc) * pre.to(acc)).sum(dim=dims)
+            grad_theta = torch.zeros(ctx.theta_shape, dtype=acc, device=dy.device)
             grad_theta = grad_theta.index_add(0, alive, per_unit).to(ctx.theta_dtype)
         return grad_pre, grad_theta, None, None, None
 

@@ -50,12 +50,10 @@ Residual check_residual(const Tensor& shortcut, const Tensor& branch, const Tens
 std::vector<double> block_gates(const Tensor& theta, const Tensor& alive, const Tensor& seed, int64_t N,
                                 bool training, at::ScalarType dtype) {
   const int64_t unit = alive.data_ptr<int64_t>()[0];
-  const float theta_j = theta.to(at::kFloat).contiguous().data_ptr<float>()[unit];
-  if (!training) {
-    double rounded = 0.0;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "cadk_block_gate", [&] { rounded = scalar_t(theta_j); });
-    return std::vector<double>(N, rounded);
+  if (!training) {  // theta rounded from its own dtype, as make_gates and the reference do
+    return std::vector<double>(N, theta.select(0, unit).to(dtype).item<double>());
   }
+  const float theta_j = theta.select(0, unit).item<float>();  // Philox compares in fp32 (philox.h)
   TORCH_CHECK(N * theta.numel() <= kPhiloxMaxOffset, "cadk gates: batch ", N, " x ", theta.numel(),
               " units exceeds the 2^31 Philox counter range; split the batch");
   const uint64_t key = seed_value(seed);

@@ -72,16 +72,16 @@ double residual_backward(const Tensor& grad_y, const Tensor& y, const Tensor& br
       scalar_t* __restrict__ gs = gsp;
       scalar_t* __restrict__ gb = gbp;
       const acc_t x = static_cast<acc_t>(xi[n]);
-      acc_t sum = 0;
+      double sum = 0;  // in double: a float sum over a 16384-value chunk lost digits the reference keeps
       CADK_PRAGMA(omp simd reduction(+ : sum))
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t dy = acc_t(gy[i]);
         const acc_t g = acc_t(out[i]) <= acc_t(0) ? acc_t(0) : dy;  // ReLU's derivative from its output
         gs[i] = round_to<scalar_t>(g);
         gb[i] = round_to<scalar_t>(g * x);
-        sum += g * acc_t(b[i]);
+        sum += static_cast<double>(g * acc_t(b[i]));
       }
-      partial[t] = static_cast<double>(sum);
+      partial[t] = sum;
     });
   });
   double total = 0.0;
