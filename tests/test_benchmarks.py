@@ -29,6 +29,12 @@ def test_bench_kernels_tiny(tmp_path):
     assert "malloc=system" in stdout
 
 
+def test_bench_kernels_residual_tiny():
+    stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "1.0,0.5", "--layers", "residual",
+                  "--repeats", "1", "--warmup", "1", "--memory-format", "contiguous")
+    assert "unfused[reference]" in stdout and "gated[reference]" in stdout and "floor" in stdout
+
+
 def test_bench_train_step_random_pruning():
     stdout = _run("benchmarks/bench_train_step.py", "--random-keep", "0.5", "--batch", "2", "--rounds", "1",
                   "--repeats", "1")
