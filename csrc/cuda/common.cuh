@@ -308,6 +308,8 @@ class ChannelGate {
     } else if (g.table != nullptr) {
       table_ = g.table + c;
       stride_ = g.A;
+    } else if (theta_ >= 1.0f || theta_ <= 0.0f) {
+      value_ = theta_ >= 1.0f ? 1.0f : 0.0f;  // uniform < theta for every uniform in [0, 1), or for none
     } else {
       sampled_ = true;
       seed_ = load_seed(g);

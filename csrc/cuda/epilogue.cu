@@ -12,7 +12,8 @@ __global__ void gate_table_kernel(GateParams g, int64_t total, float* out) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
     const int64_t n = i / g.A, j = unit_of(g, i % g.A);
-    out[i] = cadk::philox_gate(seed, n, j, g.units, g.theta[j]);
+    const float theta = g.theta[j];  // 0 and 1 need no draw: uniform < theta for none or every uniform in [0, 1)
+    out[i] = theta >= 1.0f ? 1.0f : theta <= 0.0f ? 0.0f : cadk::philox_gate(seed, n, j, g.units, theta);
   }
 }
 
