@@ -70,7 +70,7 @@ def gate_apply(pre: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed
     return _Gate.apply(pre, theta, alive, seed, training)
 
 
-def check_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor) -> None:
+def check_residual(shortcut: torch.Tensor, branch: torch.Tensor, alive: torch.Tensor) -> None:
     """The contract of gated_residual that every backend checks first, with the same messages."""
     if shortcut.shape != branch.shape or shortcut.dtype != branch.dtype:
         raise RuntimeError(f"cadk gated_residual: shortcut {tuple(shortcut.shape)} {shortcut.dtype} and branch "
@@ -86,7 +86,7 @@ def gated_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Te
                    seed: torch.Tensor, training: bool) -> torch.Tensor:
     """y = relu(shortcut + xi[n] * branch): the output of a residual block whose branch carries a layer
     gate, xi[n] the gate of example n and unit alive[0] of theta (one unit: alive has one entry)."""
-    check_residual(shortcut, branch, theta, alive)
+    check_residual(shortcut, branch, alive)
     return F.relu(shortcut + gate_apply(branch.unsqueeze(1), theta, alive, seed, training).squeeze(1))
 
 

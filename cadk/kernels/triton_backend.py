@@ -597,7 +597,7 @@ def gate_apply(pre, theta, alive, seed, training: bool):
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
     """relu(shortcut + xi[n] * branch) from this backend's gate kernel and PyTorch's add and ReLU."""
-    check_residual(shortcut, branch, theta, alive)
+    check_residual(shortcut, branch, alive)
     # Each example as one dense run ([N, 1, M]): a view for NCHW and channels-last alike, no copies.
     cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
     v = branch.permute(0, 2, 3, 1) if cl else branch
