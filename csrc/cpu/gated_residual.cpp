@@ -2,7 +2,6 @@
 // carries a layer gate (one unit). One pass over the activations where gate, add and ReLU took three
 // forward (and two backward); each example is one dense run of M values in either memory format. The
 // loops (gated_residual_kernels.h) run in the build for this CPU: AVX-512 (avx512.cpp) or baseline.
-#include "../philox.h"
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
@@ -45,20 +44,16 @@ Residual check_residual(const Tensor& shortcut, const Tensor& branch, const Tens
   return {in_format(shortcut, fmt), in_format(branch, fmt), fmt, N, N == 0 ? 0 : branch.numel() / N};
 }
 
-// xi[n] of the block gate: Philox samples in training, theta rounded through the activation dtype in
-// eval (as the reference's theta.to(dtype)).
+// xi[n] of the block gate, from the gate table every op draws (make_gates): [N, 1] Philox bytes in
+// training (the forward's table kept for the backward), [1, 1] theta rounded through the activation
+// dtype in eval.
 std::vector<double> block_gates(const Tensor& theta, const Tensor& alive, const Tensor& seed, int64_t N,
-                                bool training, at::ScalarType dtype) {
-  const int64_t unit = alive.data_ptr<int64_t>()[0];
-  if (!training) {  // theta rounded from its own dtype, as make_gates and the reference do
-    return std::vector<double>(N, theta.select(0, unit).to(dtype).item<double>());
-  }
-  const float theta_j = theta.select(0, unit).item<float>();  // Philox compares in fp32 (philox.h)
-  TORCH_CHECK(N * theta.numel() <= kPhiloxMaxOffset, "cadk gates: batch ", N, " x ", theta.numel(),
-              " units exceeds the 2^31 Philox counter range; split the batch");
-  const uint64_t key = seed_value(seed);
+                                bool training, at::ScalarType dtype, Pass pass) {
+  const Gates gates = make_gates(theta, alive, seed, N, training, dtype, pass);
+  if (!training) return std::vector<double>(N, gates.table.item<double>());
+  const uint8_t* bytes = gates.table.data_ptr<uint8_t>();
   std::vector<double> xi(N);
-  for (int64_t n = 0; n < N; ++n) xi[n] = cadk::philox_gate(key, n, unit, theta.numel(), theta_j);
+  for (int64_t n = 0; n < N; ++n) xi[n] = bytes[n * gates.row_stride];
   return xi;
 }
 
@@ -67,7 +62,7 @@ std::vector<double> block_gates(const Tensor& theta, const Tensor& alive, const 
 Tensor gated_residual_fwd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta, const Tensor& alive,
                           const Tensor& seed, bool training) {
   const Residual r = check_residual(shortcut, branch, theta, alive, seed);
-  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type());
+  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type(), Pass::kForward);
   Tensor y = at::empty_like(r.branch, r.fmt);
   const auto fwd = cpu_has_avx512_bw() ? &avx512::residual_forward : &baseline::residual_forward;
   fwd(r.shortcut, r.branch, xi, r.M, y);
@@ -81,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_residual_bwd(const Tensor& grad_y, cons
   TORCH_CHECK(grad_y.sizes() == branch.sizes() && grad_y.scalar_type() == branch.scalar_type(),
               "cadk gated_residual: grad_y must match branch in shape and dtype, got ", grad_y.sizes(), " ",
               grad_y.scalar_type());
-  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type());
+  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type(), Pass::kBackward);
   Tensor grad_shortcut = at::empty_like(r.branch, r.fmt), grad_branch = at::empty_like(r.branch, r.fmt);
   const auto bwd = cpu_has_avx512_bw() ? &avx512::residual_backward : &baseline::residual_backward;
   const double sum = bwd(in_format(grad_y, r.fmt), r.shortcut, r.branch, xi, r.M, grad_shortcut, grad_branch);
