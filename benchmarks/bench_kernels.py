@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import cadk.kernels as kernels
+from cadk.kernels.reference import gate_examples
 from cadk.utils import atomic_write, keep_freed_memory
 
 KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -156,9 +157,7 @@ class Residual:
 
         def step():
             s, b, th = leaves
-            v = b.permute(0, 2, 3, 1) if b.is_contiguous(memory_format=torch.channels_last) else b
-            gated = module.gate_apply(v.reshape(b.shape[0], 1, -1), th, self.alive, self.seed, True)
-            gated = gated.view(v.shape).permute(0, 3, 1, 2) if v is not b else gated.view(b.shape)
+            gated = gate_examples(module.gate_apply, b, th, self.alive, self.seed, True)
             F.relu(s + gated).backward(self.grad_y)
         return _with_leaves(leaves, step)
 

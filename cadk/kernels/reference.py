@@ -82,6 +82,16 @@ def check_residual(shortcut: torch.Tensor, branch: torch.Tensor, alive: torch.Te
                            f"{tuple(alive.shape)}; a pruned block skips its branch (relu(shortcut))")
 
 
+def gate_examples(gate_apply_fn, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor,
+                  training: bool) -> torch.Tensor:
+    """xi[n] * branch through a backend's gate_apply (one unit: a block gate), on branch seen as [N, 1, M]
+    with each example one dense run: a view for NCHW and channels-last alike, so neither direction copies."""
+    cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
+    v = branch.permute(0, 2, 3, 1) if cl else branch
+    gated = gate_apply_fn(v.reshape(v.shape[0], 1, -1), theta, alive, seed, training).view(v.shape)
+    return gated.permute(0, 3, 1, 2) if cl else gated
+
+
 def gated_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor,
                    seed: torch.Tensor, training: bool) -> torch.Tensor:
     """y = relu(shortcut + xi[n] * branch): the output of a residual block whose branch carries a layer

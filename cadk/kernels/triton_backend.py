@@ -36,7 +36,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import check_activation, check_residual, gather_weight, safe_conv_args
+from .reference import check_activation, check_residual, gate_examples, gather_weight, safe_conv_args
 
 try:
     import triton
@@ -598,11 +598,7 @@ def gate_apply(pre, theta, alive, seed, training: bool):
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
     """relu(shortcut + xi[n] * branch) from this backend's gate kernel and PyTorch's add and ReLU."""
     check_residual(shortcut, branch, alive)
-    # Each example as one dense run ([N, 1, M]): a view for NCHW and channels-last alike, no copies.
-    cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
-    v = branch.permute(0, 2, 3, 1) if cl else branch
-    gated = gate_apply(v.reshape(v.shape[0], 1, -1), theta, alive, seed, training).view(v.shape)
-    return F.relu(shortcut + (gated.permute(0, 3, 1, 2) if cl else gated))
+    return F.relu(shortcut + gate_examples(gate_apply, branch, theta, alive, seed, training))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
