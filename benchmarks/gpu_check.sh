@@ -7,14 +7,14 @@
 #   benchmarks/gpu_check.sh                 # logs and JSON under ${OUT:-/tmp/cadk_gpu}
 #
 # Everything runs in about 8 minutes on an H100 (build 1 min, tests 4.5 min, benchmarks 2 min); with
-# TESTS=cuda in about 4 minutes on an H200 (build 1 min, tests 25 s).
+# TESTS=cuda in about 4 minutes on an H200 (build 1 min, tests 25 s, no Triton step).
 #
 # Every step runs even if an earlier one failed; the exit status is non-zero if any step failed.
 # The steps share a time budget (BUDGET_S, default 560 s) so the whole run stays under 10 minutes;
 # a step that would exceed it is cut off and counted as failed. Env: PYTHON (python3),
 # MAX_JOBS (parallel compile jobs, default: all cores), TORCH_CUDA_ARCH_LIST (default: this GPU's),
-# TESTS=cuda runs only the CUDA backend's tests (about 4 minutes less, when GPU time is too short for
-# the Triton ones, whose first calls compile every kernel), BASELINE=DIR also builds the cadk sources in DIR
+# TESTS=cuda runs only the CUDA backend's tests and benchmarks (about 5 minutes less, when GPU time is too
+# short for the Triton ones, whose first calls compile every kernel), BASELINE=DIR also builds the cadk sources in DIR
 # (an earlier checkout; in parallel with this build and the tests) and times its CUDA backend after
 # this one's, so a change is measured before and after on the same GPU.
 set -uo pipefail
@@ -114,15 +114,23 @@ if [ -n "${BASELINE:-}" ]; then
   done
   cd "$ROOT" || exit 1
 fi
-for spec in "${SPECS[@]}"; do
+GPU_BACKENDS=cuda,triton
+[ "${TESTS:-all}" = cuda ] && GPU_BACKENDS=cuda
+if [ "$GPU_BACKENDS" != cuda ]; then
+  for spec in "${SPECS[@]}"; do
+    # shellcheck disable=SC2086
+    step "backends_${spec%%:*}" 120 "${BENCH[@]}" --backends cuda,triton ${spec#*:} \
+      --json "$OUT/bench_kernels_cuda_${spec%%:*}_backends.json"
+  done
+fi
+for spec in "fp32:" "large_bf16:--size large --dtype bfloat16"; do
   # shellcheck disable=SC2086
-  step "backends_${spec%%:*}" 120 "${BENCH[@]}" --backends cuda,triton ${spec#*:} \
-    --json "$OUT/bench_kernels_cuda_${spec%%:*}_backends.json"
+  step "residual_${spec%%:*}" 90 "${BENCH[@]}" --layers residual --backends "$GPU_BACKENDS" ${spec#*:} \
+    --json "$OUT/bench_kernels_cuda_residual_${spec%%:*}.json"
 done
-step residual 90 "${BENCH[@]}" --layers residual --backends cuda,triton --json "$OUT/bench_kernels_cuda_residual.json"
 # A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
 step train_step 90 "$PYTHON" benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10
-step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends cuda,triton --profile
+step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends "$GPU_BACKENDS" --profile
 # Where the time goes at GPU-bound sizes, bf16, half the channels kept.
 for layer in linear conv3x3; do
   step "profile_large_bf16_$layer" 60 "${BENCH[@]}" --size large --dtype bfloat16 --layers "$layer" --keeps 0.5 \

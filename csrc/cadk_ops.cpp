@@ -44,4 +44,10 @@ TORCH_LIBRARY(cadk, m) {
   m.def("bn_gate_act_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor mean, Tensor var,"
         " Tensor? theta, Tensor alive, Tensor seed, float eps, str activation, bool training)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
+  // nn.BatchNorm's running-statistics update at the alive entries only, from bn_gate_act_fwd's batch
+  // mean and biased variance over `count` values per channel: running = lerp(running, batch, momentum),
+  // with the variance made unbiased (count / (count - 1)). One kernel where the unfused update of a
+  // pruned layer costs six small ops.
+  m.def("bn_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor alive, Tensor mean,"
+        " Tensor var, float momentum, int count) -> ()");
 }

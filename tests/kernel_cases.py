@@ -70,8 +70,8 @@ class Case:
     mutated: list[int] = field(default_factory=list)  # positions the op updates in place
 
 
-def gate_apply_case(gen, device, dtype, kind, training, with_theta, channels_last) -> Case:
-    units = channels_for(kind, gen)
+def gate_apply_case(gen, device, dtype, kind, training, with_theta, channels_last, units=None) -> Case:
+    units = units or channels_for(kind, gen)
     alive = alive_set(kind, units, gen)
     shape = (randint(gen, 1, 4), alive.numel()) + choice(gen, ((), (5, 7), (3,)))
     pre = randn(shape, gen, dtype, device, channels_last)
@@ -131,8 +131,8 @@ def gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_thet
     return Case(args, [i for i in (0, 1, 2, 3) if args[i] is not None])
 
 
-def bn_gate_act_case(gen, device, dtype, kind, training, activation, with_theta, channels_last) -> Case:
-    units = channels_for(kind, gen)
+def bn_gate_act_case(gen, device, dtype, kind, training, activation, with_theta, channels_last, units=None) -> Case:
+    units = units or channels_for(kind, gen)
     alive = alive_set(kind, units, gen)
     shape = (randint(gen, 2, 4), alive.numel(), choice(gen, (5, 3)), choice(gen, (7, 4)))
     x = randn(shape, gen, dtype, device, channels_last, scale=2.0, shift=0.5)

@@ -179,6 +179,31 @@ def test_bn_gate_act(backend, gen, kind, training, activation, with_theta, chann
     _compare("bn_gate_act", module.bn_gate_act, _reference_bn, case, dtype, gen)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels", [2, 4, 8, 24])
+@pytest.mark.parametrize("op", ["gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act"])
+def test_channel_counts_of_packed_kernels(backend, gen, op, channels, training, dtype):
+    """Channel counts that CUDA's channel-wise kernels move several channels per access for (channels-last
+    and 2-D activations, where every count divisible by 2, 4 or 8 packs): forward and gradients."""
+    module, device = backend
+    if module.__name__.endswith("triton_backend") and device == "cpu":
+        pytest.skip("a CUDA code path; the interpreter runs Triton's kernels in the tests above")
+    if op == "gate_apply":
+        case = gate_apply_case(gen, device, dtype, "all", training, True, True, units=channels)
+        _compare(op, module.gate_apply, reference.gate_apply, case, dtype, gen)
+    elif op == "gated_linear":
+        case = gated_linear_case(gen, device, dtype, ("all", "all"), training, "relu", True, channels=(5, channels))
+        _compare(op, module.gated_linear, reference.gated_linear, case, dtype, gen)
+    elif op == "gated_conv2d":
+        case = gated_conv2d_case(gen, device, dtype, ("all", "all"), training, "relu", True, True,
+                                 channels=(3, channels))
+        _compare(op, module.gated_conv2d, _reference_conv, case, dtype, gen)
+    else:
+        case = bn_gate_act_case(gen, device, dtype, "all", training, "relu", True, True, units=channels)
+        _compare(op, module.bn_gate_act, _reference_bn, case, dtype, gen)
+
+
 @pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
 def test_gradcheck_float64(backend, gen, op):
     """Exact derivatives w.r.t. x and the parameters at a fixed gate sample (theta's gradient is
@@ -298,6 +323,36 @@ def test_opcheck(backend, gen):
         if op is ops.gated_conv2d_fwd:
             args[7:10] = [list(v) for v in args[7:10]]
         torch.library.opcheck(op, args)
+    units = 9
+    alive = torch.tensor([0, 4, 5, 8], device=device)
+    stats = [torch.rand(units, device=device) for _ in range(2)] + [alive] + [torch.rand(4, device=device)
+                                                                           for _ in range(2)]
+    torch.library.opcheck(ops.bn_running_stats_, stats + [0.1, 7])
+
+
+def test_bn_running_stats_matches_unfused_update(backend, gen):
+    """The one-kernel running-statistics update against nn.BatchNorm's (lerp at the alive entries), and
+    its input checks."""
+    module, device = backend
+    _compiled_ops_only(module)
+    units, count, momentum = 11, 5, 0.3
+    alive = torch.tensor([1, 2, 6, 10], device=device)
+    mean, var = torch.randn(4, generator=gen).to(device), torch.rand(4, generator=gen).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        rm, rv = (torch.rand(units, generator=gen).to(device, dtype) for _ in range(2))
+        want_m, want_v = rm.clone(), rv.clone()
+        want_m[alive] = torch.lerp(rm[alive], mean.to(dtype), momentum)
+        want_v[alive] = torch.lerp(rv[alive], (var * (count / (count - 1))).to(dtype), momentum)
+        torch.ops.cadk.bn_running_stats_(rm, rv, alive, mean, var, momentum, count)
+        torch.testing.assert_close(rm, want_m)  # fma or not: an ulp apart at most
+        torch.testing.assert_close(rv, want_v)
+    rm, rv = torch.zeros(units, device=device), torch.ones(units, device=device)
+    with pytest.raises(RuntimeError, match="alive lists 3 channels"):
+        torch.ops.cadk.bn_running_stats_(rm, rv, alive[:3], mean, var, momentum, count)
+    with pytest.raises(RuntimeError, match="count .* must exceed 1"):
+        torch.ops.cadk.bn_running_stats_(rm, rv, alive, mean, var, momentum, 1)
+    with pytest.raises(RuntimeError, match="must be 1-D of one shape and dtype"):
+        torch.ops.cadk.bn_running_stats_(rm, rv[:5], alive, mean, var, momentum, count)
 
 
 def test_compile_fullgraph_matches_eager(backend, gen):

@@ -111,16 +111,8 @@ def _update_running_stats(running_mean, running_var, alive, mean, var, x, moment
     values = x.shape[0]  # per channel: N * H * W (the op checked that it exceeds 1)
     for size in x.shape[2:]:
         values = values * size
-    unbiased = var * (values / (values - 1))
-    with torch.no_grad():
-        if alive.numel() == running_mean.numel():  # every channel alive (sorted, unique): no gather/scatter
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-            return
-        rm = running_mean.index_select(0, alive)
-        rv = running_var.index_select(0, alive)
-        running_mean.index_copy_(0, alive, torch.lerp(rm, mean.to(rm.dtype), momentum))
-        running_var.index_copy_(0, alive, torch.lerp(rv, unbiased.to(rv.dtype), momentum))
+    with torch.no_grad():  # mean and var are outputs of a differentiable op
+        torch.ops.cadk.bn_running_stats_(running_mean, running_var, alive, mean, var, momentum, values)
 
 
 def _pair(v) -> list[int]:
@@ -265,6 +257,10 @@ def _register_fakes() -> None:
         return (grad_x, _empty(weight.shape, weight, _format(weight)),
                 _empty((units,), x) if has_bias else _no_grad(x),
                 _empty((units,), theta) if theta is not None else _no_grad(x))
+
+    @torch.library.register_fake("cadk::bn_running_stats_")
+    def _(running_mean, running_var, alive, mean, var, momentum, count):
+        return None
 
     @torch.library.register_fake("cadk::bn_gate_act_fwd")
     def _(x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training):

@@ -5,6 +5,9 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <utility>
+
+#include "../running_stats.h"
 
 #define CADK_ISA baseline
 #include "bn_gate_act_kernels.h"
@@ -34,3 +37,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
 }
 
 }  // namespace cadk::cpu
+
+namespace cadk {
+
+void check_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                         const at::Tensor& var, int64_t count) {
+  TORCH_CHECK(running_mean.dim() == 1 && running_var.sizes() == running_mean.sizes() &&
+                  running_var.scalar_type() == running_mean.scalar_type(),
+              "cadk bn_running_stats_: running_mean ", running_mean.sizes(), " ", running_mean.scalar_type(),
+              " and running_var ", running_var.sizes(), " ", running_var.scalar_type(),
+              " must be 1-D of one shape and dtype");
+  cpu::check_float(running_mean, "running_mean");
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(),
+              "cadk bn_running_stats_: mean ", mean.sizes(), " ", mean.scalar_type(), " and var ", var.sizes(),
+              " ", var.scalar_type(), " must be 1-D of one shape and dtype (bn_gate_act_fwd's batch statistics)");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "cadk bn_running_stats_: mean and var must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(count > 1, "cadk bn_running_stats_: count (values per channel) must exceed 1, got ", count);
+}
+
+namespace cpu {
+
+void bn_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& alive,
+                       const Tensor& mean, const Tensor& var, double momentum, int64_t count) {
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"},
+                                {&mean, "mean"}, {&var, "var"}}) {
+    check_cpu(*t, name);
+  }
+  check_running_stats(running_mean, running_var, mean, var, count);
+  check_alive(alive, mean.numel(), running_mean.numel(), "alive");
+  const Tensor a = alive.contiguous(), m = mean.contiguous(), v = var.contiguous();
+  const int64_t* idx = a.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "cadk_bn_running_stats",
+                                  [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cadk_bn_running_stats", [&] {
+      const scalar_t unbias = static_cast<scalar_t>(static_cast<double>(count) / static_cast<double>(count - 1));
+      const scalar_t* mp = m.data_ptr<scalar_t>();
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < a.numel(); ++c) {
+        update_running_stats(running_mean.data_ptr<run_t>(), running_mean.stride(0), running_var.data_ptr<run_t>(),
+                             running_var.stride(0), idx[c], mp[c], vp[c], momentum, unbias);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace cadk

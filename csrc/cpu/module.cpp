@@ -36,4 +36,5 @@ TORCH_LIBRARY_IMPL(cadk, CPU, m) {
   m.impl("gated_conv2d_bwd", &cadk::cpu::gated_conv2d_bwd);
   m.impl("bn_gate_act_fwd", &cadk::cpu::bn_gate_act_fwd);
   m.impl("bn_gate_act_bwd", &cadk::cpu::bn_gate_act_bwd);
+  m.impl("bn_running_stats_", &cadk::cpu::bn_running_stats_);
 }

@@ -44,5 +44,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
     const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training);
+void bn_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& alive,
+                       const Tensor& mean, const Tensor& var, double momentum, int64_t count);
 
 }  // namespace cadk::cpu

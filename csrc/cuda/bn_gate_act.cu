@@ -4,6 +4,7 @@
 // ReLU mask and theta gradient), one for grad_x.
 #include <ATen/ops/empty_like.h>
 
+#include "../running_stats.h"
 #include "common.cuh"
 #include "ops.cuh"
 
@@ -25,29 +26,48 @@ __device__ __forceinline__ Welford<T> merge(const Welford<T>& a, const Welford<T
   return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
 }
 
-// partial[blockIdx.y, c]: statistics of this block's rows of channel c.
-template <typename scalar_t>
+template <typename T, int V>
+struct WelfordPack {
+  Welford<T> w[V];
+};
+
+// partial[blockIdx.y, c + k]: statistics of this block's rows of channel c + k (each thread owns the V
+// consecutive channels c .. c + V - 1, V from channel_pack).
+template <typename scalar_t, int V>
 __global__ void bn_stats_kernel(const scalar_t* x, Layout L, Welford<at::opmath_type<scalar_t>>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   const bool active = c < L.A;
-  Welford<acc_t> w = {};
+  WelfordPack<acc_t, V> w = {};
   if (active) {
     for_each_row_group(L, c, [&](const RowGroup& rg) {
-      acc_t v[kUnroll];
+      Pack<scalar_t, V> v[kUnroll];
       load_rows(x, rg, v);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (!rg.valid[u]) continue;
-        w.count += acc_t(1);
-        const acc_t delta = v[u] - w.mean;
-        w.mean += delta / w.count;
-        w.m2 += delta * (v[u] - w.mean);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          Welford<acc_t>& s = w.w[k];
+          s.count += acc_t(1);
+          const acc_t value = static_cast<acc_t>(v[u].v[k]);
+          const acc_t delta = value - s.mean;
+          s.mean += delta / s.count;
+          s.m2 += delta * (value - s.mean);
+        }
       }
     });
   }
-  w = reduce_over_rows(w, [](const Welford<acc_t>& a, const Welford<acc_t>& b) { return merge(a, b); });
-  if (active && threadIdx.y == 0) partial[blockIdx.y * L.A + c] = w;
+  w = reduce_over_rows(w, [](const WelfordPack<acc_t, V>& a, const WelfordPack<acc_t, V>& b) {
+    WelfordPack<acc_t, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.w[k] = merge(a.w[k], b.w[k]);
+    return out;
+  });
+  if (active && threadIdx.y == 0) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) partial[blockIdx.y * L.A + c + k] = w.w[k];
+  }
 }
 
 // mean[c] and biased var[c] from the `blocks` partials of each channel.
@@ -75,75 +95,91 @@ __device__ __forceinline__ Affine<acc_t> bn_affine(const acc_t* weight, const ac
   return {scale, bias[j] - mean[c] * scale};
 }
 
-template <typename scalar_t, bool kRelu>
+template <typename scalar_t, bool kRelu, int V>
 __global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scalar_t>* mean,
                                   const at::opmath_type<scalar_t>* var, const at::opmath_type<scalar_t>* weight,
                                   const at::opmath_type<scalar_t>* bias, at::opmath_type<scalar_t> eps,
                                   GateParams g, Layout L, scalar_t* pre, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
-  const Affine<acc_t> f = bn_affine(weight, bias, mean, var, eps, c, unit_of(g, c));
-  const ChannelGate<scalar_t> gate(g, c);
+  Affine<acc_t> f[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) f[k] = bn_affine(weight, bias, mean, var, eps, c + k, unit_of(g, c + k));
+  const ChannelGates<scalar_t, V> gate(g, c);
   for_each_row_group(L, c, [&](const RowGroup& rg) {
-    acc_t v[kUnroll];
+    Pack<scalar_t, V> v[kUnroll];
     load_rows(x, rg, v);
-    float xi[kUnroll];
+    float xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
-      const scalar_t p = activate<scalar_t, kRelu>(v[u] * f.scale + f.shift);
-      if (pre != nullptr) pre[rg.off[u]] = p;
-      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(xi[u]));
+      Pack<scalar_t, V> p, out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        p.v[k] = activate<scalar_t, kRelu>(static_cast<acc_t>(v[u].v[k]) * f[k].scale + f[k].shift);
+        out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(p.v[k]) * static_cast<acc_t>(xi[u][k]));
+      }
+      if (pre != nullptr) store_row(pre, rg.off[u], p);
+      store_row(y, rg.off[u], out);
     }
   });
 }
 
 // Adds, per unit j of channel c: theta_sum[j] += sum(grad_y * pre) (when non-null),
 // dz_sum[j] += sum(dz), dz_xhat_sum[j] += sum(dz * xhat); dz is the gradient reaching the BN output.
-template <typename scalar_t, bool kRelu>
+template <typename scalar_t, bool kRelu, int V>
 __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t* pre, const scalar_t* x,
                                           const at::opmath_type<scalar_t>* mean,
                                           const at::opmath_type<scalar_t>* var, at::opmath_type<scalar_t> eps,
                                           GateParams g, Layout L, at::opmath_type<scalar_t>* theta_sum,
                                           at::opmath_type<scalar_t>* dz_sum, at::opmath_type<scalar_t>* dz_xhat_sum) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   const bool active = c < L.A;
-  Sums<acc_t, 3> s = {};  // grad_y * pre, dz, dz * (x - mean)
+  Sums<acc_t, 3 * V> s = {};  // [k]: grad_y * pre, [V + k]: dz, [2V + k]: dz * (x - mean), of channel c + k
   if (active) {
-    const acc_t m = mean[c];
-    const ChannelGate<scalar_t> gate(g, c);
+    acc_t m[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = mean[c + k];
+    const ChannelGates<scalar_t, V> gate(g, c);
     for_each_row_group(L, c, [&](const RowGroup& rg) {
-      acc_t dy[kUnroll], p[kUnroll], xv[kUnroll];
+      Pack<scalar_t, V> dy[kUnroll], p[kUnroll], xv[kUnroll];
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
       load_rows(x, rg, xv);
-      float xi[kUnroll];
+      float xi[kUnroll][V];
       gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (!rg.valid[u]) continue;
-        const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
-        s.v[0] += dy[u] * p[u];
-        s.v[1] += dz;
-        s.v[2] += dz * (xv[u] - m);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const acc_t d = static_cast<acc_t>(dy[u].v[k]), pk = static_cast<acc_t>(p[u].v[k]);
+          const acc_t dz = gated_grad<scalar_t, kRelu>(d, pk, xi[u][k]);
+          s.v[k] += d * pk;
+          s.v[V + k] += dz;
+          s.v[2 * V + k] += dz * (static_cast<acc_t>(xv[u].v[k]) - m[k]);
+        }
       }
     });
   }
-  s = reduce_over_rows(s, [](const Sums<acc_t, 3>& a, const Sums<acc_t, 3>& b) { return add_sums(a, b); });
+  s = reduce_over_rows(s, [](const Sums<acc_t, 3 * V>& a, const Sums<acc_t, 3 * V>& b) { return add_sums(a, b); });
   if (active && threadIdx.y == 0) {
-    const int64_t j = unit_of(g, c);
-    if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[0]);
-    atomicAdd(dz_sum + j, s.v[1]);
-    atomicAdd(dz_xhat_sum + j, s.v[2] * rsqrt_acc(var[c] + eps));
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t j = unit_of(g, c + k);
+      if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[k]);
+      atomicAdd(dz_sum + j, s.v[V + k]);
+      atomicAdd(dz_xhat_sum + j, s.v[2 * V + k] * rsqrt_acc(var[c + k] + eps));
+    }
   }
 }
 
 // grad_x = weight * rstd * (dz - inv_m * dz_sum - xhat * inv_m * dz_xhat_sum); inv_m = 1/(N*S) in
 // training, 0 in eval (the running statistics are constants).
-template <typename scalar_t, bool kRelu>
+template <typename scalar_t, bool kRelu, int V>
 __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t* pre, const scalar_t* x,
                                          const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* var,
                                          at::opmath_type<scalar_t> eps, const at::opmath_type<scalar_t>* weight,
@@ -151,27 +187,51 @@ __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t*
                                          const at::opmath_type<scalar_t>* dz_xhat_sum, at::opmath_type<scalar_t> inv_m,
                                          GateParams g, Layout L, scalar_t* grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
-  const int64_t j = unit_of(g, c);
-  const acc_t m = mean[c], rstd = rsqrt_acc(var[c] + eps), k = weight[j] * rstd;
-  const acc_t mean_dz = dz_sum[j] * inv_m, mean_dz_xhat = dz_xhat_sum[j] * inv_m;
-  const ChannelGate<scalar_t> gate(g, c);
+  acc_t m[V], rstd[V], scale[V], mean_dz[V], mean_dz_xhat[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t j = unit_of(g, c + k);
+    m[k] = mean[c + k];
+    rstd[k] = rsqrt_acc(var[c + k] + eps);
+    scale[k] = weight[j] * rstd[k];
+    mean_dz[k] = dz_sum[j] * inv_m;
+    mean_dz_xhat[k] = dz_xhat_sum[j] * inv_m;
+  }
+  const ChannelGates<scalar_t, V> gate(g, c);
   for_each_row_group(L, c, [&](const RowGroup& rg) {
-    acc_t dy[kUnroll], p[kUnroll], xv[kUnroll];
+    Pack<scalar_t, V> dy[kUnroll], p[kUnroll], xv[kUnroll];
     load_rows(grad_y, rg, dy);
     load_rows(pre, rg, p);
     load_rows(x, rg, xv);
-    float xi[kUnroll];
+    float xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
-      const acc_t dz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
-      const acc_t xhat = (xv[u] - m) * rstd;
-      grad_x[rg.off[u]] = static_cast<scalar_t>(k * (dz - mean_dz - xhat * mean_dz_xhat));
+      Pack<scalar_t, V> gx;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t dz =
+            gated_grad<scalar_t, kRelu>(static_cast<acc_t>(dy[u].v[k]), static_cast<acc_t>(p[u].v[k]), xi[u][k]);
+        const acc_t xhat = (static_cast<acc_t>(xv[u].v[k]) - m[k]) * rstd[k];
+        gx.v[k] = static_cast<scalar_t>(scale[k] * (dz - mean_dz[k] - xhat * mean_dz_xhat[k]));
+      }
+      store_row(grad_x, rg.off[u], gx);
     }
   });
+}
+
+template <typename run_t, typename acc_t>
+__global__ void running_stats_kernel(run_t* running_mean, int64_t mean_stride, run_t* running_var, int64_t var_stride,
+                                     const int64_t* alive, const acc_t* mean, const acc_t* var, int64_t A,
+                                     int64_t units, double momentum, acc_t unbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= A) return;
+  const int64_t j = alive[c];
+  CUDA_KERNEL_ASSERT(j >= 0 && j < units && "cadk: alive index outside the parameters' channel range");
+  update_running_stats(running_mean, mean_stride, running_var, var_stride, j, mean[c], var[c], momentum, unbias);
 }
 
 void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
@@ -195,14 +255,18 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Layout& L) {
   Tensor mean = at::empty({L.A}, x.options().dtype(acc));
   Tensor var = at::empty({L.A}, x.options().dtype(acc));
   if (L.A == 0) return {mean, var};
-  const LaunchShape shape = channel_launch(L);
-  const int64_t blocks = shape.grid.y;
-  Tensor partial = at::empty({blocks, L.A, 3}, x.options().dtype(acc));
   CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const int v = channel_pack<scalar_t>(L, {x.data_ptr()});
+    const LaunchShape shape = channel_launch(L, v);
+    const int64_t blocks = shape.grid.y;
+    Tensor partial = at::empty({blocks, L.A, 3}, x.options().dtype(acc));
     auto* parts = reinterpret_cast<Welford<acc_t>*>(partial.data_ptr<acc_t>());
-    bn_stats_kernel<scalar_t><<<shape.grid, shape.block, 0, current_stream()>>>(x.data_ptr<scalar_t>(), L, parts);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_pack<scalar_t>(v, [&](auto pack) {
+      bn_stats_kernel<scalar_t, decltype(pack)::value>
+          <<<shape.grid, shape.block, 0, current_stream()>>>(x.data_ptr<scalar_t>(), L, parts);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     bn_stats_finish_kernel<acc_t><<<ceil_div(L.A, kThreads), kThreads, 0, current_stream()>>>(
         parts, blocks, L.A, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -238,15 +302,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   Tensor y = at::empty_like(xc, fmt);
   Tensor pre = gate.defined() ? at::empty_like(xc, fmt) : at::empty({0}, x.options());
   if (L.numel() == 0) return {y, pre, mean, var};
-  const LaunchShape shape = channel_launch(L);
   CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* pre_ptr = gate.defined() ? pre.data_ptr<scalar_t>() : nullptr;
+    const int v = channel_pack<scalar_t>(L, {xc.data_ptr(), pre_ptr, y.data_ptr()});
+    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
-      bn_forward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
-          xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
-          b.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L,
-          gate.defined() ? pre.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_pack<scalar_t>(v, [&](auto pack) {
+        bn_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
+            <<<shape.grid, shape.block, 0, current_stream()>>>(
+                xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+                b.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, pre_ptr, y.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {y, pre, mean, var};
@@ -280,30 +348,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   const Tensor dz_sum = zero_sums(weight.numel(), x), dz_xhat_sum = zero_sums(weight.numel(), x);
   Tensor grad_x = at::empty_like(xc, fmt);
   if (L.numel() > 0) {
-    const LaunchShape shape = channel_launch(L);
     const double inv_m = training ? 1.0 / static_cast<double>(L.rows()) : 0.0;
     CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      with_bool(relu, [&](auto use_relu) {
+      const int v = channel_pack<scalar_t>(L, {gy.data_ptr(), pc.data_ptr(), xc.data_ptr(), grad_x.data_ptr()});
+      const LaunchShape shape = channel_launch(L, v);
+      with_bool(relu, [&](auto use_relu) { with_pack<scalar_t>(v, [&](auto pack) {
         constexpr bool kRelu = decltype(use_relu)::value;
+        constexpr int kPack = decltype(pack)::value;
         const cudaStream_t stream = current_stream();
-        bn_backward_reduce_kernel<scalar_t, kRelu><<<shape.grid, shape.block, 0, stream>>>(
+        bn_backward_reduce_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
             gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
             vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
             dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        bn_backward_input_kernel<scalar_t, kRelu><<<shape.grid, shape.block, 0, stream>>>(
+        bn_backward_input_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
             gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
             vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), w.data_ptr<acc_t>(), dz_sum.data_ptr<acc_t>(),
             dz_xhat_sum.data_ptr<acc_t>(), static_cast<acc_t>(inv_m), gate.params, L,
             grad_x.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      }); });
     });
   }
   const auto wtype = weight.scalar_type();
   return {grad_x, dz_xhat_sum.to(wtype), dz_sum.to(wtype),
           gate.defined() ? theta_sum.to(theta->scalar_type()) : no_grad_like(x)};
+}
+
+void bn_running_stats_(const Tensor& running_mean, const Tensor& running_var, const Tensor& alive,
+                       const Tensor& mean, const Tensor& var, double momentum, int64_t count) {
+  TORCH_CHECK(mean.is_cuda(), "cadk bn_running_stats_: mean must be a CUDA tensor here, got ", mean.device());
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"},
+                                {&var, "var"}}) {
+    check_cuda(*t, mean, name);
+  }
+  check_running_stats(running_mean, running_var, mean, var, count);
+  check_alive(alive, mean.numel(), running_mean.numel(), mean, "alive");
+  const int64_t A = alive.numel();
+  if (A == 0) return;
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const Tensor a = alive.contiguous(), m = mean.contiguous(), v = var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "cadk_bn_running_stats",
+                                  [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cadk_bn_running_stats", [&] {
+      const auto unbias = static_cast<scalar_t>(static_cast<double>(count) / static_cast<double>(count - 1));
+      running_stats_kernel<run_t, scalar_t><<<ceil_div(A, kThreads), kThreads, 0, current_stream()>>>(
+          running_mean.data_ptr<run_t>(), running_mean.stride(0), running_var.data_ptr<run_t>(),
+          running_var.stride(0), a.data_ptr<int64_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), A,
+          running_mean.numel(), momentum, unbias);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 }  // namespace cadk::cuda

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 
 #include "../philox.h"
@@ -194,11 +195,30 @@ __device__ __forceinline__ void for_each_row_group(const Layout& L, int64_t c, c
   }
 }
 
-// out[u] = p[g.off[u]] in the math dtype (0 for rows past the end): all loads before any use.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_rows(const scalar_t* p, const RowGroup& g, acc_t (&out)[kUnroll]) {
+// V consecutive values moved as one access of V * sizeof(T) bytes (at most 16).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// out[u] = the V values at p + g.off[u] (zeros for rows past the end): all loads before any use. They
+// stay in the activation dtype until used, which keeps 16-bit packs at half the registers.
+template <typename scalar_t, int V>
+__device__ __forceinline__ void load_rows(const scalar_t* p, const RowGroup& g, Pack<scalar_t, V> (&out)[kUnroll]) {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) out[u] = g.valid[u] ? static_cast<acc_t>(p[g.off[u]]) : acc_t(0);
+  for (int u = 0; u < kUnroll; ++u) {
+    if (g.valid[u]) {
+      out[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(p + g.off[u]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[u].v[k] = scalar_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, int V>
+__device__ __forceinline__ void store_row(scalar_t* p, int64_t off, const Pack<scalar_t, V>& v) {
+  *reinterpret_cast<Pack<scalar_t, V>*>(p + off) = v;
 }
 
 // Reduces v over threadIdx.y (the rows of one channel) with merge; the result is valid in every
@@ -248,15 +268,16 @@ struct LaunchShape {
 };
 
 // Planar: one channel per block, its 256 threads on consecutive rows (coalesced along S).
-// Otherwise up to 32 consecutive channels per block (coalesced along C) times 256/32 rows. Enough
-// row blocks to fill the GPU once, no more than there are row groups.
-inline LaunchShape channel_launch(const Layout& L) {
+// Otherwise up to 32 consecutive lanes of `pack` channels each per block (coalesced along C) times
+// 256/32 rows. Enough row blocks to fill the GPU once, no more than there are row groups.
+inline LaunchShape channel_launch(const Layout& L, int pack = 1) {
+  const int64_t lanes = L.A / pack;
   int64_t tc = 1;
   if (!L.planar) {
-    while (tc < L.A && tc < 32) tc *= 2;
+    while (tc < lanes && tc < 32) tc *= 2;
   }
   const int64_t tr = kThreads / tc;
-  const int64_t gx = ceil_div(L.A, tc);
+  const int64_t gx = ceil_div(lanes, tc);
   const int sms = multiprocessor_count();
   const int64_t blocks_per_sm = 2048 / kThreads;
   const int64_t row_blocks = std::min<int64_t>(ceil_div(L.rows(), tr * kUnroll), 65535);
@@ -264,6 +285,49 @@ inline LaunchShape channel_launch(const Layout& L) {
   TORCH_CHECK(gx <= INT32_MAX, "cadk: too many channels (", L.A, ") for one launch");
   return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
           dim3(static_cast<unsigned>(tc), static_cast<unsigned>(tr))};
+}
+
+// Channels per thread (a pack) of a channel-wise kernel over activations of layout L: in channel-fastest
+// layouts, the largest power of two V <= 16 / sizeof(scalar_t) that divides the channel count and
+// whose V * sizeof(scalar_t) bytes align every pointer, so each row of a thread's channels is one
+// access; 1 in planar layouts (there a thread's rows are consecutive already).
+// CADK_CUDA_PACK_BYTES (1, 2, 4, 8 or 16; default 16) caps the access width, for measuring.
+inline int max_pack_bytes() {
+  static const int bytes = [] {
+    const char* env = std::getenv("CADK_CUDA_PACK_BYTES");
+    const int b = env != nullptr ? std::atoi(env) : 16;
+    TORCH_CHECK(b == 1 || b == 2 || b == 4 || b == 8 || b == 16, "cadk: CADK_CUDA_PACK_BYTES must be 1, 2, 4, 8 ",
+                "or 16, got \"", env, "\"");
+    return b;
+  }();
+  return bytes;
+}
+
+template <typename scalar_t>
+int channel_pack(const Layout& L, std::initializer_list<const void*> pointers) {
+  if (L.planar) return 1;
+  int v = std::max(max_pack_bytes() / static_cast<int>(sizeof(scalar_t)), 1);
+  auto fits = [&](int w) {
+    if (L.A % w != 0) return false;
+    for (const void* p : pointers) {
+      if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (w * sizeof(scalar_t)) != 0) return false;
+    }
+    return true;
+  };
+  while (v > 1 && !fits(v)) v /= 2;
+  return v;
+}
+
+// Calls f(std::integral_constant<int, v>) for a pack width v (a power of two up to 16 bytes).
+template <typename scalar_t, int V = 16 / sizeof(scalar_t), typename F>
+void with_pack(int v, const F& f) {
+  if constexpr (V == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (v == V) {
+    f(std::integral_constant<int, V>{});
+  } else {
+    with_pack<scalar_t, V / 2>(v, f);
+  }
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -294,55 +358,91 @@ __device__ __forceinline__ uint64_t load_seed(const GateParams& g) {
   return static_cast<uint64_t>(g.seed_ptr != nullptr ? *g.seed_ptr : g.seed);
 }
 
-// xi[n, c] for the fixed channel c of a thread. Eval gates are theta rounded through the activation
-// dtype, as the reference's theta.to(pre.dtype).
-template <typename scalar_t>
-class ChannelGate {
+// xi[n, c + k] for the V fixed channels c .. c + V - 1 of a thread. Eval gates are theta rounded
+// through the activation dtype, as the reference's theta.to(pre.dtype). Training gates come from the
+// table when there is one; else theta 0 and 1 need no draw (uniform < theta for none or every uniform
+// in [0, 1)) and the others one Philox evaluation per example, or per aligned group of four.
+template <typename scalar_t, int V = 1>
+class ChannelGates {
  public:
-  __device__ ChannelGate(const GateParams& g, int64_t c) {
+  __device__ ChannelGates(const GateParams& g, int64_t c) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      value_[k] = 1.0f;
+      draw_[k] = false;
+      unit_[k] = 0;
+      theta_[k] = 0.0f;
+    }
     if (g.theta == nullptr) return;
-    unit_ = unit_of(g, c);
-    theta_ = g.theta[unit_];
-    if (!g.training) {
-      value_ = static_cast<float>(static_cast<scalar_t>(theta_));
-    } else if (g.table != nullptr) {
+    if (g.training && g.table != nullptr) {
       table_ = g.table + c;
       stride_ = g.A;
-    } else if (theta_ >= 1.0f || theta_ <= 0.0f) {
-      value_ = theta_ >= 1.0f ? 1.0f : 0.0f;  // uniform < theta for every uniform in [0, 1), or for none
-    } else {
-      sampled_ = true;
+      return;
+    }
+    bool any_draw = false;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      unit_[k] = unit_of(g, c + k);
+      theta_[k] = g.theta[unit_[k]];
+      if (!g.training) {
+        value_[k] = static_cast<float>(static_cast<scalar_t>(theta_[k]));
+      } else {
+        value_[k] = theta_[k] >= 1.0f ? 1.0f : 0.0f;
+        draw_[k] = theta_[k] > 0.0f && theta_[k] < 1.0f;
+        any_draw = any_draw || draw_[k];
+      }
+    }
+    if (any_draw) {
       seed_ = load_seed(g);
       units_ = g.units;
     }
   }
 
-  __device__ __forceinline__ float operator()(int64_t n) const {
-    if (table_ != nullptr) return table_[n * stride_];
-    if (sampled_) return cadk::philox_gate(seed_, n, unit_, units_, theta_);
-    return value_;
+  // Gate of example n, channel c + k (k a compile-time index: the arrays stay in registers).
+  __device__ __forceinline__ float operator()(int64_t n, int k = 0) const {
+    if (table_ != nullptr) return table_[n * stride_ + k];
+    if (draw_[k]) return cadk::philox_gate(seed_, n, unit_[k], units_, theta_[k]);
+    return value_[k];
   }
 
   // The gates of a row group's examples (rows past the end get any value).
-  __device__ __forceinline__ void fill(const RowGroup& g, float (&xi)[kUnroll]) const {
-    if (sampled_ && g.aligned) {
-      const PhiloxWords w = cadk::philox4(seed_, cadk::philox_counter(g.n[0], unit_, units_));
+  __device__ __forceinline__ void fill(const RowGroup& g, float (&xi)[kUnroll][V]) const {
+    if (table_ != nullptr) {  // V floats of one table row: aligned, as the channel count is a multiple of V
+      constexpr int W = V < 4 ? V : 4;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) xi[u] = cadk::philox_uniform(w.w[u]) < theta_ ? 1.0f : 0.0f;
+      for (int u = 0; u < kUnroll; ++u) {
+        const float* row = table_ + (g.valid[u] ? g.n[u] : 0) * stride_;
+#pragma unroll
+        for (int q = 0; q < V; q += W) {
+          const Pack<float, W> w = *reinterpret_cast<const Pack<float, W>*>(row + q);
+#pragma unroll
+          for (int k = 0; k < W; ++k) xi[u][q + k] = w.v[k];
+        }
+      }
       return;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xi[u] = g.valid[u] ? (*this)(g.n[u]) : 0.0f;
+    for (int k = 0; k < V; ++k) {
+      if (draw_[k] && g.aligned) {
+        const PhiloxWords w = cadk::philox4(seed_, cadk::philox_counter(g.n[0], unit_[k], units_));
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) xi[u][k] = cadk::philox_uniform(w.w[u]) < theta_[k] ? 1.0f : 0.0f;
+      } else {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) xi[u][k] = draw_[k] && g.valid[u] ? (*this)(g.n[u], k) : value_[k];
+      }
+    }
   }
 
  private:
-  float value_ = 1.0f;
+  float value_[V];
+  float theta_[V];
+  int64_t unit_[V];
+  bool draw_[V];
   const float* table_ = nullptr;
   int64_t stride_ = 0;
-  bool sampled_ = false;
   uint64_t seed_ = 0;
-  int64_t unit_ = 0, units_ = 0;
-  float theta_ = 0.0f;
+  int64_t units_ = 0;
 };
 
 // Host side of a gate: owns what GateParams points into.

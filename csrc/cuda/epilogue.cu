@@ -17,61 +17,78 @@ __global__ void gate_table_kernel(GateParams g, int64_t total, float* out) {
   }
 }
 
-template <typename scalar_t, bool kRelu>
+// Each thread owns the V consecutive channels c .. c + V - 1 (V from channel_pack).
+template <typename scalar_t, bool kRelu, int V>
 __global__ void gate_forward_kernel(const scalar_t* z, const scalar_t* bias, GateParams g, Layout L, scalar_t* pre,
                                     scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
-  const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[unit_of(g, c)]) : acc_t(0);
-  const ChannelGate<scalar_t> gate(g, c);
+  acc_t b[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) b[k] = bias != nullptr ? static_cast<acc_t>(bias[unit_of(g, c + k)]) : acc_t(0);
+  const ChannelGates<scalar_t, V> gate(g, c);
   for_each_row_group(L, c, [&](const RowGroup& rg) {
-    acc_t v[kUnroll];
+    Pack<scalar_t, V> v[kUnroll];
     load_rows(z, rg, v);
-    float xi[kUnroll];
+    float xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!rg.valid[u]) continue;
-      const scalar_t p = activate<scalar_t, kRelu>(v[u] + b);
-      if (pre != nullptr) pre[rg.off[u]] = p;
-      y[rg.off[u]] = static_cast<scalar_t>(static_cast<acc_t>(p) * static_cast<acc_t>(xi[u]));
+      Pack<scalar_t, V> p, out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        p.v[k] = activate<scalar_t, kRelu>(static_cast<acc_t>(v[u].v[k]) + b[k]);
+        out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(p.v[k]) * static_cast<acc_t>(xi[u][k]));
+      }
+      if (pre != nullptr) store_row(pre, rg.off[u], p);
+      store_row(y, rg.off[u], out);
     }
   });
 }
 
 // grad_z and the per-unit sums of grad_y * pre (theta) and grad_z (bias); null sums are skipped.
-template <typename scalar_t, bool kRelu>
+template <typename scalar_t, bool kRelu, int V>
 __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre, GateParams g, Layout L,
                                      scalar_t* grad_z, at::opmath_type<scalar_t>* theta_sum,
                                      at::opmath_type<scalar_t>* bias_sum) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index();
+  const int64_t c = channel_index() * V;
   const bool active = c < L.A;
-  Sums<acc_t, 2> s = {};
+  Sums<acc_t, 2 * V> s = {};  // [k]: grad_y * pre, [V + k]: grad_z, of channel c + k
   if (active) {
-    const ChannelGate<scalar_t> gate(g, c);
+    const ChannelGates<scalar_t, V> gate(g, c);
     for_each_row_group(L, c, [&](const RowGroup& rg) {
-      acc_t dy[kUnroll], p[kUnroll];
+      Pack<scalar_t, V> dy[kUnroll], p[kUnroll];
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
-      float xi[kUnroll];
+      float xi[kUnroll][V];
       gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (!rg.valid[u]) continue;
-        const acc_t gz = gated_grad<scalar_t, kRelu>(dy[u], p[u], xi[u]);
-        grad_z[rg.off[u]] = static_cast<scalar_t>(gz);
-        s.v[0] += dy[u] * p[u];
-        s.v[1] += gz;
+        Pack<scalar_t, V> gz;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const acc_t d = static_cast<acc_t>(dy[u].v[k]), pk = static_cast<acc_t>(p[u].v[k]);
+          const acc_t v = gated_grad<scalar_t, kRelu>(d, pk, xi[u][k]);
+          gz.v[k] = static_cast<scalar_t>(v);
+          s.v[k] += d * pk;
+          s.v[V + k] += v;
+        }
+        store_row(grad_z, rg.off[u], gz);
       }
     });
   }
-  s = reduce_over_rows(s, [](const Sums<acc_t, 2>& a, const Sums<acc_t, 2>& b) { return add_sums(a, b); });
+  s = reduce_over_rows(s, [](const Sums<acc_t, 2 * V>& a, const Sums<acc_t, 2 * V>& b) { return add_sums(a, b); });
   if (active && threadIdx.y == 0) {
-    const int64_t j = unit_of(g, c);
-    if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[0]);
-    if (bias_sum != nullptr) atomicAdd(bias_sum + j, s.v[1]);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t j = unit_of(g, c + k);
+      if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[k]);
+      if (bias_sum != nullptr) atomicAdd(bias_sum + j, s.v[V + k]);
+    }
   }
 }
 
@@ -115,13 +132,17 @@ void gate_forward(const Tensor& z, const Tensor& bias, const Gate& gate, bool re
                         "cadk: the epilogue bias must be contiguous in z's dtype");
   const Layout L = layout_of(z);
   if (L.numel() == 0) return;
-  const LaunchShape shape = channel_launch(L);
   CADK_DISPATCH_FLOATING(z.scalar_type(), "cadk_gate_forward", [&] {
+    const int v = channel_pack<scalar_t>(L, {z.data_ptr(), pre.defined() ? pre.data_ptr() : nullptr, y.data_ptr()});
+    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
-      gate_forward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
-          z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), gate.params, L, ptr_or_null<scalar_t>(pre),
-          y.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_pack<scalar_t>(v, [&](auto pack) {
+        gate_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
+            <<<shape.grid, shape.block, 0, current_stream()>>>(z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
+                                                               gate.params, L, ptr_or_null<scalar_t>(pre),
+                                                               y.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
@@ -150,14 +171,18 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
   out.grad_z = at::empty_like(pre, format_of(pre));
   const Layout L = layout_of(pre);
   if (L.numel() == 0) return out;
-  const LaunchShape shape = channel_launch(L);
   CADK_DISPATCH_FLOATING(pre.scalar_type(), "cadk_gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const int v = channel_pack<scalar_t>(L, {grad_y.data_ptr(), pre.data_ptr(), out.grad_z.data_ptr()});
+    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
-      gate_backward_kernel<scalar_t, decltype(use_relu)::value><<<shape.grid, shape.block, 0, current_stream()>>>(
-          grad_y.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gate.params, L, out.grad_z.data_ptr<scalar_t>(),
-          ptr_or_null<acc_t>(out.theta_sum), ptr_or_null<acc_t>(out.bias_sum));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_pack<scalar_t>(v, [&](auto pack) {
+        gate_backward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
+            <<<shape.grid, shape.block, 0, current_stream()>>>(
+                grad_y.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gate.params, L,
+                out.grad_z.data_ptr<scalar_t>(), ptr_or_null<acc_t>(out.theta_sum), ptr_or_null<acc_t>(out.bias_sum));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;

@@ -1,14 +1,11 @@
 // gate_apply, gated_linear and gated_conv2d on CUDA: alive weight blocks gathered by one kernel
 // (weights.cu), cuBLAS / cuDNN on the compact shapes (at::mm, at::convolution[_backward]), and the
 // fused channel-wise kernels of epilogue.cu around them. Also registers all CUDA kernels.
-#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/relu.h>
-#include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -33,31 +30,6 @@ void check_gate_inputs(const Tensor& pre, const Tensor& theta, const Tensor& ali
   check_vector(theta, theta.numel(), pre, "theta");
   check_alive(alive, pre.size(1), theta.numel(), pre, "alive");
   check_seed(seed, pre);
-}
-
-// ---------------------------------------------------------------------------------------------
-// gated_residual
-
-at::MemoryFormat check_residual(const Tensor& shortcut, const Tensor& branch, const Tensor& theta,
-                                const Tensor& alive, const Tensor& seed) {
-  TORCH_CHECK(branch.is_cuda(), "cadk gated_residual: branch must be a CUDA tensor here, got ", branch.device());
-  check_cuda(shortcut, branch, "shortcut");
-  check_float(branch, "branch");
-  TORCH_CHECK(shortcut.sizes() == branch.sizes() && shortcut.scalar_type() == branch.scalar_type(),
-              "cadk gated_residual: shortcut ", shortcut.sizes(), " ", shortcut.scalar_type(), " and branch ",
-              branch.sizes(), " ", branch.scalar_type(), " must match in shape and dtype");
-  TORCH_CHECK(branch.dim() >= 1, "cadk gated_residual: branch must be [N, ...], got a 0-dim tensor");
-  check_vector(theta, theta.numel(), branch, "theta");
-  TORCH_CHECK(alive.dim() == 1 && alive.numel() == 1, "cadk gated_residual: alive must list the one unit of the ",
-              "block gate, got shape ", alive.sizes(), "; a pruned block skips its branch (relu(shortcut))");
-  check_seed(seed, branch);
-  return format_of(branch);
-}
-
-// t (contiguous in its format) as [N, 1, M]: each example is one dense run in either memory format.
-Tensor per_example(const Tensor& t) {
-  const int64_t n = t.size(0), m = n == 0 ? 0 : t.numel() / n;
-  return t.as_strided({n, 1, m}, {m, m, 1});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,32 +129,6 @@ std::tuple<Tensor, Tensor> gate_apply_bwd(const Tensor& grad_y, const Tensor& pr
   const Gate gate = make_gate(theta, alive, seed, training, theta.numel(), layout_of(p));
   const EpilogueGrads g = epilogue_backward(grad_y.contiguous(fmt), p, gate, /*relu=*/false, false);
   return {g.grad_z, as_grad(g.theta_sum, theta.scalar_type())};
-}
-
-// gated_residual on CUDA is composed of the gate kernel (gate_apply on the [N, 1, M] view) and ATen's
-// add, ReLU and ReLU backward: the launches of the unfused block, in one op call.
-Tensor gated_residual_fwd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta, const Tensor& alive,
-                          const Tensor& seed, bool training) {
-  const auto fmt = check_residual(shortcut, branch, theta, alive, seed);
-  const c10::cuda::CUDAGuard guard(branch.device());
-  const Tensor b = branch.contiguous(fmt);
-  const Tensor gated = gate_apply_fwd(per_example(b), theta, alive, seed, training);
-  return at::add(shortcut.contiguous(fmt), gated.as_strided(b.sizes(), b.strides())).relu_();
-}
-
-std::tuple<Tensor, Tensor, Tensor> gated_residual_bwd(const Tensor& grad_y, const Tensor& y, const Tensor& branch,
-                                                      const Tensor& theta, const Tensor& alive, const Tensor& seed,
-                                                      bool training) {
-  const auto fmt = check_residual(y, branch, theta, alive, seed);
-  TORCH_CHECK(grad_y.sizes() == branch.sizes() && grad_y.scalar_type() == branch.scalar_type(),
-              "cadk gated_residual: grad_y must match branch in shape and dtype, got ", grad_y.sizes(), " ",
-              grad_y.scalar_type());
-  check_cuda(grad_y, branch, "grad_y");
-  const c10::cuda::CUDAGuard guard(branch.device());
-  const Tensor b = branch.contiguous(fmt);
-  const Tensor g = at::threshold_backward(grad_y.contiguous(fmt), y.contiguous(fmt), 0).contiguous(fmt);
-  auto [grad_branch, grad_theta] = gate_apply_bwd(per_example(g), per_example(b), theta, alive, seed, training);
-  return {g, grad_branch.as_strided(b.sizes(), b.strides()), grad_theta};
 }
 
 std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
@@ -293,4 +239,5 @@ TORCH_LIBRARY_IMPL(cadk, CUDA, m) {
   m.impl("gated_conv2d_bwd", &cadk::cuda::gated_conv2d_bwd);
   m.impl("bn_gate_act_fwd", &cadk::cuda::bn_gate_act_fwd);
   m.impl("bn_gate_act_bwd", &cadk::cuda::bn_gate_act_bwd);
+  m.impl("bn_running_stats_", &cadk::cuda::bn_running_stats_);
 }
