@@ -102,3 +102,18 @@ def test_gate_validation():
         UnitGate(0)
     with pytest.raises(ValueError, match="units"):
         GatedLinear(4, 3, gate=UnitGate(5))
+
+
+def test_alive_factor_follows_pruning_and_loading():
+    """The theta optimizers mask with alive_factor: it must equal alive_mask after prune and load."""
+    gate = UnitGate(6)
+    gate.prune(torch.tensor([1, 4]))
+    assert gate.alive_factor.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    fresh = UnitGate(6)
+    fresh.load_state_dict(gate.state_dict())
+    assert fresh.alive_factor.tolist() == gate.alive_factor.tolist()
+    assert "alive_factor" not in gate.state_dict()  # derived, like alive_idx: checkpoints do not change
+    opt = cadk.ThetaSGD([fresh], lr=1.0)
+    fresh.theta.grad = torch.full((6,), -0.5)
+    opt.step()
+    assert fresh.theta.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]

@@ -42,6 +42,8 @@ class UnitGate(nn.Module):
         self.register_buffer("zero_steps", torch.zeros(num_units, dtype=torch.int32))
         self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64))
         self.register_buffer("alive_idx", torch.arange(num_units), persistent=False)
+        # alive_mask as 1/0 in theta's dtype, for the theta optimizers' masking (foreach ops need it)
+        self.register_buffer("alive_factor", torch.ones(num_units), persistent=False)
 
     @property
     def num_units(self) -> int:
@@ -77,8 +79,9 @@ class UnitGate(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute alive_idx from alive_mask (after pruning or loading a state_dict)."""
+        """Recompute alive_idx and alive_factor from alive_mask (after pruning or loading a state_dict)."""
         self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
+        self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
 
     def keep_idx(self) -> torch.Tensor:
         """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing).
