@@ -129,7 +129,13 @@ for spec in "fp32:" "large_bf16:--size large --dtype bfloat16"; do
     --json "$OUT/bench_kernels_cuda_residual_${spec%%:*}.json"
 done
 # A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
-step train_step 90 "$PYTHON" benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10
+TRAIN_STEP=(benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10)
+step train_step 90 "$PYTHON" "${TRAIN_STEP[@]}"
+if [ -n "${BASELINE:-}" ]; then  # right after this build's: ratios to the plain models in each run compare
+  cd "$BASELINE" || exit 1
+  step baseline_train_step 90 env PYTHONPATH="$BASELINE" "$PYTHON" "${TRAIN_STEP[@]}"
+  cd "$ROOT" || exit 1
+fi
 step profile 60 "${BENCH[@]}" --keeps 0.5 --repeats 3 --backends "$GPU_BACKENDS" --profile
 # Where the time goes at GPU-bound sizes, bf16, half the channels kept.
 for layer in linear conv3x3; do
