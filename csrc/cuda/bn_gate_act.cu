@@ -36,7 +36,7 @@ struct WelfordPack {
 template <typename scalar_t, int V>
 __global__ void bn_stats_kernel(const scalar_t* x, Layout L, Welford<at::opmath_type<scalar_t>>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   const bool active = c < L.A;
   WelfordPack<acc_t, V> w = {};
   if (active) {
@@ -101,7 +101,7 @@ __global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scala
                                   const at::opmath_type<scalar_t>* bias, at::opmath_type<scalar_t> eps,
                                   GateParams g, Layout L, scalar_t* pre, scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
   Affine<acc_t> f[V];
 #pragma unroll
@@ -136,7 +136,7 @@ __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t
                                           GateParams g, Layout L, at::opmath_type<scalar_t>* theta_sum,
                                           at::opmath_type<scalar_t>* dz_sum, at::opmath_type<scalar_t>* dz_xhat_sum) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   const bool active = c < L.A;
   Sums<acc_t, 3 * V> s = {};  // [k]: grad_y * pre, [V + k]: dz, [2V + k]: dz * (x - mean), of channel c + k
   if (active) {
@@ -187,7 +187,7 @@ __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t*
                                          const at::opmath_type<scalar_t>* dz_xhat_sum, at::opmath_type<scalar_t> inv_m,
                                          GateParams g, Layout L, scalar_t* grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
   acc_t m[V], rstd[V], scale[V], mean_dz[V], mean_dz_xhat[V];
 #pragma unroll
@@ -353,22 +353,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
       using acc_t = at::opmath_type<scalar_t>;
       const int v = channel_pack<scalar_t>(L, {gy.data_ptr(), pc.data_ptr(), xc.data_ptr(), grad_x.data_ptr()});
       const LaunchShape shape = channel_launch(L, v);
-      with_bool(relu, [&](auto use_relu) { with_pack<scalar_t>(v, [&](auto pack) {
-        constexpr bool kRelu = decltype(use_relu)::value;
-        constexpr int kPack = decltype(pack)::value;
-        const cudaStream_t stream = current_stream();
-        bn_backward_reduce_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
-            gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
-            vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
-            dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        bn_backward_input_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
-            gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
-            vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), w.data_ptr<acc_t>(), dz_sum.data_ptr<acc_t>(),
-            dz_xhat_sum.data_ptr<acc_t>(), static_cast<acc_t>(inv_m), gate.params, L,
-            grad_x.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }); });
+      with_bool(relu, [&](auto use_relu) {
+        with_pack<scalar_t>(v, [&](auto pack) {
+          constexpr bool kRelu = decltype(use_relu)::value;
+          constexpr int kPack = decltype(pack)::value;
+          const cudaStream_t stream = current_stream();
+          bn_backward_reduce_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
+              gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
+              vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
+              dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          bn_backward_input_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
+              gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
+              vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), w.data_ptr<acc_t>(), dz_sum.data_ptr<acc_t>(),
+              dz_xhat_sum.data_ptr<acc_t>(), static_cast<acc_t>(inv_m), gate.params, L,
+              grad_x.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
     });
   }
   const auto wtype = weight.scalar_type();

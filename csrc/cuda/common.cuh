@@ -1,10 +1,11 @@
 // Shared pieces of cadk's CUDA kernels: input checks, the gate xi[n, c] of a compact channel, and
 // a per-channel traversal of compact activations that serves elementwise and reduction kernels.
 //
-// Kernel shape: a thread owns one compact channel c (threadIdx.x + blockIdx.x * blockDim.x) and
-// strides over that channel's N*S rows (threadIdx.y + blockIdx.y * blockDim.y, step blockDim.y *
-// gridDim.y). Per-channel values (bias, BN coefficients, theta) then live in registers, per-channel
-// sums reduce over threadIdx.y in shared memory and end in one atomicAdd per block and channel.
+// Kernel shape: a thread owns a pack of V consecutive compact channels c .. c + V - 1 (lane
+// threadIdx.x + blockIdx.x * blockDim.x, c = lane * V; V = 1 in planar layouts, see channel_pack) and
+// strides over their N*S rows (threadIdx.y + blockIdx.y * blockDim.y, step blockDim.y * gridDim.y), one
+// access of V values per row. Per-channel values (bias, BN coefficients, theta) then live in registers,
+// per-channel sums reduce over threadIdx.y in shared memory and end in one atomicAdd per block and channel.
 //
 // Only c10/cuda headers are used for streams and guards: ATen/cuda/CUDAContext.h pulls in cuBLAS
 // and cuSPARSE headers that a bare CUDA toolkit may lack (c10::cuda::getCurrentCUDAStream is the
@@ -145,7 +146,8 @@ struct RowGroup {
 };
 static_assert(kUnroll == 4, "aligned row groups take the four words of one Philox evaluation");
 
-__device__ __forceinline__ int64_t channel_index() {
+// This thread's lane: the pack of channels it owns (see the kernel shape above).
+__device__ __forceinline__ int64_t lane_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 

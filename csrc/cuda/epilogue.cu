@@ -22,7 +22,7 @@ template <typename scalar_t, bool kRelu, int V>
 __global__ void gate_forward_kernel(const scalar_t* z, const scalar_t* bias, GateParams g, Layout L, scalar_t* pre,
                                     scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   if (c >= L.A) return;  // no block-wide synchronisation below
   acc_t b[V];
 #pragma unroll
@@ -54,7 +54,7 @@ __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre
                                      scalar_t* grad_z, at::opmath_type<scalar_t>* theta_sum,
                                      at::opmath_type<scalar_t>* bias_sum) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = channel_index() * V;
+  const int64_t c = lane_index() * V;
   const bool active = c < L.A;
   Sums<acc_t, 2 * V> s = {};  // [k]: grad_y * pre, [V + k]: grad_z, of channel c + k
   if (active) {
