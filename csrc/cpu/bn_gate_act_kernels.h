@@ -73,9 +73,35 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Rows& v) {
       });
     });
   });
+  // mean = shift + E[x - shift], var = max(E[(x - shift)^2] - E[x - shift]^2, 0), in double, then the
+  // math dtype: plain loops, as a dozen ATen calls on C-entry vectors cost more than a small batch's pass.
   const double m = double(values_per_channel(v));
-  const Tensor d1 = sums[0] / m;
-  return {shift.to(at::kDouble) + d1, (sums[1] / m - d1 * d1).clamp_min(0)};
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  Tensor mean = at::empty({v.C}, at::TensorOptions().dtype(acc_type));
+  Tensor var = at::empty({v.C}, at::TensorOptions().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "cadk_bn_stats", [&] {
+    const scalar_t* sp = shift.data_ptr<scalar_t>();
+    const double* s1 = sums.data_ptr<double>();
+    const double* s2 = s1 + v.C;
+    scalar_t *mp = mean.data_ptr<scalar_t>(), *vp = var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < v.C; ++c) {
+      const double d1 = s1[c] / m, d2 = s2[c] / m - d1 * d1;
+      mp[c] = scalar_t(double(sp[c]) + d1);
+      vp[c] = scalar_t(d2 < 0.0 ? 0.0 : d2);  // NaN stays NaN, as clamp_min
+    }
+  });
+  return {mean, var};
+}
+
+// Per-channel values of a full-size parameter vector at the alive units, in the math dtype.
+template <typename acc_t>
+std::vector<acc_t> at_alive(const Tensor& full, const Tensor& alive) {
+  const Tensor f = coef(full, c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t* fp = f.data_ptr<acc_t>();
+  const int64_t* ap = alive.data_ptr<int64_t>();
+  std::vector<acc_t> out(alive.numel());
+  for (size_t c = 0; c < out.size(); ++c) out[c] = fp[ap[c]];
+  return out;
 }
 
 }  // namespace
@@ -95,16 +121,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     TORCH_CHECK(values_per_channel(v) > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
                 "got input shape ", x.sizes());
     std::tie(mean, var) = batch_stats(xc, v);
-    mean = mean.to(acc_type);
-    var = var.to(acc_type);
   } else {
     // Fresh tensors: with every channel alive the gather would return the running statistics themselves.
     mean = coef(gather_vector(running_mean, alive), acc_type).clone();
     var = coef(gather_vector(running_var, alive), acc_type).clone();
   }
-  // z = x * scale + shift, the form ATen's batch norm uses.
-  const Tensor scale = coef(gather_vector(weight, alive), acc_type) * (var + eps).rsqrt();
-  const Tensor shift = coef(gather_vector(bias, alive), acc_type) - mean * scale;
+  const Tensor ac = alive.contiguous();
   const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kForward);
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor y = at::empty_like(xc, format_of(xc));
@@ -115,8 +137,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = gated ? pre.data_ptr<scalar_t>() : nullptr;
-    const acc_t* scp = scale.data_ptr<acc_t>();
-    const acc_t* shp = shift.data_ptr<acc_t>();
+    // z = x * scale + shift, the form ATen's batch norm uses, each step rounded as its tensor ops do.
+    std::vector<acc_t> scale = at_alive<acc_t>(weight, ac), shift = at_alive<acc_t>(bias, ac);
+    const acc_t *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
+    for (int64_t c = 0; c < v.C; ++c) {
+      scale[c] = scale[c] * (acc_t(1) / std::sqrt(vp[c] + acc_t(eps)));
+      shift[c] = shift[c] - mp[c] * scale[c];
+    }
+    const acc_t* scp = scale.data();
+    const acc_t* shp = shift.data();
     with_bool(v.cl, [&](auto cl) {
       with_bool(relu, [&](auto use_relu) {
         with_bool(gated, [&](auto use_gate) {
@@ -174,8 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
   const Tensor xc = in_format(x, fmt), gy = in_format(grad_y, fmt), pc = in_format(pre, fmt);
   const Rows v = rows_of(xc);
   const auto acc_type = at::toOpMathType(x.scalar_type());
-  const Tensor mu = coef(mean, acc_type);
-  const Tensor invstd = (coef(var, acc_type) + eps).rsqrt();
+  const Tensor mu = coef(mean, acc_type), vr = coef(var, acc_type), ac = alive.contiguous();
   const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kBackward);
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor grad_x = at::empty_like(xc, fmt);
@@ -241,18 +269,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           });
           // grad_x = a * g + b * (x - mean) + c per channel; b = c = 0 in eval (running stats are
           // constants).
-          const Tensor w = coef(gather_vector(weight, alive), at::kDouble);
-          const Tensor inv = invstd.to(at::kDouble);
-          const Tensor a = w * inv;
+          // In double from the sums, rounded to the math dtype once (plain loops, as in the forward).
+          const std::vector<double> w = at_alive<double>(weight, ac);
           const double m = double(values_per_channel(v));
-          const Tensor sg = sums[0], sgx = sums[1];
-          grad_w_alive = sgx * inv;
-          grad_b_alive = sg;
+          const double *sg = sums.data_ptr<double>(), *sgx = sg + C;
+          grad_w_alive = at::empty({C}, at::TensorOptions().dtype(at::kDouble));
+          grad_b_alive = sums[0];
           theta_sum = sums[2];
-          const Tensor ca = coef(a, acc_type);
-          const Tensor cb = coef(training ? -a * inv * inv * sgx / m : at::zeros_like(a), acc_type);
-          const Tensor cc = coef(training ? -a * sg / m : at::zeros_like(a), acc_type);
-          const acc_t *ap = ca.data_ptr<acc_t>(), *bp = cb.data_ptr<acc_t>(), *cp = cc.data_ptr<acc_t>();
+          double* gw = grad_w_alive.data_ptr<double>();
+          const acc_t* vp = vr.data_ptr<acc_t>();
+          std::vector<acc_t> ca(C), cb(C), cc(C);
+          for (int64_t c = 0; c < C; ++c) {
+            const double inv = double(acc_t(1) / std::sqrt(vp[c] + acc_t(eps)));  // invstd in the math dtype
+            const double a = w[c] * inv;
+            gw[c] = sgx[c] * inv;
+            ca[c] = acc_t(a);
+            cb[c] = training ? acc_t(-a * inv * inv * sgx[c] / m) : acc_t(0);
+            cc[c] = training ? acc_t(-a * sg[c] / m) : acc_t(0);
+          }
+          const acc_t *ap = ca.data(), *bp = cb.data(), *cp = cc.data();
           const std::vector<acc_t> a_runs = kCL ? tiled(ap, C, run) : std::vector<acc_t>{};
           const std::vector<acc_t> b_runs = kCL ? tiled(bp, C, run) : std::vector<acc_t>{};
           const std::vector<acc_t> c_runs = kCL ? tiled(cp, C, run) : std::vector<acc_t>{};
