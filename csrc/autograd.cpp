@@ -270,8 +270,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_autograd(const Tensor& x,
   return {out[0], out[1], out[2], out[3]};
 }
 
+// bn_running_stats_ updates its first two arguments in place: as ATen's in-place ops do, it bumps their
+// version counters, so autograd's checks of saved tensors see the update.
+void bn_running_stats_inplace(const Tensor& running_mean, const Tensor& running_var, const Tensor& alive,
+                              const Tensor& mean, const Tensor& var, double momentum, int64_t count) {
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    static const auto update = op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       double, int64_t)>("cadk::bn_running_stats_");
+    update.call(running_mean, running_var, alive, mean, var, momentum, count);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+}
+
 }  // namespace
 }  // namespace cadk
+
+TORCH_LIBRARY_IMPL(cadk, ADInplaceOrView, m) {
+  m.impl("bn_running_stats_", &cadk::bn_running_stats_inplace);
+}
 
 TORCH_LIBRARY_IMPL(cadk, Autograd, m) {
   m.impl("gate_apply_fwd", &cadk::gate_apply_autograd);

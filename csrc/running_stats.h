@@ -1,13 +1,15 @@
 // nn.BatchNorm's running-statistics update of one channel, shared by the C++ and CUDA kernels of
-// bn_running_stats_ so both round as the unfused PyTorch update does:
+// bn_running_stats_:
 //   running_mean = lerp(running_mean, mean.to(R), momentum)
 //   running_var  = lerp(running_var, (var * (count / (count - 1))).to(R), momentum)
-// (the batch statistics in their dtype S, the lerp in R's math dtype with ATen's two-sided formula).
+// with the batch statistics in their dtype S and the lerp in R's math dtype as ATen's vectorised lerp
+// computes it: one fused multiply-add, fma(w < 0.5 ? w : w - 1, end - start, w < 0.5 ? start : end).
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -18,12 +20,16 @@
 
 namespace cadk {
 
+CADK_HDI float fused_multiply_add(float a, float b, float c) { return ::fmaf(a, b, c); }
+CADK_HDI double fused_multiply_add(double a, double b, double c) { return ::fma(a, b, c); }
+
 template <typename R, typename S>
 CADK_HDI R running_lerp(R running, S batch, double momentum) {
   using acc_t = at::opmath_type<R>;
   const acc_t a = static_cast<acc_t>(running), b = static_cast<acc_t>(static_cast<R>(batch));
   const acc_t w = static_cast<acc_t>(momentum);
-  return static_cast<R>(w < acc_t(0.5) && w > acc_t(-0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w));
+  const bool small = w < acc_t(0.5) && w > acc_t(-0.5);
+  return static_cast<R>(fused_multiply_add(small ? w : w - acc_t(1), b - a, small ? a : b));
 }
 
 // Updates entry j of the running statistics (strided views) from the batch mean and biased var.
