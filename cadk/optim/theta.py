@@ -16,8 +16,8 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[UnitGat
 
 
 class _Projected:
-    """The masking and projection as foreach ops: a few multi-tensor kernels per step for all gates
-    together, where one op per gate cost three launches per gate on a GPU."""
+    """Masking and projection as foreach ops over all gates at once: a few multi-tensor kernels per step
+    instead of three ops (three GPU launches) per gate."""
     _gates: list[UnitGate]
 
     @torch.no_grad()
