@@ -38,6 +38,12 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=[p for p in _backend_params() if p.id != "triton-cpu"])
+def compiled_or_gpu_backend(request):
+    """The backends but Triton's interpreter, for cases that cover compiled-code paths only."""
+    return request.param
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(data_seed())
@@ -183,12 +189,10 @@ def test_bn_gate_act(backend, gen, kind, training, activation, with_theta, chann
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels", [2, 4, 8, 24])
 @pytest.mark.parametrize("op", ["gate_apply", "gated_linear", "gated_conv2d", "bn_gate_act"])
-def test_channel_counts_of_packed_kernels(backend, gen, op, channels, training, dtype):
+def test_channel_counts_of_packed_kernels(compiled_or_gpu_backend, gen, op, channels, training, dtype):
     """Channel counts that CUDA's channel-wise kernels move several channels per access for (channels-last
     and 2-D activations, where every count divisible by 2, 4 or 8 packs): forward and gradients."""
-    module, device = backend
-    if module.__name__.endswith("triton_backend") and device == "cpu":
-        pytest.skip("a CUDA code path; the interpreter runs Triton's kernels in the tests above")
+    module, device = compiled_or_gpu_backend
     if op == "gate_apply":
         case = gate_apply_case(gen, device, dtype, "all", training, True, True, units=channels)
         _compare(op, module.gate_apply, reference.gate_apply, case, dtype, gen)
