@@ -12,11 +12,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define CADK_HD __host__ __device__ __forceinline__
-#else
-#define CADK_HD inline
-#endif
+#include "host_device.h"
 
 namespace cadk {
 

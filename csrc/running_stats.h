@@ -12,19 +12,15 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define CADK_HDI __host__ __device__ __forceinline__
-#else
-#define CADK_HDI inline
-#endif
+#include "host_device.h"
 
 namespace cadk {
 
-CADK_HDI float fused_multiply_add(float a, float b, float c) { return ::fmaf(a, b, c); }
-CADK_HDI double fused_multiply_add(double a, double b, double c) { return ::fma(a, b, c); }
+CADK_HD float fused_multiply_add(float a, float b, float c) { return ::fmaf(a, b, c); }
+CADK_HD double fused_multiply_add(double a, double b, double c) { return ::fma(a, b, c); }
 
 template <typename R, typename S>
-CADK_HDI R running_lerp(R running, S batch, double momentum) {
+CADK_HD R running_lerp(R running, S batch, double momentum) {
   using acc_t = at::opmath_type<R>;
   const acc_t a = static_cast<acc_t>(running), b = static_cast<acc_t>(static_cast<R>(batch));
   const acc_t w = static_cast<acc_t>(momentum);
@@ -34,7 +30,7 @@ CADK_HDI R running_lerp(R running, S batch, double momentum) {
 
 // Updates entry j of the running statistics (strided views) from the batch mean and biased var.
 template <typename R, typename S>
-CADK_HDI void update_running_stats(R* running_mean, int64_t mean_stride, R* running_var, int64_t var_stride,
+CADK_HD void update_running_stats(R* running_mean, int64_t mean_stride, R* running_var, int64_t var_stride,
                                    int64_t j, S mean, S var, double momentum, S unbias) {
   running_mean[j * mean_stride] = running_lerp(running_mean[j * mean_stride], mean, momentum);
   running_var[j * var_stride] = running_lerp(running_var[j * var_stride], var * unbias, momentum);

@@ -75,9 +75,11 @@ void bn_running_stats_(const Tensor& running_mean, const Tensor& running_var, co
       const scalar_t unbias = static_cast<scalar_t>(static_cast<double>(count) / static_cast<double>(count - 1));
       const scalar_t* mp = m.data_ptr<scalar_t>();
       const scalar_t* vp = v.data_ptr<scalar_t>();
+      run_t* rmp = running_mean.data_ptr<run_t>();
+      run_t* rvp = running_var.data_ptr<run_t>();
+      const int64_t rms = running_mean.stride(0), rvs = running_var.stride(0);
       for (int64_t c = 0; c < a.numel(); ++c) {
-        update_running_stats(running_mean.data_ptr<run_t>(), running_mean.stride(0), running_var.data_ptr<run_t>(),
-                             running_var.stride(0), idx[c], mp[c], vp[c], momentum, unbias);
+        update_running_stats(rmp, rms, rvp, rvs, idx[c], mp[c], vp[c], momentum, unbias);
       }
     });
   });

@@ -23,9 +23,7 @@ at::MemoryFormat check_residual(const Tensor& shortcut, const Tensor& branch, co
   check_vector(theta, theta.numel(), branch, "theta");
   TORCH_CHECK(alive.dim() == 1 && alive.numel() == 1, "cadk gated_residual: alive must list the one unit of the ",
               "block gate, got shape ", alive.sizes(), "; a pruned block skips its branch (relu(shortcut))");
-  TORCH_CHECK(alive.scalar_type() == at::kLong, "cadk gated_residual: alive must be an int64 index tensor, got ",
-              alive.scalar_type(), "; build it with dtype=torch.int64");
-  check_cuda(alive, branch, "alive");
+  check_alive(alive, 1, theta.numel(), branch, "alive");
   check_seed(seed, branch);
   return format_of(branch);
 }
