@@ -258,15 +258,18 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Layout& L) {
   CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int v = channel_pack<scalar_t>(L, {x.data_ptr()});
-    const LaunchShape shape = channel_launch(L, v);
-    const int64_t blocks = shape.grid.y;
-    Tensor partial = at::empty({blocks, L.A, 3}, x.options().dtype(acc));
-    auto* parts = reinterpret_cast<Welford<acc_t>*>(partial.data_ptr<acc_t>());
+    Tensor partial;
+    int64_t blocks = 0;
     with_pack<scalar_t>(v, [&](auto pack) {
-      bn_stats_kernel<scalar_t, decltype(pack)::value>
-          <<<shape.grid, shape.block, 0, current_stream()>>>(x.data_ptr<scalar_t>(), L, parts);
+      const auto kernel = bn_stats_kernel<scalar_t, decltype(pack)::value>;
+      const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(kernel));
+      blocks = shape.grid.y;
+      partial = at::empty({blocks, L.A, 3}, x.options().dtype(acc));
+      kernel<<<shape.grid, shape.block, 0, current_stream()>>>(
+          x.data_ptr<scalar_t>(), L, reinterpret_cast<Welford<acc_t>*>(partial.data_ptr<acc_t>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    auto* parts = reinterpret_cast<Welford<acc_t>*>(partial.data_ptr<acc_t>());
     bn_stats_finish_kernel<acc_t><<<ceil_div(L.A, kThreads), kThreads, 0, current_stream()>>>(
         parts, blocks, L.A, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -306,11 +309,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* pre_ptr = gate.defined() ? pre.data_ptr<scalar_t>() : nullptr;
     const int v = channel_pack<scalar_t>(L, {xc.data_ptr(), pre_ptr, y.data_ptr()});
-    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
       with_pack<scalar_t>(v, [&](auto pack) {
-        bn_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
-            <<<shape.grid, shape.block, 0, current_stream()>>>(
+        const auto kernel = bn_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>;
+        const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(kernel));
+        kernel<<<shape.grid, shape.block, 0, current_stream()>>>(
                 xc.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
                 b.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, pre_ptr, y.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -352,18 +355,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
     CADK_DISPATCH_FLOATING(x.scalar_type(), "cadk_bn_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int v = channel_pack<scalar_t>(L, {gy.data_ptr(), pc.data_ptr(), xc.data_ptr(), grad_x.data_ptr()});
-      const LaunchShape shape = channel_launch(L, v);
       with_bool(relu, [&](auto use_relu) {
         with_pack<scalar_t>(v, [&](auto pack) {
           constexpr bool kRelu = decltype(use_relu)::value;
           constexpr int kPack = decltype(pack)::value;
           const cudaStream_t stream = current_stream();
-          bn_backward_reduce_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
+          const auto reduce = bn_backward_reduce_kernel<scalar_t, kRelu, kPack>;
+          const auto input = bn_backward_input_kernel<scalar_t, kRelu, kPack>;
+          const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(reduce));
+          reduce<<<shape.grid, shape.block, 0, stream>>>(
               gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
               vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
               dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          bn_backward_input_kernel<scalar_t, kRelu, kPack><<<shape.grid, shape.block, 0, stream>>>(
+          const LaunchShape input_shape = channel_launch(L, v, reinterpret_cast<const void*>(input));
+          input<<<input_shape.grid, input_shape.block, 0, stream>>>(
               gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
               vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), w.data_ptr<acc_t>(), dz_sum.data_ptr<acc_t>(),
               dz_xhat_sum.data_ptr<acc_t>(), static_cast<acc_t>(inv_m), gate.params, L,

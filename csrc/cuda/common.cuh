@@ -24,6 +24,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -269,10 +272,27 @@ struct LaunchShape {
   dim3 grid, block;
 };
 
+// Blocks of kThreads threads of `kernel` that one SM of the current device holds at once (its registers
+// and shared memory decide), queried once per kernel and device.
+inline int resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [it, fresh] = cache.try_emplace({kernel, device}, 0);
+  if (fresh) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+    it->second = std::max(blocks, 1);
+  }
+  return it->second;
+}
+
 // Planar: one channel per block, its 256 threads on consecutive rows (coalesced along S).
 // Otherwise up to 32 consecutive lanes of `pack` channels each per block (coalesced along C) times
-// 256/32 rows. Enough row blocks to fill the GPU once, no more than there are row groups.
-inline LaunchShape channel_launch(const Layout& L, int pack = 1) {
+// 256/32 rows. As many row blocks as `kernel` keeps resident on the GPU at once (a thread then loops
+// over its rows, its per-channel set-up paid once), no more than there are row groups.
+inline LaunchShape channel_launch(const Layout& L, int pack, const void* kernel) {
   const int64_t lanes = L.A / pack;
   int64_t tc = 1;
   if (!L.planar) {
@@ -281,7 +301,7 @@ inline LaunchShape channel_launch(const Layout& L, int pack = 1) {
   const int64_t tr = kThreads / tc;
   const int64_t gx = ceil_div(lanes, tc);
   const int sms = multiprocessor_count();
-  const int64_t blocks_per_sm = 2048 / kThreads;
+  const int64_t blocks_per_sm = resident_blocks(kernel);
   const int64_t row_blocks = std::min<int64_t>(ceil_div(L.rows(), tr * kUnroll), 65535);
   const int64_t gy = std::clamp<int64_t>(ceil_div(sms * blocks_per_sm, gx), 1, std::max<int64_t>(row_blocks, 1));
   TORCH_CHECK(gx <= INT32_MAX, "cadk: too many channels (", L.A, ") for one launch");

@@ -134,11 +134,11 @@ void gate_forward(const Tensor& z, const Tensor& bias, const Gate& gate, bool re
   if (L.numel() == 0) return;
   CADK_DISPATCH_FLOATING(z.scalar_type(), "cadk_gate_forward", [&] {
     const int v = channel_pack<scalar_t>(L, {z.data_ptr(), pre.defined() ? pre.data_ptr() : nullptr, y.data_ptr()});
-    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
       with_pack<scalar_t>(v, [&](auto pack) {
-        gate_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
-            <<<shape.grid, shape.block, 0, current_stream()>>>(z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
+        const auto kernel = gate_forward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>;
+        const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(kernel));
+        kernel<<<shape.grid, shape.block, 0, current_stream()>>>(z.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias),
                                                                gate.params, L, ptr_or_null<scalar_t>(pre),
                                                                y.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -174,11 +174,11 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
   CADK_DISPATCH_FLOATING(pre.scalar_type(), "cadk_gate_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int v = channel_pack<scalar_t>(L, {grad_y.data_ptr(), pre.data_ptr(), out.grad_z.data_ptr()});
-    const LaunchShape shape = channel_launch(L, v);
     with_bool(relu, [&](auto use_relu) {
       with_pack<scalar_t>(v, [&](auto pack) {
-        gate_backward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>
-            <<<shape.grid, shape.block, 0, current_stream()>>>(
+        const auto kernel = gate_backward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>;
+        const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(kernel));
+        kernel<<<shape.grid, shape.block, 0, current_stream()>>>(
                 grad_y.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gate.params, L,
                 out.grad_z.data_ptr<scalar_t>(), ptr_or_null<acc_t>(out.theta_sum), ptr_or_null<acc_t>(out.bias_sum));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
