@@ -90,6 +90,8 @@ class Layer:
         return F.conv2d(x, w, b, padding=1) if self.kind.startswith("conv") else F.linear(x, w, b)
 
     def gated(self, backend: str):
+        """backend "triton:fused" / "triton:torch": the Triton backend with that LINEAR_MATMUL."""
+        backend, _, matmul = backend.partition(":")
         module = backend_module(backend)
         leaves = [self.x, self.weight, self.bias, self.theta]
 
@@ -99,7 +101,14 @@ class Layer:
                 y = module.gated_conv2d(x, w, b, th, self.alive_in, self.alive_out, self.seed, (1, 1), (1, 1),
                                         (1, 1), "relu", True)
             else:
-                y = module.gated_linear(x, w, b, th, self.alive_in, self.alive_out, self.seed, "relu", True)
+                default = getattr(module, "LINEAR_MATMUL", None)
+                if matmul:
+                    module.LINEAR_MATMUL = matmul
+                try:
+                    y = module.gated_linear(x, w, b, th, self.alive_in, self.alive_out, self.seed, "relu", True)
+                finally:
+                    if matmul:
+                        module.LINEAR_MATMUL = default
             y.backward(self.grad_y)
         return _with_leaves(leaves, step)
 
@@ -243,6 +252,7 @@ def profile(steps: dict, device, iters: int = 5) -> None:
 
 
 def backend_module(name: str):
+    name = name.partition(":")[0]
     return importlib.import_module("cadk.kernels." + (name if name == "reference" else f"{name}_backend"))
 
 
@@ -266,7 +276,9 @@ def main(argv=None) -> list[dict]:
                    help="layout of conv activations and weights")
     p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, residual")
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
-    p.add_argument("--backends", default=None, help="comma list (default: all available for the device)")
+    p.add_argument("--backends", default=None,
+                   help="comma list (default: all available for the device); triton:fused and triton:torch "
+                        "time the Triton backend's linear layer with that LINEAR_MATMUL")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None,
                    help="default 15 (on the CPU at the default and large sizes: 41 for linear, 7 for conv)")
@@ -288,7 +300,7 @@ def main(argv=None) -> list[dict]:
     malloc = "keeps-freed" if args.device == "cpu" and not args.system_malloc and keep_freed_memory() else "system"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"format={args.memory_format} size={size} backends={backends} malloc={malloc}")
-    print(f"{'layer':8} {'keep':>5} {'variant':16} {'ms':>9} {'/floor':>7} {'/masked':>8}")
+    print(f"{'layer':8} {'keep':>5} {'variant':20} {'ms':>9} {'/floor':>7} {'/masked':>8}")
     for kind in args.layers.split(","):
         repeats = args.repeats or _default_repeats(kind, args.device, size)
         for keep in map(float, args.keeps.split(",")):
@@ -298,7 +310,7 @@ def main(argv=None) -> list[dict]:
                 steps.update({f"unfused[{b}]": layer.unfused(b) for b in backends})
             else:
                 layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
-                steps = {f"gated[{b}]": layer.gated(b) for b in backends}
+                steps = {f"gated[{b}]": layer.gated(b) for b in backends if kind == "linear" or ":" not in b}
             steps.update(masked=layer.masked(), floor=layer.floor())
             ms = time_round_robin(steps, args.device, args.warmup, repeats)
             if args.profile and not results:
@@ -311,7 +323,7 @@ def main(argv=None) -> list[dict]:
                            vs_masked=t / ms["masked"] if gated else None)
                 results.append(row)
                 ratios = f"{row['vs_floor']:7.2f} {row['vs_masked']:8.2f}" if gated else ""
-                print(f"{kind:8} {keep:5.2f} {name:16} {t:9.3f} {ratios}")
+                print(f"{kind:8} {keep:5.2f} {name:20} {t:9.3f} {ratios}")
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
     return results

@@ -7,6 +7,7 @@ dispatch. Data are fresh each run: a failing test prints its data seed (rerun wi
 from __future__ import annotations
 
 import importlib
+import types
 
 import pytest
 import torch
@@ -425,6 +426,19 @@ def test_cadk_backend_env_routes_dispatch(backend, gen, monkeypatch):
     assert kernels.backend_for(torch.device(device)) == name
     y = kernels.gated_linear(*case.args)
     assert len(calls) == 1 and torch.equal(y, original(*case.args))
+
+
+def test_cadk_backend_env_leaves_unsupported_devices_to_auto(monkeypatch):
+    """A forced backend that does not run on a device (Triton on CPU tensors without its interpreter)
+    leaves that device to the automatic choice instead of failing inside a kernel launch."""
+    gpu_only = types.SimpleNamespace(supports=lambda device: torch.device(device).type == "cuda")
+    monkeypatch.setitem(kernels._BACKENDS, "gpu_only", gpu_only)
+    monkeypatch.setenv("CADK_BACKEND", "gpu_only")
+    assert kernels.backend_for(torch.device("cpu")) == kernels._auto(torch.device("cpu"))
+    assert kernels.backend_for(torch.device("cuda")) == "gpu_only"
+    monkeypatch.setenv("CADK_BACKEND", "no_such_backend")
+    with pytest.raises(RuntimeError, match="not available here"):
+        kernels.backend_for(torch.device("cpu"))
 
 
 def test_bad_inputs_raise_clear_errors(backend, gen):

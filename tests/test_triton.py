@@ -152,17 +152,32 @@ def _linear_args(case, dtype, bias=True):
             alive_in, alive_out, SEED, act, training]
 
 
+@pytest.fixture(params=["torch", "fused"])
+def linear_matmul(request, monkeypatch):
+    """Both ways gated_linear's forward can multiply: torch's matmul + epilogue kernel, fused kernel."""
+    monkeypatch.setattr(tb, "LINEAR_MATMUL", request.param)
+
+
+def test_linear_matmul_auto_rule(monkeypatch):
+    monkeypatch.setattr(tb, "LINEAR_MATMUL", "auto")
+    assert tb._linear_matmul(512, 512, 512, torch.float32) == "fused"
+    assert tb._linear_matmul(4096, 2048, 2048, torch.float32) == "torch"
+    assert tb._linear_matmul(4096, 2048, 2048, torch.bfloat16) == "fused"
+    monkeypatch.setattr(tb, "LINEAR_MATMUL", "torch")
+    assert tb._linear_matmul(2, 2, 2, torch.bfloat16) == "torch"
+
+
 @pytest.mark.parametrize("case", ALIVE_CASES, ids=_case_id)
-def test_gated_linear(case):
+def test_gated_linear(case, linear_matmul):
     _compare("gated_linear", _linear_args(case, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=_case_id)
-def test_gated_linear_bf16(case):
+def test_gated_linear_bf16(case, linear_matmul):
     _compare("gated_linear", _linear_args(case, torch.bfloat16), torch.bfloat16)
 
 
-def test_gated_linear_no_bias_tall_batch():
+def test_gated_linear_no_bias_tall_batch(linear_matmul):
     """More rows, outputs and inputs than one GEMM tile, no bias."""
     n, c_in, c_out = 70, 45, 67
     args = [_randn(n, c_in), _randn(c_out, c_in, scale=0.2), None, _theta(c_out), _alive("all", c_in),
@@ -316,13 +331,7 @@ def test_small_tiles(monkeypatch):
 # Registration: dispatcher, opcheck, torch.compile, error messages
 # ------------------------------------------------------------------------------------------------
 
-def test_registered_with_dispatcher():
-    assert "triton" in available_backends()
-
-
-def test_opcheck():
-    """Schema, fake kernels and autograd registration; the slow dynamic-shape AOT check runs on the
-    cheaper ops only."""
+def _op_cases():
     lin = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
     conv = _conv_args(("some", "some", ("relu", True, True)), torch.float32)
     conv[7:10] = [list(v) for v in conv[7:10]]
@@ -330,8 +339,39 @@ def test_opcheck():
     bn = bn[:8] + bn[9:]  # the op takes no momentum
     alive = _alive("some", 9)
     gate = [_randn(3, len(alive)), _theta(9), alive, SEED, True]
-    for op, args in [(OPS.triton_gated_linear_fwd, lin), (OPS.triton_gated_conv2d_fwd, conv),
-                     (OPS.triton_bn_gate_act_fwd, bn), (OPS.triton_gate_apply_fwd, gate)]:
+    return {"gated_linear": lin, "gated_conv2d": conv, "bn_gate_act": bn, "gate_apply": gate}
+
+
+@pytest.mark.parametrize("name", ["gated_linear", "gated_conv2d", "bn_gate_act", "gate_apply"])
+def test_eager_path_matches_registered_op(name):
+    """Eager calls skip the custom-op machinery (tb._EagerOp) but run the same bodies and formulas:
+    outputs and grads equal the registered op's, bit for bit; the public function takes the eager path."""
+    args = _op_cases()[name]
+    results = []
+    for run in (lambda *a: tb._EagerOp.apply(name, *a), getattr(OPS, f"triton_{name}_fwd")):
+        y, grads = _run(lambda *a: run(*a)[0] if name != "gate_apply" else run(*a), args, torch.float32)
+        results.append((y, grads))
+    (y, grads), (y_op, grads_op) = results
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(grads, grads_op):
+        assert (g is None and g_op is None) or torch.equal(g, g_op)
+    if name == "gated_linear":
+        leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                  for a in args]
+        assert type(tb.gated_linear(*leaves).grad_fn).__name__ == "_EagerOpBackward"
+        with torch.no_grad():  # no graph, same values
+            assert torch.equal(tb.gated_linear(*args), y)
+
+
+def test_registered_with_dispatcher():
+    assert "triton" in available_backends()
+
+
+def test_opcheck():
+    """Schema, fake kernels and autograd registration; the slow dynamic-shape AOT check runs on the
+    cheaper ops only."""
+    for name, args in _op_cases().items():
+        op = getattr(OPS, f"triton_{name}_fwd")
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
         if op in (OPS.triton_gated_linear_fwd, OPS.triton_gate_apply_fwd):

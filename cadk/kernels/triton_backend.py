@@ -6,15 +6,21 @@ formula that calls the backward ops. The op bodies double as fake kernels: outpu
 input shapes only, never from tensor values.
 
 - gated_linear: one fused gather-GEMM (output rows gathered through alive_out inside the kernel,
-  W's alive input columns gathered once by index_select), bias, activation and gate in its
-  epilogue. Backward: a channel-wise Triton prologue (gate, ReLU mask, theta and bias sums), then
-  cuBLAS GEMMs on the compact shapes and a scatter into the full-size weight gradient.
+  W's alive input columns gathered once by index_select) with bias, activation and gate in its
+  epilogue; for large fp32 products (see LINEAR_MATMUL) W's alive block gathered, torch.addmm
+  (cuBLAS) and the channel-wise gate/act epilogue kernel instead. Backward: a channel-wise Triton
+  prologue (gate, ReLU mask, theta and bias sums), then cuBLAS GEMMs on the compact shapes and a
+  scatter into the full-size weight gradient.
 - gated_conv2d: compact weights, F.conv2d / aten.convolution_backward on compact shapes (cuDNN on
   GPU), with the same channel-wise epilogue / prologue kernels.
 - bn_gate_act: Triton batch statistics, BN-apply + act + gate in one pass, BN backward fused with the
   gate/act prologue. Running statistics are updated here in Python; the ops stay functional.
 - gate_apply: the channel-wise kernels alone.
 - gated_residual: gate_apply on the branch, then PyTorch's add and ReLU (no kernel of its own).
+
+In eager mode the public functions below run each op's body and autograd formula as a plain
+autograd.Function (_EagerOp), without the custom-op machinery, whose host time exceeded the bodies';
+torch.compile, fake tensors and dispatch modes go through the registered ops.
 
 Any layout whose trailing (spatial) dims merge into one strided dim runs without copies (NCHW and
 channels_last included); others are made contiguous first. Forward ops return (y, pre) with pre the
@@ -28,6 +34,7 @@ names, schemas and autograd) instead of triton_ops.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -54,6 +61,10 @@ except ImportError as err:  # the backend is simply not offered
     UNAVAILABLE_REASON: Optional[str] = f"triton does not import ({err})"
 else:
     UNAVAILABLE_REASON = None
+    try:
+        from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+    except ImportError:  # what torch.library.triton_op's own op bodies use; absent: no eager path
+        UNAVAILABLE_REASON = f"torch {torch.__version__} lacks torch._library.triton.set_wrap_triton_enabled"
     if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
         UNAVAILABLE_REASON = f"torch {torch.__version__} lacks torch.library.triton_op; cadk needs torch>=2.6"
 
@@ -73,18 +84,21 @@ def supports(device: torch.device | str) -> bool:
     return AVAILABLE and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
 
 
+_BODIES: dict = {}  # op name -> the Python function the op runs (the eager path calls it directly)
+
+
 def _op(name: str):
     """Register the decorated function as the op cadk::triton_<name> (when available).
 
     Compiled kernels: a triton_op, so torch.compile traces into the kernels. Interpreted kernels
     cannot be traced, so the op is an opaque custom op whose fake kernel is the same function with
     the launches skipped (see wrap_triton below)."""
-    if not AVAILABLE:
-        return lambda fn: fn
-    if not INTERPRETED:
-        return torch.library.triton_op(f"cadk::triton_{name}", mutates_args=())
-
     def register(fn):
+        _BODIES[name] = fn
+        if not AVAILABLE:
+            return fn
+        if not INTERPRETED:
+            return torch.library.triton_op(f"cadk::triton_{name}", mutates_args=())(fn)
         op = torch.library.custom_op(f"cadk::triton_{name}", mutates_args=())(fn)
         op.register_fake(fn)
         return op
@@ -115,14 +129,18 @@ class _InterpretedLaunch:
 # ----------------------------------------------------------------------------------------------
 
 def _check(cond: bool, msg) -> None:
-    """torch._check (works on symbolic shapes too) with the message built only on failure."""
-    torch._check(cond, lambda: f"cadk triton backend: {msg()}")
+    """torch._check (works on symbolic shapes too) with the message built only on failure; a plain
+    True, the eager case, returns at once."""
+    if cond is not True:
+        torch._check(cond, lambda: f"cadk triton backend: {msg()}")
 
 
 def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
     _check(seed.dim() == 0 and seed.dtype == torch.int64,
            lambda: f"seed must be a 0-dim int64 tensor, got shape {tuple(seed.shape)} and {seed.dtype}")
-    return seed.to(device)  # kernels load it: it must live on their device (no-op when it does)
+    # Kernels load it, so it must live on their device (no-op when it does). A blocking copy from the
+    # host would wait for the whole stream, every op; a pageable non-blocking one is staged at once.
+    return seed.to(device, non_blocking=True)
 
 
 def _check_input(x: Tensor, layout: str, ok_dims: bool) -> None:
@@ -177,7 +195,13 @@ def _relu(activation: str) -> bool:
 
 
 def _np2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    """Next power of two (>= 1). Plain Python: triton.next_power_of_2 and triton.cdiv are jit
+    functions whose host calls cost microseconds each."""
+    return 1 << (max(int(v), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 def _nas(t: Tensor) -> Tensor:
@@ -203,11 +227,11 @@ def _plan(v: Tensor) -> tuple[dict, int, tuple[int, int, int]]:
         block_s = min(_np2(s), 1024, _TILE)
         block_a = min(_np2(a), max(1, _TILE // block_s))
     block_r = min(_np2(n), max(1, _TILE // (block_a * block_s)))
-    tiles_s, tiles_a = triton.cdiv(s, block_s), triton.cdiv(a, block_a)
-    chunks = max(1, min(triton.cdiv(n, block_r), triton.cdiv(_TARGET_PROGRAMS, tiles_s * tiles_a)))
-    rows = triton.cdiv(triton.cdiv(n, chunks), block_r) * block_r
+    tiles_s, tiles_a = _cdiv(s, block_s), _cdiv(a, block_a)
+    chunks = max(1, min(_cdiv(n, block_r), _cdiv(_TARGET_PROGRAMS, tiles_s * tiles_a)))
+    rows = _cdiv(_cdiv(n, chunks), block_r) * block_r
     blocks = dict(BLOCK_R=block_r, BLOCK_A=block_a, BLOCK_S=block_s)
-    return blocks, rows, (tiles_s, triton.cdiv(n, rows), tiles_a)
+    return blocks, rows, (tiles_s, _cdiv(n, rows), tiles_a)
 
 
 def _scatter_vec(v: Tensor, alive: Tensor, size: int, dtype: torch.dtype) -> Tensor:
@@ -368,6 +392,25 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
 
 
+# How gated_linear's forward multiplies. "torch": W's alive block gathered, torch.addmm (cuBLAS on a
+# GPU), then the gate/act epilogue kernel. "fused": one Triton gather-GEMM with the epilogue inside:
+# fewer host calls, but its fp32 dot (exact, no TF32) runs far below cuBLAS. "auto" (default) takes
+# torch for fp32 products of at least _TORCH_MATMUL_MACS multiply-adds, else fused: on an H200 (keep
+# 0.5, forward+backward) fused was 0.85x torch's time at 512x512x512 and 0.80x at 4096x2048x2048 in bf16,
+# 1.63x at 4096x2048x2048 fp32; at 4096x1024x1024 fp32 they tied (README, GPU section).
+LINEAR_MATMULS = ("auto", "torch", "fused")
+LINEAR_MATMUL = os.environ.get("CADK_TRITON_LINEAR", "auto")
+if LINEAR_MATMUL not in LINEAR_MATMULS:
+    raise ValueError(f"CADK_TRITON_LINEAR={LINEAR_MATMUL!r}: use one of {LINEAR_MATMULS}")
+_TORCH_MATMUL_MACS = 2**31
+
+
+def _linear_matmul(n: int, k: int, a: int, dtype: torch.dtype) -> str:
+    if LINEAR_MATMUL != "auto":
+        return LINEAR_MATMUL
+    return "torch" if dtype == torch.float32 and n * k * a >= _TORCH_MATMUL_MACS else "fused"
+
+
 def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
     block_m = min(max(_np2(n), 16), 64)
     block_n = min(max(_np2(a), 16), 64)
@@ -385,12 +428,16 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
     pre = x.new_empty((n, a) if theta is not None else (0,))
     if n == 0 or a == 0:
         return y, pre
-    if k == 0:  # no input features: z is the bias (and an empty x must not reach a kernel launch)
-        return _channel_fwd(x.new_zeros((n, a)), theta, alive_out, _seed_on(seed, x.device), training, relu,
-                            shift=_gather_vec(bias, alive_out), reuse_z=True)
+    if k == 0 or _linear_matmul(n, k, a, x.dtype) == "torch":  # k == 0: the fused kernel needs inputs
+        b = _gather_vec(bias, alive_out)
+        w = gather_weight(weight, alive_in, alive_out).t()
+        z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)  # F.linear's rounding
+        if theta is None and not relu:
+            return z, pre
+        return _channel_fwd(z, theta, alive_out, _seed_on(seed, x.device), training, relu, reuse_z=True)
     w = weight if k == weight.shape[1] else weight.index_select(1, alive_in)
     block_m, block_n, block_k = _linear_blocks(n, a, x.dtype)
-    grid = (triton.cdiv(n, block_m), triton.cdiv(a, block_n))
+    grid = (_cdiv(n, block_m), _cdiv(a, block_n))
     wrap_triton(gated_linear_fwd_kernel)[grid](
         x, w, x if bias is None else bias, y, pre if theta is not None else x,
         x if theta is None else theta, alive_out, _seed_on(seed, x.device),
@@ -519,6 +566,11 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
 # Autograd: forward ops save what their backward op needs; gates are regenerated from the seed
 # ----------------------------------------------------------------------------------------------
 
+def _backward_op(ctx, name: str):
+    """The backward op a formula calls: its body on the eager path, else the registered op."""
+    return _BODIES[name] if getattr(ctx, "eager", False) else getattr(torch.ops.cadk, f"triton_{name}")
+
+
 def _saved_pre(theta: Optional[Tensor], y: Tensor, pre: Tensor) -> Tensor:
     return y if theta is None else pre  # without a gate, y is pre
 
@@ -531,7 +583,7 @@ def _gate_apply_setup(ctx, inputs, output):
 
 def _gate_apply_backward(ctx, grad_y):
     pre, theta, alive, seed = ctx.saved_tensors
-    grad_pre, grad_theta = torch.ops.cadk.triton_gate_apply_bwd(grad_y, pre, theta, alive, seed, ctx.training)
+    grad_pre, grad_theta = _backward_op(ctx, "gate_apply_bwd")(grad_y, pre, theta, alive, seed, ctx.training)
     return grad_pre, grad_theta, None, None, None
 
 
@@ -552,13 +604,13 @@ def _dense_grads(ctx, grads):
 
 
 def _linear_backward(ctx, grad_y, _grad_pre):
-    grads = torch.ops.cadk.triton_gated_linear_bwd(grad_y, *ctx.saved_tensors, *ctx.args,
+    grads = _backward_op(ctx, "gated_linear_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
                                                      ctx.bias_dtype is not None)
     return _dense_grads(ctx, grads)
 
 
 def _conv_backward(ctx, grad_y, _grad_pre):
-    grads = torch.ops.cadk.triton_gated_conv2d_bwd(grad_y, *ctx.saved_tensors, *ctx.args,
+    grads = _backward_op(ctx, "gated_conv2d_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
                                                      ctx.bias_dtype is not None)
     return _dense_grads(ctx, grads)
 
@@ -574,17 +626,65 @@ def _bn_setup(ctx, inputs, output):
 
 def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
     theta = ctx.saved_tensors[5]
-    grad_x, grad_w, grad_b, grad_theta = torch.ops.cadk.triton_bn_gate_act_bwd(
+    grad_x, grad_w, grad_b, grad_theta = _backward_op(ctx, "bn_gate_act_bwd")(
         grad_y, *ctx.saved_tensors, *ctx.args)
     return (grad_x, grad_w, grad_b.to(ctx.bias_dtype), None, None, None if theta is None else grad_theta,
             None, None, None, None, None)
 
 
+# op -> (setup_context, backward): registered with the forward ops, and used by the eager path.
+_AUTOGRAD = {"gate_apply": (_gate_apply_setup, _gate_apply_backward),
+             "gated_linear": (_dense_setup, _linear_backward),
+             "gated_conv2d": (_dense_setup, _conv_backward),
+             "bn_gate_act": (_bn_setup, _bn_backward)}
 if AVAILABLE:
-    gate_apply_fwd.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup)
-    gated_linear_fwd.register_autograd(_linear_backward, setup_context=_dense_setup)
-    gated_conv2d_fwd.register_autograd(_conv_backward, setup_context=_dense_setup)
-    bn_gate_act_fwd.register_autograd(_bn_backward, setup_context=_bn_setup)
+    for _fwd_op, (_setup, _backward) in zip((gate_apply_fwd, gated_linear_fwd, gated_conv2d_fwd, bn_gate_act_fwd),
+                                            _AUTOGRAD.values()):
+        _fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager path: the same bodies and formulas without the dispatcher's custom-op machinery
+# ----------------------------------------------------------------------------------------------
+
+class _EagerOp(torch.autograd.Function):
+    """Runs an op's forward body and its autograd formula (setup_context, backward) as a plain
+    autograd.Function, launching kernels directly. In eager mode the custom-op path (argument
+    defaults, redispatch, alias checks, the traceable kernel wrapper) cost more host time than the
+    bodies themselves; torch.compile, fake tensors and dispatch modes keep the registered ops."""
+
+    @staticmethod
+    def forward(ctx, name, *inputs):
+        with _direct_launches():
+            output = _BODIES[f"{name}_fwd"](*inputs)
+        setup, _ = _AUTOGRAD[name]
+        setup(ctx, inputs, output)
+        ctx.eager, ctx.name = True, name
+        ctx.set_materialize_grads(False)  # the non-differentiable outputs' grads stay None, unallocated
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, *_unused):  # grad_y is set: y is the only differentiable output
+        _, backward = _AUTOGRAD[ctx.name]
+        with _direct_launches():
+            return (None, *backward(ctx, grad_y, *_unused))
+
+
+def _direct_launches():
+    """Kernel launches go straight to Triton (what triton_op does inside its op bodies)."""
+    return _set_wrap_triton_enabled(False)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _run_op(name: str, args: tuple, tensors: tuple):
+    """cadk::triton_<name>_fwd on args: the eager path for plain tensors in eager mode, else the op."""
+    eager = (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+    if eager:
+        return _EagerOp.apply(name, *args)
+    return getattr(torch.ops.cadk, f"triton_{name}_fwd")(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,7 +692,7 @@ if AVAILABLE:
 # ----------------------------------------------------------------------------------------------
 
 def gate_apply(pre, theta, alive, seed, training: bool):
-    return torch.ops.cadk.triton_gate_apply_fwd(pre, theta, alive, seed, training)
+    return _run_op("gate_apply", (pre, theta, alive, seed, training), (pre, theta))
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
@@ -603,8 +703,8 @@ def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
-    y, _ = torch.ops.cadk.triton_gated_linear_fwd(x, weight, bias, theta, alive_in, alive_out, seed,
-                                                  activation, training)
+    y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, seed, activation, training),
+                   (x, weight, bias, theta))
     return y
 
 
@@ -614,9 +714,9 @@ def _pair(v) -> list[int]:
 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
-    y, _ = torch.ops.cadk.triton_gated_conv2d_fwd(x, weight, bias, theta, alive_in, alive_out, seed,
-                                                  _pair(stride), _pair(padding), _pair(dilation),
-                                                  activation, training)
+    y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, seed, _pair(stride),
+                                    _pair(padding), _pair(dilation), activation, training),
+                   (x, weight, bias, theta))
     return y
 
 
@@ -628,8 +728,8 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
                          f"shape {tuple(x.shape)}; use a larger batch or eval mode")
     weight = weight if weight is not None else x.new_ones(running_mean.shape, dtype=torch.float32)
     bias = bias if bias is not None else x.new_zeros(running_mean.shape, dtype=torch.float32)
-    y, _, mean, var = torch.ops.cadk.triton_bn_gate_act_fwd(x, weight, bias, running_mean, running_var, theta,
-                                                            alive, seed, eps, activation, training)
+    y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, seed,
+                                              eps, activation, training), (x, weight, bias, theta))
     if training:
         _update_running_stats(running_mean, running_var, alive, mean, var, momentum, count)
     return y
@@ -656,6 +756,6 @@ def uniform(seed: Tensor, counter: Tensor, lane: Tensor) -> Tensor:
     if counter.numel():
         block = 1024
         lane = lane.to(counter.device).broadcast_to(counter.shape).contiguous()
-        philox_uniform_kernel[(triton.cdiv(counter.numel(), block),)](
+        philox_uniform_kernel[(_cdiv(counter.numel(), block),)](
             _seed_on(seed, counter.device), counter.contiguous(), lane, out, counter.numel(), BLOCK=block)
     return out
