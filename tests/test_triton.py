@@ -313,6 +313,13 @@ def test_gate_apply_bf16_and_expanded_grad():
     torch.testing.assert_close(theta.grad, theta2.grad)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (3, 1)], ids=["no-examples", "no-values", "one-value"])
+def test_gated_residual_edge_shapes(shape):
+    """Empty batches and runs launch nothing and give zero grads; a run of one value still works."""
+    alive = _alive("one", 3)
+    _compare("gated_residual", [_randn(*shape), _randn(*shape), _theta(3), alive, SEED, True], torch.float32)
+
+
 def test_small_tiles(monkeypatch):
     """Tiny tiles: several channel / position tiles, row steps and row chunks per launch, so the
     masks, the loops and the partial sums across programs all run."""
@@ -325,6 +332,8 @@ def test_small_tiles(monkeypatch):
     _check_bn(_bn_args("some", ("relu", True, True), torch.float32, c=3), torch.float32)  # NCHW, 4 rows
     alive = _alive("some", 10)
     _compare("gate_apply", [_randn(5, len(alive), 2, 5), _theta(10), alive, SEED, False], torch.float32)
+    branch = _randn(5, 2, 3, 3).to(memory_format=torch.channels_last)  # 3 run tiles: 3 partial theta sums
+    _compare("gated_residual", [_randn(5, 2, 3, 3), branch, _theta(2), _alive("one", 2), SEED, True], torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,17 +348,21 @@ def _op_cases():
     bn = bn[:8] + bn[9:]  # the op takes no momentum
     alive = _alive("some", 9)
     gate = [_randn(3, len(alive)), _theta(9), alive, SEED, True]
-    return {"gated_linear": lin, "gated_conv2d": conv, "bn_gate_act": bn, "gate_apply": gate}
+    branch = _randn(5, 3, 4, 2).to(memory_format=torch.channels_last)
+    residual = [_randn(5, 3, 4, 2), branch, _theta(2), _alive("one", 2), SEED, True]
+    return {"gated_linear": lin, "gated_conv2d": conv, "bn_gate_act": bn, "gate_apply": gate,
+            "gated_residual": residual}
 
 
-@pytest.mark.parametrize("name", ["gated_linear", "gated_conv2d", "bn_gate_act", "gate_apply"])
+@pytest.mark.parametrize("name", ["gated_linear", "gated_conv2d", "bn_gate_act", "gate_apply", "gated_residual"])
 def test_eager_path_matches_registered_op(name):
     """Eager calls skip the custom-op machinery (tb._EagerOp) but run the same bodies and formulas:
     outputs and grads equal the registered op's, bit for bit; the public function takes the eager path."""
     args = _op_cases()[name]
     results = []
     for run in (lambda *a: tb._EagerOp.apply(name, *a), getattr(OPS, f"triton_{name}_fwd")):
-        y, grads = _run(lambda *a: run(*a)[0] if name != "gate_apply" else run(*a), args, torch.float32)
+        single = name in ("gate_apply", "gated_residual")
+        y, grads = _run(lambda *a: run(*a) if single else run(*a)[0], args, torch.float32)
         results.append((y, grads))
     (y, grads), (y_op, grads_op) = results
     assert torch.equal(y, y_op)
@@ -374,7 +387,7 @@ def test_opcheck():
         op = getattr(OPS, f"triton_{name}_fwd")
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
-        if op in (OPS.triton_gated_linear_fwd, OPS.triton_gate_apply_fwd):
+        if name in ("gated_linear", "gate_apply", "gated_residual"):
             utils.append("test_aot_dispatch_dynamic")
         torch.library.opcheck(op, args, test_utils=utils)
 
@@ -417,7 +430,8 @@ spec.loader.exec_module(K)
 bf16 = dict(z_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", gy_ptr="*bf16", x_ptr="*bf16", g_ptr="*bf16",
             dx_ptr="*bf16", w_ptr="*bf16", shift_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32",
             mean_ptr="*fp32", scale_ptr="*fp32", rstd_ptr="*fp32", theta_ptr="*fp32", mean_g_ptr="*fp32",
-            coef_x_ptr="*fp32", alive_ptr="*i64", alive_out_ptr="*i64", seed_ptr="*i64")
+            coef_x_ptr="*fp32", alive_ptr="*i64", alive_out_ptr="*i64", seed_ptr="*i64", s_ptr="*bf16",
+            gs_ptr="*bf16", gb_ptr="*bf16")
 tile = dict(BLOCK_R=2, BLOCK_A=8, BLOCK_S=128)
 on = dict(HAS_GATE=True, TRAINING=True, RELU=True)
 for kernel, constexprs in [
@@ -426,7 +440,9 @@ for kernel, constexprs in [
         (K.channel_stats_kernel, tile),
         (K.bn_grad_input_kernel, dict(TRAINING=True, **tile)),
         (K.gated_linear_fwd_kernel, dict(GATHER_OUT=True, HAS_BIAS=True, ALLOW_TF32=False,
-                                         UPCAST_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **on))]:
+                                         UPCAST_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **on)),
+        (K.residual_fwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128)),
+        (K.residual_bwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128))]:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else bf16.get(n, "i32") for n in names}
     triton.compile(ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}),

@@ -16,7 +16,8 @@ input shapes only, never from tensor values.
 - bn_gate_act: Triton batch statistics, BN-apply + act + gate in one pass, BN backward fused with the
   gate/act prologue. Running statistics are updated here in Python; the ops stay functional.
 - gate_apply: the channel-wise kernels alone.
-- gated_residual: gate_apply on the branch, then PyTorch's add and ReLU (no kernel of its own).
+- gated_residual: one kernel forward (gate, add, ReLU) and one backward (both input gradients and the
+  block gate's theta sum), each example one dense run in the branch's memory format.
 
 In eager mode the public functions below run each op's body and autograd formula as a plain
 autograd.Function (_EagerOp), without the custom-op machinery, whose host time exceeded the bodies';
@@ -43,7 +44,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import check_activation, check_residual, gate_examples, gather_weight, safe_conv_args
+from .reference import check_activation, check_residual, gather_weight, safe_conv_args
 
 try:
     import triton
@@ -55,6 +56,8 @@ try:
         channel_stats_kernel,
         gated_linear_fwd_kernel,
         philox_uniform_kernel,
+        residual_bwd_kernel,
+        residual_fwd_kernel,
     )
 except ImportError as err:  # the backend is simply not offered
     triton = None
@@ -384,6 +387,61 @@ def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, se
 
 
 # ----------------------------------------------------------------------------------------------
+# gated_residual: one pass forward, one backward
+# ----------------------------------------------------------------------------------------------
+
+def _runs(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """t contiguous in fmt as an [N, 1, M] view: each example one dense run of M values."""
+    t = t.contiguous(memory_format=fmt)
+    v = t.permute(0, 2, 3, 1) if fmt == torch.channels_last else t
+    return v.reshape(t.shape[0], 1, math.prod(t.shape[1:]))
+
+
+def _residual_format(branch: Tensor) -> torch.memory_format:
+    """The branch's memory format; the other operands are laid out the same way, so that example n is
+    the same run of positions in each of them."""
+    cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@_op("gated_residual_fwd")
+def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
+                       training: bool) -> Tensor:
+    _check_input(branch, "[N, ...]", branch.dim() >= 1)
+    _check(shortcut.device == branch.device,
+           lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
+    _check_alive(alive, 1, theta.numel(), "alive", branch.device)
+    _check_gate(theta, branch.shape[0], theta.numel(), branch.device)
+    fmt = _residual_format(branch)
+    y = torch.empty_like(branch, memory_format=fmt)
+    b3, s3, y3 = _runs(branch, fmt), _runs(shortcut, fmt), _runs(y, fmt)
+    if y.numel() > 0:
+        blocks, rows, grid = _plan(b3)
+        wrap_triton(residual_fwd_kernel)[grid[:2]](
+            s3, b3, y3, theta, alive, _seed_on(seed, branch.device), b3.shape[0], b3.shape[2], theta.numel(), rows,
+            TRAINING=training, BLOCK_R=blocks["BLOCK_R"], BLOCK_S=blocks["BLOCK_S"])
+    return y
+
+
+@_op("gated_residual_bwd")
+def gated_residual_bwd(grad_y: Tensor, y: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
+                       training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = _residual_format(branch)
+    grad_shortcut = torch.empty_like(branch, memory_format=fmt)
+    grad_branch = torch.empty_like(branch, memory_format=fmt)
+    if branch.numel() == 0:
+        return grad_shortcut, grad_branch, torch.zeros_like(theta)
+    gy3, y3, b3 = _runs(grad_y, fmt), _runs(y, fmt), _runs(branch, fmt)
+    blocks, rows, grid = _plan(b3)
+    part = b3.new_empty(grid[0] * grid[1], dtype=torch.float32)
+    wrap_triton(residual_bwd_kernel)[grid[:2]](
+        gy3, y3, b3, _runs(grad_shortcut, fmt), _runs(grad_branch, fmt), part, theta, alive,
+        _seed_on(seed, branch.device), b3.shape[0], b3.shape[2], theta.numel(), rows,
+        TRAINING=training, BLOCK_R=blocks["BLOCK_R"], BLOCK_S=blocks["BLOCK_S"])
+    return grad_shortcut, grad_branch, _scatter_vec(part.sum().view(1), alive, theta.numel(), theta.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # gated_linear
 # ----------------------------------------------------------------------------------------------
 
@@ -587,6 +645,18 @@ def _gate_apply_backward(ctx, grad_y):
     return grad_pre, grad_theta, None, None, None
 
 
+def _residual_setup(ctx, inputs, output):
+    _shortcut, branch, theta, alive, seed, training = inputs
+    ctx.save_for_backward(output, branch, theta, alive, seed)
+    ctx.training = training
+
+
+def _residual_backward(ctx, grad_y):
+    y, branch, theta, alive, seed = ctx.saved_tensors
+    grads = _backward_op(ctx, "gated_residual_bwd")(grad_y, y, branch, theta, alive, seed, ctx.training)
+    return (*grads, None, None, None)
+
+
 def _dense_setup(ctx, inputs, output):
     x, weight, bias, theta, alive_in, alive_out, seed = inputs[:7]
     y, pre = output
@@ -634,12 +704,13 @@ def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
 
 # op -> (setup_context, backward): registered with the forward ops, and used by the eager path.
 _AUTOGRAD = {"gate_apply": (_gate_apply_setup, _gate_apply_backward),
+             "gated_residual": (_residual_setup, _residual_backward),
              "gated_linear": (_dense_setup, _linear_backward),
              "gated_conv2d": (_dense_setup, _conv_backward),
              "bn_gate_act": (_bn_setup, _bn_backward)}
 if AVAILABLE:
-    for _fwd_op, (_setup, _backward) in zip((gate_apply_fwd, gated_linear_fwd, gated_conv2d_fwd, bn_gate_act_fwd),
-                                            _AUTOGRAD.values()):
+    for _fwd_op, (_setup, _backward) in zip((gate_apply_fwd, gated_residual_fwd, gated_linear_fwd, gated_conv2d_fwd,
+                                             bn_gate_act_fwd), _AUTOGRAD.values()):
         _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
@@ -696,9 +767,8 @@ def gate_apply(pre, theta, alive, seed, training: bool):
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
-    """relu(shortcut + xi[n] * branch) from this backend's gate kernel and PyTorch's add and ReLU."""
     check_residual(shortcut, branch, alive)
-    return F.relu(shortcut + gate_examples(gate_apply, branch, theta, alive, seed, training))
+    return _run_op("gated_residual", (shortcut, branch, theta, alive, seed, training), (shortcut, branch, theta))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",

@@ -335,5 +335,64 @@ def gated_linear_fwd_kernel(
         tl.store(y_ptr + y_off, pre, mask=mask)
 
 
+# Residual block output over examples as rows of one dense run of M values ([N, 1, M] views, each
+# example's run contiguous; grid and row steps as the channel-wise kernels with A = 1).
+
+@triton.jit
+def _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty: tl.constexpr, TRAINING: tl.constexpr):
+    """xi[n] of the block gate (unit alive[0] of theta's C), rounded to ty, fp32 [BLOCK_R, 1]."""
+    j = tl.load(alive_ptr).to(tl.int32)
+    xi = _gate(tl.load(seed_ptr), n, C, j, tl.load(theta_ptr + j).to(tl.float32), TRAINING)
+    return _cast(xi + tl.zeros(n.shape, tl.float32), ty).to(tl.float32)[:, None]  # eval: theta, broadcast
+
+
+@triton.jit
+def residual_fwd_kernel(
+    s_ptr, b_ptr, y_ptr, theta_ptr, alive_ptr, seed_ptr, N, M, C, rows,
+    TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """y = relu(shortcut + xi[n] * branch), rounded as the reference: xi * branch, the sum, relu."""
+    pid_s, pid_r = tl.program_id(0), tl.program_id(1)
+    offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    ty = y_ptr.dtype.element_ty
+    r0 = pid_r * rows
+    r_end = tl.minimum(r0 + rows, N)
+    for r in range(r0, r_end, BLOCK_R):
+        n = r + tl.arange(0, BLOCK_R)
+        mask = (n < r_end)[:, None] & (offs < M)[None, :]
+        off = n.to(tl.int64)[:, None] * M + offs[None, :]
+        xi = _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty, TRAINING)
+        shortcut = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gated = _cast(tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32) * xi, ty).to(tl.float32)
+        tl.store(y_ptr + off, _cast(tl.maximum(shortcut + gated, 0.0), ty), mask=mask)
+
+
+@triton.jit
+def residual_bwd_kernel(
+    gy_ptr, y_ptr, b_ptr, gs_ptr, gb_ptr, part_ptr, theta_ptr, alive_ptr, seed_ptr, N, M, C, rows,
+    TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """grad_shortcut = dy where y > 0 (NaN passes, as threshold_backward), grad_branch = that * xi[n];
+    this program's sum of grad_shortcut * branch (the block gate's theta gradient) goes to part[p]."""
+    pid_s, pid_r = tl.program_id(0), tl.program_id(1)
+    offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    ty = gs_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+    r0 = pid_r * rows
+    r_end = tl.minimum(r0 + rows, N)
+    for r in range(r0, r_end, BLOCK_R):
+        n = r + tl.arange(0, BLOCK_R)
+        mask = (n < r_end)[:, None] & (offs < M)[None, :]
+        off = n.to(tl.int64)[:, None] * M + offs[None, :]
+        xi = _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty, TRAINING)
+        dy = tl.load(gy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(y <= 0.0, 0.0, dy)
+        tl.store(gs_ptr + off, _cast(d, ty), mask=mask)
+        tl.store(gb_ptr + off, _cast(d * xi, ty), mask=mask)
+        acc += d * tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)  # d is 0 off the mask
+    tl.store(part_ptr + pid_r * tl.num_programs(0) + pid_s, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
 # True when TRITON_INTERPRET=1 made @triton.jit build interpreter functions (see _cast).
 INTERPRETER_ROUNDING = tl.constexpr(not isinstance(_cast, triton.runtime.JITFunction))
