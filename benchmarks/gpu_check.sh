@@ -119,7 +119,8 @@ GPU_BACKENDS=cuda,triton
 if [ "$GPU_BACKENDS" != cuda ]; then
   for spec in "${SPECS[@]}"; do
     # shellcheck disable=SC2086
-    step "backends_${spec%%:*}" 120 "${BENCH[@]}" --backends cuda,triton ${spec#*:} \
+    # triton:torch / triton:fused: both ways the Triton linear layer multiplies, for its LINEAR_MATMUL rule.
+    step "backends_${spec%%:*}" 120 "${BENCH[@]}" --backends cuda,triton,triton:torch,triton:fused ${spec#*:} \
       --json "$OUT/bench_kernels_cuda_${spec%%:*}_backends.json"
   done
 fi
@@ -131,6 +132,7 @@ done
 # A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
 TRAIN_STEP=(benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10)
 step train_step 90 "$PYTHON" "${TRAIN_STEP[@]}"
+[ "$GPU_BACKENDS" != cuda ] && step train_step_triton 90 env CADK_BACKEND=triton "$PYTHON" "${TRAIN_STEP[@]}"
 if [ -n "${BASELINE:-}" ]; then  # right after this build's: ratios to the plain models in each run compare
   cd "$BASELINE" || exit 1
   step baseline_train_step 90 env PYTHONPATH="$BASELINE" "$PYTHON" "${TRAIN_STEP[@]}"
