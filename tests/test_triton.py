@@ -376,6 +376,15 @@ def test_eager_path_matches_registered_op(name):
             assert torch.equal(tb.gated_linear(*args), y)
 
 
+def test_double_backward_fails_clearly():
+    """Both paths refuse create_graph=True rather than return gradients whose own gradients are wrong."""
+    args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
+    x = args[0].detach().requires_grad_()
+    for forward in (lambda: tb.gated_linear(x, *args[1:]), lambda: OPS.triton_gated_linear_fwd(x, *args[1:])[0]):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(forward().sum(), x, create_graph=True)
+
+
 def test_registered_with_dispatcher():
     assert "triton" in available_backends()
 

@@ -625,7 +625,10 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
 # ----------------------------------------------------------------------------------------------
 
 def _backward_op(ctx, name: str):
-    """The backward op a formula calls: its body on the eager path, else the registered op."""
+    """The backward op a formula calls: its body on the eager path, else the registered op. Neither
+    has derivatives of its own, so a backward that would record a graph stops here."""
+    _check(not torch.is_grad_enabled(), lambda: "ops have no second derivatives: backward with "
+           "create_graph=True (double backward) is not supported")
     return _BODIES[name] if getattr(ctx, "eager", False) else getattr(torch.ops.cadk, f"triton_{name}")
 
 
