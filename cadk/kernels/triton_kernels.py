@@ -347,6 +347,16 @@ def _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty: tl.constexpr, TRAINING
 
 
 @triton.jit
+def _run_rows(r, r_end, offs, M, theta_ptr, alive_ptr, seed_ptr, C, ty: tl.constexpr, TRAINING: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """Offsets into the [N, M] runs, mask and gates xi ([BLOCK_R, 1]) of the examples r.. of one row step."""
+    n = r + tl.arange(0, BLOCK_R)
+    mask = (n < r_end)[:, None] & (offs < M)[None, :]
+    off = n.to(tl.int64)[:, None] * M + offs[None, :]
+    return off, mask, _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty, TRAINING)
+
+
+@triton.jit
 def residual_fwd_kernel(
     s_ptr, b_ptr, y_ptr, theta_ptr, alive_ptr, seed_ptr, N, M, C, rows,
     TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -358,10 +368,7 @@ def residual_fwd_kernel(
     r0 = pid_r * rows
     r_end = tl.minimum(r0 + rows, N)
     for r in range(r0, r_end, BLOCK_R):
-        n = r + tl.arange(0, BLOCK_R)
-        mask = (n < r_end)[:, None] & (offs < M)[None, :]
-        off = n.to(tl.int64)[:, None] * M + offs[None, :]
-        xi = _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty, TRAINING)
+        off, mask, xi = _run_rows(r, r_end, offs, M, theta_ptr, alive_ptr, seed_ptr, C, ty, TRAINING, BLOCK_R)
         shortcut = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
         gated = _cast(tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32) * xi, ty).to(tl.float32)
         tl.store(y_ptr + off, _cast(tl.maximum(shortcut + gated, 0.0), ty), mask=mask)
@@ -381,10 +388,7 @@ def residual_bwd_kernel(
     r0 = pid_r * rows
     r_end = tl.minimum(r0 + rows, N)
     for r in range(r0, r_end, BLOCK_R):
-        n = r + tl.arange(0, BLOCK_R)
-        mask = (n < r_end)[:, None] & (offs < M)[None, :]
-        off = n.to(tl.int64)[:, None] * M + offs[None, :]
-        xi = _block_gate(theta_ptr, alive_ptr, seed_ptr, n, C, ty, TRAINING)
+        off, mask, xi = _run_rows(r, r_end, offs, M, theta_ptr, alive_ptr, seed_ptr, C, ty, TRAINING, BLOCK_R)
         dy = tl.load(gy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(y <= 0.0, 0.0, dy)
