@@ -320,6 +320,21 @@ def test_gated_residual_edge_shapes(shape):
     _compare("gated_residual", [_randn(*shape), _randn(*shape), _theta(3), alive, SEED, True], torch.float32)
 
 
+@pytest.mark.parametrize("pattern", ["empty", "one", "some", "all"])
+@pytest.mark.parametrize("size", [1, 13, 1500])
+def test_scatter_sums(pattern, size):
+    """Full-size vectors from compact sums by binary search in alive: the values at alive units, zeros
+    elsewhere, each output in its own dtype; several programs for the larger size."""
+    alive = _alive(pattern, size)
+    sums = torch.randn(3, alive.numel(), device=DEVICE)
+    rows = [(2, torch.bfloat16), (0, torch.float32), (1, torch.float32)]
+    for count in (1, 3):
+        outs = tb._scatter_sums(sums, alive, size, rows[:count])
+        for (k, dtype), out in zip(rows, outs):
+            expected = torch.zeros(size, device=DEVICE).index_copy_(0, alive, sums[k]).to(dtype)
+            assert out.dtype == dtype and torch.equal(out, expected)
+
+
 def test_small_tiles(monkeypatch):
     """Tiny tiles: several channel / position tiles, row steps and row chunks per launch, so the
     masks, the loops and the partial sums across programs all run."""
@@ -440,7 +455,8 @@ bf16 = dict(z_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", gy_ptr="*bf16", x_ptr
             dx_ptr="*bf16", w_ptr="*bf16", shift_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32",
             mean_ptr="*fp32", scale_ptr="*fp32", rstd_ptr="*fp32", theta_ptr="*fp32", mean_g_ptr="*fp32",
             coef_x_ptr="*fp32", alive_ptr="*i64", alive_out_ptr="*i64", seed_ptr="*i64", s_ptr="*bf16",
-            gs_ptr="*bf16", gb_ptr="*bf16")
+            gs_ptr="*bf16", gb_ptr="*bf16", sums_ptr="*fp32", out0_ptr="*bf16", out1_ptr="*bf16",
+            out2_ptr="*fp32")
 tile = dict(BLOCK_R=2, BLOCK_A=8, BLOCK_S=128)
 on = dict(HAS_GATE=True, TRAINING=True, RELU=True)
 for kernel, constexprs in [
@@ -451,7 +467,8 @@ for kernel, constexprs in [
         (K.gated_linear_fwd_kernel, dict(GATHER_OUT=True, HAS_BIAS=True, ALLOW_TF32=False,
                                          UPCAST_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **on)),
         (K.residual_fwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128)),
-        (K.residual_bwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128))]:
+        (K.residual_bwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128)),
+        (K.scatter_sums_kernel, dict(OUTS=3, BLOCK=128))]:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else bf16.get(n, "i32") for n in names}
     triton.compile(ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}),

@@ -57,6 +57,7 @@ try:
         gated_linear_fwd_kernel,
         philox_uniform_kernel,
         residual_bwd_kernel,
+        scatter_sums_kernel,
         residual_fwd_kernel,
     )
 except ImportError as err:  # the backend is simply not offered
@@ -237,11 +238,17 @@ def _plan(v: Tensor) -> tuple[dict, int, tuple[int, int, int]]:
     return blocks, rows, (tiles_s, _cdiv(n, rows), tiles_a)
 
 
-def _scatter_vec(v: Tensor, alive: Tensor, size: int, dtype: torch.dtype) -> Tensor:
-    """Full-size vector, zero outside alive, from the compact fp32 v."""
-    if alive.numel() == size:
-        return v.to(dtype, copy=True)  # a fresh tensor: op outputs must not alias each other
-    return v.new_zeros(size).index_copy_(0, alive, v).to(dtype)
+def _scatter_sums(sums: Tensor, alive: Tensor, size: int, rows: list) -> list:
+    """Full-size vectors, zero outside alive, from rows of the compact fp32 sums [K, A]: one per
+    (row, dtype) in `rows` (1 to 3), written whole by one launch."""
+    outs = [sums.new_empty(size, dtype=dtype) for _, dtype in rows]
+    if size > 0:
+        ks = [k for k, _ in rows] + [0] * (3 - len(rows))
+        block = min(_np2(size), 1024)
+        wrap_triton(scatter_sums_kernel)[(_cdiv(size, block),)](
+            sums, alive, *(outs + [outs[0]] * (3 - len(outs))), *ks, alive.numel(), size,
+            alive.numel().bit_length(), OUTS=len(rows), BLOCK=block)
+    return outs
 
 
 def _scatter_weight(grad_c: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor) -> Tensor:
@@ -255,6 +262,15 @@ def _scatter_weight(grad_c: Tensor, weight: Tensor, alive_in: Tensor, alive_out:
     if full_in:
         return out.index_copy_(0, alive_out, grad_c.to(weight.dtype))
     return out.index_put_((alive_out[:, None], alive_in[None, :]), grad_c.to(weight.dtype))
+
+
+def _scatter_bias_theta(sums: Tensor, alive: Tensor, size: int, has_bias: bool, bias_dtype: torch.dtype,
+                        theta: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Full-size bias and theta gradients from sums rows 0 and 1 (empty tensors where there is none)."""
+    rows = ([(0, bias_dtype)] if has_bias else []) + ([(1, theta.dtype)] if theta is not None else [])
+    outs = _scatter_sums(sums, alive, size, rows) if rows else []
+    grad_b = outs.pop(0) if has_bias else sums.new_empty(0, dtype=bias_dtype)
+    return grad_b, (outs.pop(0) if theta is not None else sums.new_empty(0, dtype=bias_dtype))
 
 
 def _gather_vec(v: Optional[Tensor], alive: Tensor) -> Optional[Tensor]:
@@ -383,7 +399,7 @@ def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, trai
 def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                    training: bool) -> tuple[Tensor, Tensor]:
     g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, pre.device), training, False)
-    return g, _scatter_vec(sums[1], alive, theta.numel(), theta.dtype)
+    return g, _scatter_sums(sums, alive, theta.numel(), [(1, theta.dtype)])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +454,8 @@ def gated_residual_bwd(grad_y: Tensor, y: Tensor, branch: Tensor, theta: Tensor,
         gy3, y3, b3, _runs(grad_shortcut, fmt), _runs(grad_branch, fmt), part, theta, alive,
         _seed_on(seed, branch.device), b3.shape[0], b3.shape[2], theta.numel(), rows,
         TRAINING=training, BLOCK_R=blocks["BLOCK_R"], BLOCK_S=blocks["BLOCK_S"])
-    return grad_shortcut, grad_branch, _scatter_vec(part.sum().view(1), alive, theta.numel(), theta.dtype)
+    return grad_shortcut, grad_branch, _scatter_sums(part.sum().view(1, 1), alive, theta.numel(),
+                                                     [(0, theta.dtype)])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,9 +535,7 @@ def gated_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
     grad_x = torch.mm(g, w)
     grad_w = _scatter_weight(torch.mm(g.t(), x), weight, alive_in, alive_out)
     c_out = weight.shape[0]
-    grad_b = _scatter_vec(sums[0], alive_out, c_out, weight.dtype) if has_bias else x.new_empty(0)
-    grad_theta = (x.new_empty(0) if theta is None
-                  else _scatter_vec(sums[1], alive_out, c_out, theta.dtype))
+    grad_b, grad_theta = _scatter_bias_theta(sums, alive_out, c_out, has_bias, weight.dtype, theta)
     return grad_x, grad_w, grad_b, grad_theta
 
 
@@ -571,9 +586,7 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
             g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [True, True, False])
     c_out = weight.shape[0]
     grad_w = _scatter_weight(grad_wc, weight, alive_in, alive_out)
-    grad_b = _scatter_vec(sums[0], alive_out, c_out, weight.dtype) if has_bias else x.new_empty(0)
-    grad_theta = (x.new_empty(0) if theta is None
-                  else _scatter_vec(sums[1], alive_out, c_out, theta.dtype))
+    grad_b, grad_theta = _scatter_bias_theta(sums, alive_out, c_out, has_bias, weight.dtype, theta)
     return grad_x, grad_w, grad_b, grad_theta
 
 
@@ -615,9 +628,9 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
     coef_x = scale * rstd * sums[2] / count
     grad_x = _bn_grad_input(g, x, scale, mean_g, mean, coef_x, training) if x.numel() else torch.zeros_like(x)
     c = weight.numel()
-    grad_theta = x.new_empty(0) if theta is None else _scatter_vec(sums[1], alive, c, theta.dtype)
-    return (grad_x, _scatter_vec(sums[2], alive, c, weight.dtype), _scatter_vec(sums[0], alive, c, weight.dtype),
-            grad_theta)
+    rows = [(2, weight.dtype), (0, weight.dtype)] + ([(1, theta.dtype)] if theta is not None else [])
+    grads = _scatter_sums(sums, alive, c, rows)
+    return grad_x, grads[0], grads[1], grads[2] if theta is not None else x.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -335,6 +335,41 @@ def gated_linear_fwd_kernel(
         tl.store(y_ptr + y_off, pre, mask=mask)
 
 
+@triton.jit
+def _store_sum(out_ptr, sums_ptr, k, A, pos, c, found, in_range):
+    """out[c] = sums[k, pos] where found, else 0, in out's dtype."""
+    value = tl.load(sums_ptr + k * A + pos, mask=found, other=0.0)
+    tl.store(out_ptr + c, _cast(value, out_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def scatter_sums_kernel(
+    sums_ptr, alive_ptr, out0_ptr, out1_ptr, out2_ptr, k0, k1, k2, A, C, steps,
+    OUTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Full-size per-unit vectors from compact per-channel sums: out_i[c] = sums[k_i, a] where
+    alive[a] == c, else 0, for every unit c < C (1 to 3 outputs, each in its own dtype). The position
+    of c in the sorted alive list comes from a binary search of `steps` halvings, so one launch writes
+    whole outputs with no zero-fill pass first."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = lo + A
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(alive_ptr + mid, mask=active, other=0) < c
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & (below == 0), mid, hi)
+    in_range = c < C
+    found = in_range & (lo < A)
+    found = found & (tl.load(alive_ptr + lo, mask=found, other=-1) == c)
+    _store_sum(out0_ptr, sums_ptr, k0, A, lo, c, found, in_range)
+    if OUTS > 1:
+        _store_sum(out1_ptr, sums_ptr, k1, A, lo, c, found, in_range)
+    if OUTS > 2:
+        _store_sum(out2_ptr, sums_ptr, k2, A, lo, c, found, in_range)
+
+
 # Residual block output over examples as rows of one dense run of M values ([N, 1, M] views, each
 # example's run contiguous; grid and row steps as the channel-wise kernels with A = 1).
 
