@@ -416,6 +416,27 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=utils)
 
 
+def test_bn_running_stats_op():
+    """The mutating op: nn.BatchNorm2d's update at the alive entries only, version counters bumped
+    (public function and op alike), and its registration (schema with the mutations, fake kernel)."""
+    c, alive = 7, _alive("some", 7)
+    running = (_randn(c), torch.rand(c, device=DEVICE) + 0.5)
+    mean, var = _randn(alive.numel()), torch.rand(alive.numel(), device=DEVICE)
+    rm, rv = running[0].clone(), running[1].clone()
+    OPS.triton_bn_running_stats_(rm, rv, alive, mean, var, 0.3, 10)
+    want_m, want_v = running[0].clone(), running[1].clone()
+    want_m[alive] = running[0][alive] * 0.7 + mean * 0.3
+    want_v[alive] = running[1][alive] * 0.7 + var * (10 / 9) * 0.3
+    torch.testing.assert_close(rm, want_m)
+    torch.testing.assert_close(rv, want_v)
+    args = _bn_args("some", ("relu", True, True), torch.float32)
+    versions = [t._version for t in args[3:5]]
+    tb.bn_gate_act(*args)
+    assert all(t._version > v for t, v in zip(args[3:5], versions))
+    torch.library.opcheck(OPS.triton_bn_running_stats_, (rm, rv, alive, mean, var, 0.3, 10),
+                          test_utils=["test_schema", "test_faketensor"])
+
+
 def test_torch_compile_fullgraph():
     """The ops trace without graph breaks; forward and grads match eager."""
     args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
@@ -456,7 +477,8 @@ bf16 = dict(z_ptr="*bf16", y_ptr="*bf16", pre_ptr="*bf16", gy_ptr="*bf16", x_ptr
             mean_ptr="*fp32", scale_ptr="*fp32", rstd_ptr="*fp32", theta_ptr="*fp32", mean_g_ptr="*fp32",
             coef_x_ptr="*fp32", alive_ptr="*i64", alive_out_ptr="*i64", seed_ptr="*i64", s_ptr="*bf16",
             gs_ptr="*bf16", gb_ptr="*bf16", sums_ptr="*fp32", out0_ptr="*bf16", out1_ptr="*bf16",
-            out2_ptr="*fp32")
+            out2_ptr="*fp32", var_ptr="*fp32", rm_ptr="*fp32", rv_ptr="*fp32", eps="fp32", count="fp32",
+            momentum="fp32", unbias="fp32")
 tile = dict(BLOCK_R=2, BLOCK_A=8, BLOCK_S=128)
 on = dict(HAS_GATE=True, TRAINING=True, RELU=True)
 for kernel, constexprs in [
@@ -468,7 +490,11 @@ for kernel, constexprs in [
                                          UPCAST_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **on)),
         (K.residual_fwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128)),
         (K.residual_bwd_kernel, dict(TRAINING=True, BLOCK_R=2, BLOCK_S=128)),
-        (K.scatter_sums_kernel, dict(OUTS=3, BLOCK=128))]:
+        (K.scatter_sums_kernel, dict(OUTS=3, BLOCK=128)),
+        (K.bn_coefficients_kernel, dict(TRAINING=True, BLOCK=128)),
+        (K.bn_coefficients_kernel, dict(TRAINING=False, BLOCK=128)),
+        (K.bn_grad_input_kernel, dict(TRAINING=False, **tile)),
+        (K.bn_running_stats_kernel, dict(BLOCK=128))]:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else bf16.get(n, "i32") for n in names}
     triton.compile(ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}),

@@ -13,8 +13,9 @@ input shapes only, never from tensor values.
   scatter into the full-size weight gradient.
 - gated_conv2d: compact weights, F.conv2d / aten.convolution_backward on compact shapes (cuDNN on
   GPU), with the same channel-wise epilogue / prologue kernels.
-- bn_gate_act: Triton batch statistics, BN-apply + act + gate in one pass, BN backward fused with the
-  gate/act prologue. Running statistics are updated here in Python; the ops stay functional.
+- bn_gate_act: Triton batch statistics and BN coefficients, BN-apply + act + gate in one pass, BN
+  backward fused with the gate/act prologue. Running statistics are updated by a separate op
+  (bn_running_stats_, one launch), so the forward op stays functional.
 - gate_apply: the channel-wise kernels alone.
 - gated_residual: one kernel forward (gate, add, ReLU) and one backward (both input gradients and the
   block gate's theta sum), each example one dense run in the branch's memory format.
@@ -53,6 +54,8 @@ try:
         bn_grad_input_kernel,
         channel_bwd_kernel,
         channel_fwd_kernel,
+        bn_coefficients_kernel,
+        bn_running_stats_kernel,
         channel_stats_kernel,
         gated_linear_fwd_kernel,
         philox_uniform_kernel,
@@ -91,8 +94,9 @@ def supports(device: torch.device | str) -> bool:
 _BODIES: dict = {}  # op name -> the Python function the op runs (the eager path calls it directly)
 
 
-def _op(name: str):
-    """Register the decorated function as the op cadk::triton_<name> (when available).
+def _op(name: str, mutates: tuple = ()):
+    """Register the decorated function as the op cadk::triton_<name> (when available), mutating the
+    arguments named in `mutates`.
 
     Compiled kernels: a triton_op, so torch.compile traces into the kernels. Interpreted kernels
     cannot be traced, so the op is an opaque custom op whose fake kernel is the same function with
@@ -102,8 +106,8 @@ def _op(name: str):
         if not AVAILABLE:
             return fn
         if not INTERPRETED:
-            return torch.library.triton_op(f"cadk::triton_{name}", mutates_args=())(fn)
-        op = torch.library.custom_op(f"cadk::triton_{name}", mutates_args=())(fn)
+            return torch.library.triton_op(f"cadk::triton_{name}", mutates_args=mutates)(fn)
+        op = torch.library.custom_op(f"cadk::triton_{name}", mutates_args=mutates)(fn)
         op.register_fake(fn)
         return op
     return register
@@ -316,10 +320,11 @@ def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor
 
 def _channel_bwd(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor,
                  training: bool, relu: bool, *, store_g: bool = True, sum_g: bool = False,
-                 x: Optional[Tensor] = None, mean: Optional[Tensor] = None,
-                 rstd: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 x: Optional[Tensor] = None, mean: Optional[Tensor] = None, var: Optional[Tensor] = None,
+                 eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """(g, sums): g = dy * xi * act'(pre) in pre's layout, sums [3, A] fp32 per channel:
-    sum(g) (if sum_g), sum(dy * pre) (with a gate), sum(g * (x - mean) * rstd) (if x is given).
+    sum(g) (if sum_g), sum(dy * pre) (with a gate), sum(g * (x - mean) * rsqrt(var + eps)) (if x is
+    given).
 
     pre is the pre-gate output, or y when there is no gate."""
     gy3, p3 = _nas(grad_y), _nas(pre)
@@ -333,7 +338,7 @@ def _channel_bwd(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Te
     part = p3.new_empty((3, num_parts, a), dtype=torch.float32)
     wrap_triton(channel_bwd_kernel)[grid](
         gy3, p3, x3, g3 if store_g else gy3, part,
-        gy3 if mean is None else mean, gy3 if rstd is None else rstd,
+        gy3 if mean is None else mean, gy3 if var is None else var, eps,
         gy3 if theta is None else theta, alive, seed,
         n, a, s, 0 if theta is None else theta.numel(), rows, num_parts,
         *_strides(gy3), *_strides(p3), *_strides(x3), *_strides(g3 if store_g else gy3),
@@ -353,31 +358,37 @@ def _prologue(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Tenso
     return (grad_y if passthrough else g), sums
 
 
-def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x over (N, spatial), fp32 [A]."""
+def _bn_coefficients(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                     alive: Tensor, eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, var, scale, shift) per alive channel, fp32 [A]: batch statistics of x over (N, spatial)
+    (biased variance) in training, running ones in eval; scale = weight * rsqrt(var + eps), shift = bias."""
     x3 = _nas(x)
     n, a, s = x3.shape
+    mean, var, scale, shift = (x3.new_empty(a, dtype=torch.float32) for _ in range(4))
     if a == 0:
-        return x3.new_empty(0, dtype=torch.float32), x3.new_empty(0, dtype=torch.float32)
-    blocks, rows, grid = _plan(x3)
-    num_parts = grid[0] * grid[1]
-    part = x3.new_empty((2, num_parts, a), dtype=torch.float32)
-    wrap_triton(channel_stats_kernel)[grid](
-        x3, part, n, a, s, rows, num_parts, *_strides(x3), **blocks)
-    s1, s2 = part.sum(1).div_(n * s).unbind(0)
-    mean = x3[0, :, 0].float() + s1
-    return mean, (s2 - s1 * s1).clamp_min_(0.0)
+        return mean, var, scale, shift
+    part, num_parts = x3, 0
+    if training:
+        blocks, rows, grid = _plan(x3)
+        num_parts = grid[0] * grid[1]
+        part = x3.new_empty((2, num_parts, a), dtype=torch.float32)
+        wrap_triton(channel_stats_kernel)[grid](x3, part, n, a, s, rows, num_parts, *_strides(x3), **blocks)
+    block = min(_np2(a), 256)
+    wrap_triton(bn_coefficients_kernel)[(_cdiv(a, block),)](
+        part, x3, x3.stride(1), num_parts, float(n * s), running_mean, running_var, weight, bias, alive, eps,
+        mean, var, scale, shift, a, TRAINING=training, BLOCK=block)
+    return mean, var, scale, shift
 
 
-def _bn_grad_input(g: Tensor, x: Tensor, scale: Tensor, mean_g: Tensor, mean: Tensor, coef_x: Tensor,
-                   training: bool) -> Tensor:
+def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Tensor, var: Tensor, sums: Tensor,
+                   eps: float, training: bool) -> Tensor:
     """BatchNorm's input gradient from g = dL/d(BN output), in x's layout (see bn_grad_input_kernel)."""
     g3, x3 = _nas(g), _nas(x)
     dx3 = torch.empty_like(x3)
     n, a, s = x3.shape
     blocks, rows, grid = _plan(x3)
     wrap_triton(bn_grad_input_kernel)[grid](
-        g3, x3, dx3, scale, mean_g, mean, coef_x, n, a, s, rows,
+        g3, x3, dx3, weight, alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
         *_strides(g3), *_strides(x3), *_strides(dx3), TRAINING=training, **blocks)
     return dx3.view(x.shape)
 
@@ -603,15 +614,9 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
     _check_gate(theta, x.shape[0], weight.numel(), x.device)
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
-    relu = _relu(activation)
-    if training:
-        mean, var = _batch_stats(x)
-    else:
-        mean = running_mean.index_select(0, alive).float()
-        var = running_var.index_select(0, alive).float()
-    scale = weight.index_select(0, alive).float() * torch.rsqrt(var + eps)
-    y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, relu,
-                          mean=mean, scale=scale, shift=_gather_vec(bias, alive))
+    mean, var, scale, shift = _bn_coefficients(x, weight, bias, running_mean, running_var, alive, eps, training)
+    y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, _relu(activation),
+                          mean=mean, scale=scale, shift=shift)
     return y, pre, mean, var
 
 
@@ -619,18 +624,25 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
 def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean: Tensor, var: Tensor,
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    rstd = torch.rsqrt(var + eps)
     g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, x.device), training,
-                           _relu(activation), sum_g=True, x=x, mean=mean, rstd=rstd)
-    scale = weight.index_select(0, alive).float() * rstd
-    count = max(_per_channel_count(x), 1)
-    mean_g = sums[0] / count
-    coef_x = scale * rstd * sums[2] / count
-    grad_x = _bn_grad_input(g, x, scale, mean_g, mean, coef_x, training) if x.numel() else torch.zeros_like(x)
+                           _relu(activation), sum_g=True, x=x, mean=mean, var=var, eps=eps)
+    grad_x = (_bn_grad_input(g, x, weight, alive, mean, var, sums, eps, training) if x.numel()
+              else torch.zeros_like(x))
     c = weight.numel()
     rows = [(2, weight.dtype), (0, weight.dtype)] + ([(1, theta.dtype)] if theta is not None else [])
     grads = _scatter_sums(sums, alive, c, rows)
     return grad_x, grads[0], grads[1], grads[2] if theta is not None else x.new_empty(0)
+
+
+@_op("bn_running_stats_", mutates=("running_mean", "running_var"))
+def bn_running_stats_(running_mean: Tensor, running_var: Tensor, alive: Tensor, mean: Tensor, var: Tensor,
+                      momentum: float, count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive entries, in one launch."""
+    a = alive.numel()
+    if a > 0:
+        block = min(_np2(a), 256)
+        wrap_triton(bn_running_stats_kernel)[(_cdiv(a, block),)](
+            running_mean, running_var, alive, mean, var, a, momentum, count / (count - 1), BLOCK=block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,11 +777,16 @@ def _direct_launches():
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def _eager(tensors: tuple) -> bool:
+    """Whether the eager path may run: not compiling, no dispatch mode (fake tensors, functionalization,
+    make_fx) active, plain tensors only."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+
+
 def _run_op(name: str, args: tuple, tensors: tuple):
     """cadk::triton_<name>_fwd on args: the eager path for plain tensors in eager mode, else the op."""
-    eager = (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
-    if eager:
+    if _eager(tensors):
         return _EagerOp.apply(name, *args)
     return getattr(torch.ops.cadk, f"triton_{name}_fwd")(*args)
 
@@ -817,17 +834,15 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, seed,
                                               eps, activation, training), (x, weight, bias, theta))
     if training:
-        _update_running_stats(running_mean, running_var, alive, mean, var, momentum, count)
+        args = (running_mean, running_var, alive, mean, var, momentum, count)
+        if _eager((running_mean, running_var)):
+            with _direct_launches():
+                _BODIES["bn_running_stats_"](*args)
+            for t in (running_mean, running_var):  # as in-place ops and the registered op do
+                torch.autograd.graph.increment_version(t)
+        else:
+            torch.ops.cadk.triton_bn_running_stats_(*args)
     return y
-
-
-@torch.no_grad()
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, alive: Tensor, mean: Tensor,
-                          var: Tensor, momentum: float, count: int) -> None:
-    """nn.BatchNorm2d's update (unbiased variance), at the alive entries only."""
-    for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
-        old = running.index_select(0, alive)
-        running.index_copy_(0, alive, (old * (1 - momentum) + batch * momentum).to(running.dtype))
 
 
 def sample_gates(seed: Tensor, n: int, theta: Tensor, alive: Tensor) -> Tensor:

@@ -155,7 +155,7 @@ def _channel_sum(acc):
 @triton.jit
 def channel_bwd_kernel(
     gy_ptr, pre_ptr, x_ptr, g_ptr, part_ptr,
-    mean_ptr, rstd_ptr, theta_ptr, alive_ptr, seed_ptr,
+    mean_ptr, var_ptr, eps, theta_ptr, alive_ptr, seed_ptr,
     N, A, S, C, rows, P,
     sgyn, sgya, sgys, spn, spa, sps, sxn, sxa, sxs, sgn, sga, sgs,
     RELU: tl.constexpr, HAS_GATE: tl.constexpr, TRAINING: tl.constexpr,
@@ -166,8 +166,8 @@ def channel_bwd_kernel(
 
     Per-channel partial sums of this program's rows land in part[k, p, a] (p = this program):
     k=0 sum(g) (SUM_G: bias / BN shift), k=1 sum(dy * pre) (HAS_GATE: theta),
-    k=2 sum(g * (x - mean) * rstd) (HAS_NORM: BN scale). pre is the pre-gate output, or y
-    when there is no gate (then y = pre)."""
+    k=2 sum(g * (x - mean) * rstd) with rstd = rsqrt(var + eps) (HAS_NORM: BN scale). pre is the
+    pre-gate output, or y when there is no gate (then y = pre)."""
     pid_s, pid_r, pid_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_a, mask_a, a3, s3, mask_as = _tile(pid_s, pid_a, A, S, BLOCK_A, BLOCK_S)
     if HAS_GATE:
@@ -175,7 +175,7 @@ def channel_bwd_kernel(
         seed = tl.load(seed_ptr)
     if HAS_NORM:
         mean = _channel_vec(mean_ptr, offs_a, mask_a)
-        rstd = _channel_vec(rstd_ptr, offs_a, mask_a)
+        rstd = tl.rsqrt(_channel_vec(var_ptr, offs_a, mask_a) + eps)
     g_ty = g_ptr.dtype.element_ty
     gy_as = a3 * sgya + s3 * sgys
     p_as = a3 * spa + s3 * sps
@@ -244,20 +244,24 @@ def channel_stats_kernel(
 
 @triton.jit
 def bn_grad_input_kernel(
-    g_ptr, x_ptr, dx_ptr, scale_ptr, mean_g_ptr, mean_ptr, coef_x_ptr,
+    g_ptr, x_ptr, dx_ptr, w_ptr, alive_ptr, mean_ptr, var_ptr, sums_ptr, eps, count,
     N, A, S, rows,
     sgn, sga, sgs, sxn, sxa, sxs, sdn, sda, sds,
     TRAINING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """BatchNorm input gradient from g = dL/d(BN output):
-    training dx = scale * (g - mean_g) - (x - mean) * coef_x, eval dx = scale * g, per channel."""
+    """BatchNorm input gradient from g = dL/d(BN output): training dx = scale * (g - mean_g) -
+    (x - mean) * coef_x, eval dx = scale * g, per channel, with rstd = rsqrt(var + eps),
+    scale = weight * rstd, mean_g = sum(g) / count, coef_x = scale * rstd * sum(g * xhat) / count
+    (sums[0] and sums[2] of channel_bwd_kernel, summed over programs)."""
     pid_s, pid_r, pid_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_a, mask_a, a3, s3, mask_as = _tile(pid_s, pid_a, A, S, BLOCK_A, BLOCK_S)
-    scale = _channel_vec(scale_ptr, offs_a, mask_a)
+    unit = tl.load(alive_ptr + offs_a, mask=mask_a, other=0)
+    rstd = tl.rsqrt(_channel_vec(var_ptr, offs_a, mask_a) + eps)
+    scale = _channel_vec(w_ptr, unit, mask_a) * rstd
     if TRAINING:
-        mean_g = _channel_vec(mean_g_ptr, offs_a, mask_a)
+        mean_g = _channel_vec(sums_ptr, offs_a, mask_a) / count
         mean = _channel_vec(mean_ptr, offs_a, mask_a)
-        coef_x = _channel_vec(coef_x_ptr, offs_a, mask_a)
+        coef_x = scale * rstd * _channel_vec(sums_ptr + 2 * A, offs_a, mask_a) / count
     g_as = a3 * sga + s3 * sgs
     x_as = a3 * sxa + s3 * sxs
     d_as = a3 * sda + s3 * sds
@@ -273,6 +277,54 @@ def bn_grad_input_kernel(
         else:
             dx = scale * g
         tl.store(dx_ptr + n3 * sdn + d_as, _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_coefficients_kernel(
+    part_ptr, x_ptr, sxa, P, count, rm_ptr, rv_ptr, w_ptr, b_ptr, alive_ptr, eps,
+    mean_ptr, var_ptr, scale_ptr, shift_ptr, A,
+    TRAINING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per alive channel a (unit alive[a]): mean and biased variance from channel_stats_kernel's
+    partial sums (training) or the running statistics (eval), then the BN-apply coefficients
+    scale = weight * rsqrt(var + eps) and shift = bias, all fp32."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < A
+    unit = tl.load(alive_ptr + offs, mask=mask, other=0)
+    if TRAINING:
+        s1 = tl.zeros([BLOCK], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in range(P):
+            s1 += tl.load(part_ptr + p * A + offs, mask=mask, other=0.0)
+            s2 += tl.load(part_ptr + (P + p) * A + offs, mask=mask, other=0.0)
+        s1 = s1 / count
+        s2 = s2 / count
+        mean = tl.load(x_ptr + offs * sxa, mask=mask, other=0.0).to(tl.float32) + s1  # shifted data
+        var = tl.maximum(s2 - s1 * s1, 0.0)
+    else:
+        mean = tl.load(rm_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + offs, mean, mask=mask)
+    tl.store(var_ptr + offs, var, mask=mask)
+    tl.store(scale_ptr + offs, tl.load(w_ptr + unit, mask=mask, other=0.0).to(tl.float32) * tl.rsqrt(var + eps),
+             mask=mask)
+    tl.store(shift_ptr + offs, tl.load(b_ptr + unit, mask=mask, other=0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def bn_running_stats_kernel(rm_ptr, rv_ptr, alive_ptr, mean_ptr, var_ptr, A, momentum, unbias,
+                            BLOCK: tl.constexpr):
+    """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive units only:
+    running = running * (1 - momentum) + batch * momentum, in the running statistics' dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < A
+    unit = tl.load(alive_ptr + offs, mask=mask, other=0)
+    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    var = tl.load(var_ptr + offs, mask=mask, other=0.0) * unbias
+    old_mean = tl.load(rm_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+    old_var = tl.load(rv_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+    tl.store(rm_ptr + unit, _cast(old_mean * (1.0 - momentum) + mean * momentum, rm_ptr.dtype.element_ty), mask=mask)
+    tl.store(rv_ptr + unit, _cast(old_var * (1.0 - momentum) + var * momentum, rv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
