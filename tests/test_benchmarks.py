@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,26 @@ def test_bench_train_step_random_pruning():
     stdout = _run("benchmarks/bench_train_step.py", "--random-keep", "0.5", "--batch", "2", "--rounds", "1",
                   "--repeats", "1")
     assert "gated, pruned (last epoch)" in stdout and "compacted plain (floor)" in stdout
+
+
+def test_bench_triton_host(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "benchmarks/bench_triton_host.py", "--repeats", "2", "--json",
+                          str(tmp_path / "h.json")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "h.json").read_text())
+    assert {r["op"] for r in rows} >= {"bn_gate_act", "gated_residual"} and all(r["eager"] > 0 for r in rows)
+
+
+def test_bench_kernels_triton_matmul_variants():
+    """triton:fused / triton:torch time the linear layer only (the conv has one way to multiply)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5",
+                          "--backends", "triton,triton:fused,triton:torch", "--repeats", "1", "--warmup", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any("linear" in ln and "gated[triton:fused]" in ln for ln in lines)
+    assert not any("conv3x3" in ln and "gated[triton:" in ln for ln in lines)
