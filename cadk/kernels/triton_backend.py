@@ -51,17 +51,17 @@ try:
     import triton
 
     from .triton_kernels import (
+        bn_coefficients_kernel,
         bn_grad_input_kernel,
+        bn_running_stats_kernel,
         channel_bwd_kernel,
         channel_fwd_kernel,
-        bn_coefficients_kernel,
-        bn_running_stats_kernel,
         channel_stats_kernel,
         gated_linear_fwd_kernel,
         philox_uniform_kernel,
         residual_bwd_kernel,
-        scatter_sums_kernel,
         residual_fwd_kernel,
+        scatter_sums_kernel,
     )
 except ImportError as err:  # the backend is simply not offered
     triton = None
@@ -482,8 +482,8 @@ def _allow_tf32(dtype: torch.dtype) -> bool:
 # GPU), then the gate/act epilogue kernel. "fused": one Triton gather-GEMM with the epilogue inside:
 # fewer host calls, but its fp32 dot (exact, no TF32) runs far below cuBLAS. "auto" (default) takes
 # torch for fp32 products of at least _TORCH_MATMUL_MACS multiply-adds, else fused: on an H200 (keep
-# 0.5, forward+backward) fused was 0.85x torch's time at 512x512x512 and 0.80x at 4096x2048x2048 in bf16,
-# 1.63x at 4096x2048x2048 fp32; at 4096x1024x1024 fp32 they tied (README, GPU section).
+# 0.5, forward+backward) fused took 0.87x (fp32) and 0.80x (bf16) torch's time at 512x512x512, 0.80x at
+# 4096x2048x2048 in bf16 and 1.63x in fp32; 1.05x at 4096x1024x1024 fp32 (README, GPU section).
 LINEAR_MATMULS = ("auto", "torch", "fused")
 LINEAR_MATMUL = os.environ.get("CADK_TRITON_LINEAR", "auto")
 if LINEAR_MATMUL not in LINEAR_MATMULS:
