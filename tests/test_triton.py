@@ -335,6 +335,46 @@ def test_scatter_sums(pattern, size):
             assert out.dtype == dtype and torch.equal(out, expected)
 
 
+def test_nan_passes_like_the_reference():
+    """ReLU keeps NaN (torch.relu, clamp_min) and its backward lets the gradient through there
+    (threshold_backward): residual output, linear epilogue, BN statistics and running variance."""
+    x = _randn(4, 3, 2, 2)
+    x[1, 2, 0, 1] = float("nan")
+    branch = _randn(4, 3, 2, 2)
+    residual = [x, branch, _theta(2), _alive("one", 2), SEED, True]
+    y, grads = _run(tb.gated_residual, residual, torch.float32)
+    y_ref, grads_ref = _run(ref.gated_residual, residual, torch.float32)
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    torch.testing.assert_close(grads[0], grads_ref[0], equal_nan=True)
+    lin = _linear_args(("all", "all", ("relu", True, False)), torch.float32)
+    lin[0][2, 1] = float("nan")
+    torch.testing.assert_close(tb.gated_linear(*lin), ref.gated_linear(*lin), equal_nan=True)
+    bn = _bn_args("all", ("relu", True, False), torch.float32)
+    bn[0][0, 4, 1, 1] = float("nan")
+    ours, theirs = list(bn), list(bn)
+    ours[3:5] = [t.clone() for t in bn[3:5]]
+    theirs[3:5] = [t.clone() for t in bn[3:5]]
+    torch.testing.assert_close(tb.bn_gate_act(*ours), ref.bn_gate_act(*theirs), equal_nan=True)
+    torch.testing.assert_close(ours[4], theirs[4], equal_nan=True)  # running_var: NaN at unit 4
+    assert ours[4][4].isnan()
+
+
+def test_bn_strided_and_mismatched_vectors():
+    """weight, bias and running statistics may be strided views; sizes other than weight's are refused."""
+    for training in (True, False):
+        args = _bn_args("some", ("relu", training, True), torch.float32)
+        strided = [torch.stack([v, torch.full_like(v, 7.0)], 1)[:, 0] for v in args[1:5]]
+        ours, theirs = list(args), list(args)
+        ours[1:5] = strided
+        theirs[3:5] = [t.clone() for t in args[3:5]]
+        torch.testing.assert_close(tb.bn_gate_act(*ours), ref.bn_gate_act(*theirs))
+        torch.testing.assert_close(ours[3], theirs[3])
+        torch.testing.assert_close(ours[4], theirs[4])
+    args = _bn_args("some", ("relu", True, True), torch.float32)
+    with pytest.raises(RuntimeError, match="running_var must be a float vector of the 9 units"):
+        tb.bn_gate_act(*args[:4], args[4][:-1], *args[5:])
+
+
 def test_small_tiles(monkeypatch):
     """Tiny tiles: several channel / position tiles, row steps and row chunks per launch, so the
     masks, the loops and the partial sums across programs all run."""

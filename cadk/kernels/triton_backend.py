@@ -147,8 +147,12 @@ def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
     _check(seed.dim() == 0 and seed.dtype == torch.int64,
            lambda: f"seed must be a 0-dim int64 tensor, got shape {tuple(seed.shape)} and {seed.dtype}")
     # Kernels load it, so it must live on their device (no-op when it does). A blocking copy from the
-    # host would wait for the whole stream, every op; a pageable non-blocking one is staged at once.
-    return seed.to(device, non_blocking=True)
+    # host would wait for the whole stream, every op; a non-blocking one from pageable memory is staged
+    # at once, while one from pinned memory would read the seed later (the caller may change it).
+    if seed.device == device:
+        return seed
+    pageable = seed.device.type == "cpu" and not is_fake(seed) and not seed.is_pinned()
+    return seed.to(device, non_blocking=pageable)
 
 
 def _check_input(x: Tensor, layout: str, ok_dims: bool) -> None:
@@ -197,7 +201,7 @@ def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor,
     _check_gate(theta, x.shape[0], weight.shape[0], x.device)
 
 
-def _relu(activation: str) -> bool:
+def _is_relu(activation: str) -> bool:
     check_activation(activation)
     return activation == "relu"
 
@@ -375,8 +379,9 @@ def _bn_coefficients(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
         wrap_triton(channel_stats_kernel)[grid](x3, part, n, a, s, rows, num_parts, *_strides(x3), **blocks)
     block = min(_np2(a), 256)
     wrap_triton(bn_coefficients_kernel)[(_cdiv(a, block),)](
-        part, x3, x3.stride(1), num_parts, float(n * s), running_mean, running_var, weight, bias, alive, eps,
-        mean, var, scale, shift, a, TRAINING=training, BLOCK=block)
+        part, x3, x3.stride(1), num_parts, float(n * s), running_mean, running_var, running_mean.stride(0),
+        running_var.stride(0), weight.contiguous(), bias.contiguous(), alive, eps, mean, var, scale, shift, a,
+        TRAINING=training, BLOCK=block)
     return mean, var, scale, shift
 
 
@@ -388,7 +393,7 @@ def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Te
     n, a, s = x3.shape
     blocks, rows, grid = _plan(x3)
     wrap_triton(bn_grad_input_kernel)[grid](
-        g3, x3, dx3, weight, alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
+        g3, x3, dx3, weight.contiguous(), alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
         *_strides(g3), *_strides(x3), *_strides(dx3), TRAINING=training, **blocks)
     return dx3.view(x.shape)
 
@@ -434,6 +439,7 @@ def _residual_format(branch: Tensor) -> torch.memory_format:
 @_op("gated_residual_fwd")
 def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                        training: bool) -> Tensor:
+    check_residual(shortcut, branch, alive)
     _check_input(branch, "[N, ...]", branch.dim() >= 1)
     _check(shortcut.device == branch.device,
            lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
@@ -508,7 +514,7 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
-    relu = _relu(activation)
+    relu = _is_relu(activation)
     n, k, a = x.shape[0], x.shape[1], alive_out.numel()
     y = x.new_empty((n, a))
     pre = x.new_empty((n, a) if theta is not None else (0,))
@@ -541,7 +547,7 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
 def gated_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str, training: bool,
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
+    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     w = gather_weight(weight, alive_in, alive_out)
     grad_x = torch.mm(g, w)
     grad_w = _scatter_weight(torch.mm(g.t(), x), weight, alive_in, alive_out)
@@ -566,7 +572,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
                  "[out, in, kh, kw]")
-    relu = _relu(activation)
+    relu = _is_relu(activation)
     b = _gather_vec(bias, alive_out)
     if x.shape[0] == 0 or x.shape[1] == 0 or alive_out.numel() == 0:
         # No conv to run; torch's conv rejects zero output channels and mis-shapes zero inputs.
@@ -588,7 +594,7 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
                      padding: list[int], dilation: list[int], activation: str, training: bool,
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _relu(activation), has_bias)
+    g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
     if g.numel() == 0 or x.numel() == 0:
         grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
@@ -605,6 +611,17 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
 # bn_gate_act
 # ----------------------------------------------------------------------------------------------
 
+def _check_bn_vectors(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                      device: torch.device) -> None:
+    """The kernels index these by unit: one entry per unit each, 1-D, on x's device."""
+    units = weight.numel()
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check(v.dim() == 1 and v.numel() == units and v.is_floating_point(),
+               lambda: f"bn_gate_act: {name} must be a float vector of the {units} units, got shape "
+                       f"{tuple(v.shape)} and {v.dtype}")
+        _check(v.device == device, lambda: f"bn_gate_act: {name} is on {v.device} but x on {device}; move it")
+
+
 @_op("bn_gate_act_fwd")
 def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
@@ -614,8 +631,9 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
     _check_gate(theta, x.shape[0], weight.numel(), x.device)
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
+    _check_bn_vectors(weight, bias, running_mean, running_var, x.device)
     mean, var, scale, shift = _bn_coefficients(x, weight, bias, running_mean, running_var, alive, eps, training)
-    y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, _relu(activation),
+    y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, _is_relu(activation),
                           mean=mean, scale=scale, shift=shift)
     return y, pre, mean, var
 
@@ -625,7 +643,7 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, x.device), training,
-                           _relu(activation), sum_g=True, x=x, mean=mean, var=var, eps=eps)
+                           _is_relu(activation), sum_g=True, x=x, mean=mean, var=var, eps=eps)
     grad_x = (_bn_grad_input(g, x, weight, alive, mean, var, sums, eps, training) if x.numel()
               else torch.zeros_like(x))
     c = weight.numel()
@@ -642,7 +660,8 @@ def bn_running_stats_(running_mean: Tensor, running_var: Tensor, alive: Tensor, 
     if a > 0:
         block = min(_np2(a), 256)
         wrap_triton(bn_running_stats_kernel)[(_cdiv(a, block),)](
-            running_mean, running_var, alive, mean, var, a, momentum, count / (count - 1), BLOCK=block)
+            running_mean, running_var, running_mean.stride(0), running_var.stride(0), alive, mean, var, a,
+            momentum, count / (count - 1), BLOCK=block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,9 +803,9 @@ def _eager(tensors: tuple) -> bool:
             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
 
 
-def _run_op(name: str, args: tuple, tensors: tuple):
-    """cadk::triton_<name>_fwd on args: the eager path for plain tensors in eager mode, else the op."""
-    if _eager(tensors):
+def _run_op(name: str, args: tuple, eager: bool):
+    """cadk::triton_<name>_fwd on args: the eager path if `eager` (see _eager), else the op."""
+    if eager:
         return _EagerOp.apply(name, *args)
     return getattr(torch.ops.cadk, f"triton_{name}_fwd")(*args)
 
@@ -796,18 +815,18 @@ def _run_op(name: str, args: tuple, tensors: tuple):
 # ----------------------------------------------------------------------------------------------
 
 def gate_apply(pre, theta, alive, seed, training: bool):
-    return _run_op("gate_apply", (pre, theta, alive, seed, training), (pre, theta))
+    return _run_op("gate_apply", (pre, theta, alive, seed, training), _eager((pre, theta)))
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
-    check_residual(shortcut, branch, alive)
-    return _run_op("gated_residual", (shortcut, branch, theta, alive, seed, training), (shortcut, branch, theta))
+    return _run_op("gated_residual", (shortcut, branch, theta, alive, seed, training),
+                   _eager((shortcut, branch, theta)))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
     y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, seed, activation, training),
-                   (x, weight, bias, theta))
+                   _eager((x, weight, bias, theta)))
     return y
 
 
@@ -819,7 +838,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, seed, _pair(stride),
                                     _pair(padding), _pair(dilation), activation, training),
-                   (x, weight, bias, theta))
+                   _eager((x, weight, bias, theta)))
     return y
 
 
@@ -831,11 +850,12 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
                          f"shape {tuple(x.shape)}; use a larger batch or eval mode")
     weight = weight if weight is not None else x.new_ones(running_mean.shape, dtype=torch.float32)
     bias = bias if bias is not None else x.new_zeros(running_mean.shape, dtype=torch.float32)
+    eager = _eager((x, weight, bias, theta, running_mean, running_var))  # one path for the op and the update
     y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, seed,
-                                              eps, activation, training), (x, weight, bias, theta))
+                                              eps, activation, training), eager)
     if training:
         args = (running_mean, running_var, alive, mean, var, momentum, count)
-        if _eager((running_mean, running_var)):
+        if eager:
             with _direct_launches():
                 _BODIES["bn_running_stats_"](*args)
             for t in (running_mean, running_var):  # as in-place ops and the registered op do

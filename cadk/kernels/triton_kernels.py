@@ -40,6 +40,12 @@ def _gate(seed, n, C, j, theta_j, TRAINING: tl.constexpr):
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) keeping NaN, as torch.relu and clamp_min do (tl.maximum would return 0 for NaN)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def _cast(x, ty: tl.constexpr):
     """fp32 x to the storage dtype ty, rounding to nearest even. Compiled code does that by itself;
     the interpreter truncates fp32 -> bf16, so there the rounding is done on the bits first."""
@@ -134,7 +140,7 @@ def channel_fwd_kernel(
         if HAS_SHIFT:
             z = z + shift
         if RELU:
-            z = tl.maximum(z, 0.0)
+            z = _relu(z)
         pre = _cast(z, out_ty)
         y_off = n3 * syn + y_as
         if HAS_GATE:
@@ -198,7 +204,7 @@ def channel_bwd_kernel(
             xi = _gate(seed, n[:, None], C, j[None, :], theta_j[None, :], TRAINING)
             g = _cast(g * _cast(xi, g_ty).to(tl.float32)[:, :, None], g_ty).to(tl.float32)
         if RELU:
-            g = tl.where(pre > 0.0, g, 0.0)
+            g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         if SUM_G:
             sum_g += g
         if HAS_NORM:
@@ -281,13 +287,14 @@ def bn_grad_input_kernel(
 
 @triton.jit
 def bn_coefficients_kernel(
-    part_ptr, x_ptr, sxa, P, count, rm_ptr, rv_ptr, w_ptr, b_ptr, alive_ptr, eps,
+    part_ptr, x_ptr, sxa, P, count, rm_ptr, rv_ptr, srm, srv, w_ptr, b_ptr, alive_ptr, eps,
     mean_ptr, var_ptr, scale_ptr, shift_ptr, A,
     TRAINING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per alive channel a (unit alive[a]): mean and biased variance from channel_stats_kernel's
     partial sums (training) or the running statistics (eval), then the BN-apply coefficients
-    scale = weight * rsqrt(var + eps) and shift = bias, all fp32."""
+    scale = weight * rsqrt(var + eps) and shift = bias, all fp32. weight and bias are contiguous; the
+    running statistics have strides srm and srv."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < A
     unit = tl.load(alive_ptr + offs, mask=mask, other=0)
@@ -300,10 +307,10 @@ def bn_coefficients_kernel(
         s1 = s1 / count
         s2 = s2 / count
         mean = tl.load(x_ptr + offs * sxa, mask=mask, other=0.0).to(tl.float32) + s1  # shifted data
-        var = tl.maximum(s2 - s1 * s1, 0.0)
+        var = _relu(s2 - s1 * s1)
     else:
-        mean = tl.load(rm_ptr + unit, mask=mask, other=0.0).to(tl.float32)
-        var = tl.load(rv_ptr + unit, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(rm_ptr + unit * srm, mask=mask, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + unit * srv, mask=mask, other=0.0).to(tl.float32)
     tl.store(mean_ptr + offs, mean, mask=mask)
     tl.store(var_ptr + offs, var, mask=mask)
     tl.store(scale_ptr + offs, tl.load(w_ptr + unit, mask=mask, other=0.0).to(tl.float32) * tl.rsqrt(var + eps),
@@ -312,19 +319,22 @@ def bn_coefficients_kernel(
 
 
 @triton.jit
-def bn_running_stats_kernel(rm_ptr, rv_ptr, alive_ptr, mean_ptr, var_ptr, A, momentum, unbias,
+def bn_running_stats_kernel(rm_ptr, rv_ptr, srm, srv, alive_ptr, mean_ptr, var_ptr, A, momentum, unbias,
                             BLOCK: tl.constexpr):
     """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive units only:
-    running = running * (1 - momentum) + batch * momentum, in the running statistics' dtype."""
+    running = running * (1 - momentum) + batch * momentum, in the running statistics' dtype (strides
+    srm and srv)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < A
     unit = tl.load(alive_ptr + offs, mask=mask, other=0)
     mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
     var = tl.load(var_ptr + offs, mask=mask, other=0.0) * unbias
-    old_mean = tl.load(rm_ptr + unit, mask=mask, other=0.0).to(tl.float32)
-    old_var = tl.load(rv_ptr + unit, mask=mask, other=0.0).to(tl.float32)
-    tl.store(rm_ptr + unit, _cast(old_mean * (1.0 - momentum) + mean * momentum, rm_ptr.dtype.element_ty), mask=mask)
-    tl.store(rv_ptr + unit, _cast(old_var * (1.0 - momentum) + var * momentum, rv_ptr.dtype.element_ty), mask=mask)
+    old_mean = tl.load(rm_ptr + unit * srm, mask=mask, other=0.0).to(tl.float32)
+    old_var = tl.load(rv_ptr + unit * srv, mask=mask, other=0.0).to(tl.float32)
+    new_mean = old_mean * (1.0 - momentum) + mean * momentum
+    new_var = old_var * (1.0 - momentum) + var * momentum
+    tl.store(rm_ptr + unit * srm, _cast(new_mean, rm_ptr.dtype.element_ty), mask=mask)
+    tl.store(rv_ptr + unit * srv, _cast(new_var, rv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -372,7 +382,7 @@ def gated_linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     out_ty = y_ptr.dtype.element_ty
     pre = _cast(acc, out_ty)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -458,7 +468,7 @@ def residual_fwd_kernel(
         off, mask, xi = _run_rows(r, r_end, offs, M, theta_ptr, alive_ptr, seed_ptr, C, ty, TRAINING, BLOCK_R)
         shortcut = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
         gated = _cast(tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32) * xi, ty).to(tl.float32)
-        tl.store(y_ptr + off, _cast(tl.maximum(shortcut + gated, 0.0), ty), mask=mask)
+        tl.store(y_ptr + off, _cast(_relu(shortcut + gated), ty), mask=mask)
 
 
 @triton.jit

@@ -279,13 +279,11 @@ inline int resident_blocks(const void* kernel) {
   static std::map<std::pair<const void*, int>, int> cache;
   const int device = c10::cuda::current_device();
   const std::lock_guard<std::mutex> lock(mutex);
-  auto [it, fresh] = cache.try_emplace({kernel, device}, 0);
-  if (fresh) {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-    it->second = std::max(blocks, 1);
-  }
-  return it->second;
+  const auto it = cache.find({kernel, device});
+  if (it != cache.end()) return it->second;
+  int blocks = 0;  // cached only once the query has succeeded (C10_CUDA_CHECK throws otherwise)
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+  return cache.emplace(std::make_pair(kernel, device), std::max(blocks, 1)).first->second;
 }
 
 // Planar: one channel per block, its 256 threads on consecutive rows (coalesced along S).
