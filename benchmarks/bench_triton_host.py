@@ -3,8 +3,9 @@
 The Triton backend's ops are Python, and on a GPU their host work (checks, allocations, PyTorch calls,
 autograd) sets the time at small and medium sizes (README, GPU section). This script measures that
 work on any machine without a GPU: it runs the ops on tiny CPU tensors with every Triton launch replaced
-by a no-op, so everything but the kernels is timed. PyTorch's own calls run on the CPU here; on a GPU
-machine each one also pays a CUDA launch. Variants: `eager` (the public functions, as layers call them)
+by a no-op, so everything but those launches is timed (their own host cost, Triton's argument binding and
+the driver call, is left out). PyTorch's own calls run on the CPU here; on a GPU machine each one also
+pays a CUDA launch. Variants: `eager` (the public functions, as layers call them)
 and `registered` (the same ops through torch.ops and the custom-op machinery, as under torch.compile).
 
     python benchmarks/bench_triton_host.py [--repeats 300] [--json out.json]
