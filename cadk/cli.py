@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,8 +23,14 @@ def _info() -> int:
           + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
     print(f"backends registered: {', '.join(kernels.available_backends())}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    forced = os.environ.get("CADK_BACKEND", "auto")
     for d in devices:
-        print(f"  {d.type}: active backend {kernels.backend_for(d)}")
+        print(f"  {d.type}: active backend {kernels.backend_for(d)}"
+              + (f" (CADK_BACKEND={forced})" if forced != "auto" else ""))
+    if "triton" in kernels.available_backends():
+        from .kernels import triton_backend
+
+        print(f"triton gated_linear matmul: {triton_backend.LINEAR_MATMUL} (CADK_TRITON_LINEAR=auto|torch|fused)")
     return 0
 
 

@@ -57,3 +57,6 @@ def test_info_and_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "cadk", "info"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "torch" in res.stdout and "active backend" in res.stdout
+    env = dict(os.environ, CADK_BACKEND="reference")
+    res = subprocess.run([sys.executable, "-m", "cadk", "info"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "cpu: active backend reference (CADK_BACKEND=reference)" in res.stdout
