@@ -460,15 +460,16 @@ def test_bn_running_stats_op():
     """The mutating op: nn.BatchNorm2d's update at the alive entries only, version counters bumped
     (public function and op alike), and its registration (schema with the mutations, fake kernel)."""
     c, alive = 7, _alive("some", 7)
-    running = (_randn(c), torch.rand(c, device=DEVICE) + 0.5)
     mean, var = _randn(alive.numel()), torch.rand(alive.numel(), device=DEVICE)
-    rm, rv = running[0].clone(), running[1].clone()
-    OPS.triton_bn_running_stats_(rm, rv, alive, mean, var, 0.3, 10)
-    want_m, want_v = running[0].clone(), running[1].clone()
-    want_m[alive] = running[0][alive] * 0.7 + mean * 0.3
-    want_v[alive] = running[1][alive] * 0.7 + var * (10 / 9) * 0.3
-    torch.testing.assert_close(rm, want_m)
-    torch.testing.assert_close(rv, want_v)
+    for dtype in (torch.float32, torch.bfloat16):  # a model cast to bf16 has bf16 running statistics
+        running = (_randn(c).to(dtype), (torch.rand(c, device=DEVICE) + 0.5).to(dtype))
+        rm, rv = running[0].clone(), running[1].clone()
+        OPS.triton_bn_running_stats_(rm, rv, alive, mean, var, 0.3, 10)
+        want_m, want_v = running[0].clone(), running[1].clone()
+        want_m[alive] = (running[0][alive].float() * 0.7 + mean * 0.3).to(dtype)
+        want_v[alive] = (running[1][alive].float() * 0.7 + var * (10 / 9) * 0.3).to(dtype)
+        torch.testing.assert_close(rm, want_m)
+        torch.testing.assert_close(rv, want_v)
     args = _bn_args("some", ("relu", True, True), torch.float32)
     versions = [t._version for t in args[3:5]]
     tb.bn_gate_act(*args)
