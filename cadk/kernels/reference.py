@@ -13,6 +13,8 @@ Conventions shared by all backends:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -82,14 +84,29 @@ def check_residual(shortcut: torch.Tensor, branch: torch.Tensor, alive: torch.Te
                            f"{tuple(alive.shape)}; a pruned block skips its branch (relu(shortcut))")
 
 
+def runs_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format in which t's examples are each one dense run: channels-last for a 4-D tensor
+    stored that way (and not also contiguous), else contiguous."""
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def as_runs(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t as [N, 1, M], each example one run of M values: a view when t is dense in fmt."""
+    v = t.permute(0, 2, 3, 1) if fmt == torch.channels_last else t
+    return v.reshape(t.shape[0], 1, math.prod(t.shape[1:]))
+
+
 def gate_examples(gate_apply_fn, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor,
                   training: bool) -> torch.Tensor:
     """xi[n] * branch through a backend's gate_apply (one unit: a block gate), on branch seen as [N, 1, M]
     with each example one dense run: a view for NCHW and channels-last alike, so neither direction copies."""
-    cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
-    v = branch.permute(0, 2, 3, 1) if cl else branch
-    gated = gate_apply_fn(v.reshape(v.shape[0], 1, -1), theta, alive, seed, training).view(v.shape)
-    return gated.permute(0, 3, 1, 2) if cl else gated
+    fmt = runs_format(branch)
+    gated = gate_apply_fn(as_runs(branch, fmt), theta, alive, seed, training)
+    if fmt == torch.channels_last:
+        n, c, h, w = branch.shape
+        return gated.view(n, h, w, c).permute(0, 3, 1, 2)
+    return gated.view(branch.shape)
 
 
 def gated_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor,

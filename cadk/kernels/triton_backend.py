@@ -45,7 +45,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import check_activation, check_residual, gather_weight, safe_conv_args
+from .reference import as_runs, check_activation, check_residual, gather_weight, runs_format, safe_conv_args
 
 try:
     import triton
@@ -423,17 +423,9 @@ def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, se
 # ----------------------------------------------------------------------------------------------
 
 def _runs(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    """t contiguous in fmt as an [N, 1, M] view: each example one dense run of M values."""
-    t = t.contiguous(memory_format=fmt)
-    v = t.permute(0, 2, 3, 1) if fmt == torch.channels_last else t
-    return v.reshape(t.shape[0], 1, math.prod(t.shape[1:]))
-
-
-def _residual_format(branch: Tensor) -> torch.memory_format:
-    """The branch's memory format; the other operands are laid out the same way, so that example n is
-    the same run of positions in each of them."""
-    cl = branch.dim() == 4 and not branch.is_contiguous() and branch.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
+    """t made dense in fmt (the branch's format, so that example n is the same run of positions in
+    every operand) as an [N, 1, M] view."""
+    return as_runs(t.contiguous(memory_format=fmt), fmt)
 
 
 @_op("gated_residual_fwd")
@@ -445,7 +437,7 @@ def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: T
            lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
     _check_alive(alive, 1, theta.numel(), "alive", branch.device)
     _check_gate(theta, branch.shape[0], theta.numel(), branch.device)
-    fmt = _residual_format(branch)
+    fmt = runs_format(branch)
     y = torch.empty_like(branch, memory_format=fmt)
     b3, s3, y3 = _runs(branch, fmt), _runs(shortcut, fmt), _runs(y, fmt)
     if y.numel() > 0:
@@ -459,7 +451,7 @@ def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: T
 @_op("gated_residual_bwd")
 def gated_residual_bwd(grad_y: Tensor, y: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                        training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _residual_format(branch)
+    fmt = runs_format(branch)
     grad_shortcut = torch.empty_like(branch, memory_format=fmt)
     grad_branch = torch.empty_like(branch, memory_format=fmt)
     if branch.numel() == 0:
