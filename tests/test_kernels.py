@@ -186,6 +186,61 @@ def test_bn_gate_act(backend, gen, kind, training, activation, with_theta, chann
     _compare("bn_gate_act", module.bn_gate_act, _reference_bn, case, dtype, gen)
 
 
+def _strided(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view, buffer): t's values in a view with stride 2 in its last dim of a zero buffer twice as wide."""
+    buffer = t.new_zeros((*t.shape[:-1], 2 * t.shape[-1]))
+    buffer[..., ::2] = t
+    return buffer[..., ::2], buffer
+
+
+_STRIDED_CASES = {
+    "gate_apply": lambda gen, dev, training: (
+        gate_apply_case(gen, dev, torch.float32, "subset", training, True, False, units=9), reference.gate_apply),
+    "gated_residual": lambda gen, dev, training: (
+        gated_residual_case(gen, dev, torch.float32, training, "nchw"), reference.gated_residual),
+    "gated_linear": lambda gen, dev, training: (
+        gated_linear_case(gen, dev, torch.float32, ("subset", "subset"), training, "relu", True,
+                          channels=(11, 13)), reference.gated_linear),
+    "gated_conv2d": lambda gen, dev, training: (
+        gated_conv2d_case(gen, dev, torch.float32, ("subset", "subset"), training, "relu", True, False,
+                          channels=(7, 9)), reference.gated_conv2d),
+    "bn_gate_act": lambda gen, dev, training: (
+        bn_gate_act_case(gen, dev, torch.float32, "subset", training, "relu", True, False, units=9),
+        reference.bn_gate_act),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", list(_STRIDED_CASES))
+def test_strided_inputs_read_as_their_values(backend, gen, op, training):
+    """Every tensor argument passed as a strided view (theta[::2], an alive list sliced from a longer one,
+    a weight or activation with a stride-2 last dim): outputs, gradients and running statistics equal
+    those of the dense inputs. Kernels read per-unit vectors through raw pointers, so a view they did not
+    make dense would be read at the wrong offsets (seen in eval, where the gate is theta itself)."""
+    module, device = backend
+    case, ref_fn = _STRIDED_CASES[op](gen, device, training)
+    grad_seed = int(torch.randint(2**31, (1,), generator=gen))
+    y_ref, grads_ref, mutated_ref = run(ref_fn, case, grad_seed)
+
+    args, buffers = list(case.args), {}
+    for i, a in enumerate(case.args):
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            args[i], buffers[i] = _strided(a.detach())
+            if i in case.grad_args:
+                buffers[i].requires_grad_(True)
+                args[i] = buffers[i][..., ::2]
+    y = getattr(module, op)(*args)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype).to(y.device)
+    grads = torch.autograd.grad(y, [buffers[i] for i in case.grad_args], grad_y)
+    assert_close(y, y_ref, f"{op} output", torch.float32)
+    for i, g in zip(case.grad_args, grads):
+        assert_close(g[..., ::2], grads_ref[i], f"{op} grad of argument {i}", torch.float32)
+        assert not g[..., 1::2].any(), f"{op}: gradient of argument {i} reached entries outside its view"
+    for i in case.mutated:
+        assert_close(args[i], mutated_ref[i], f"{op} in-place update of argument {i}", torch.float32)
+        assert not buffers[i][..., 1::2].any(), f"{op}: in-place update of argument {i} wrote outside its view"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels", [2, 4, 8, 24])

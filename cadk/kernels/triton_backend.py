@@ -155,6 +155,12 @@ def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
     return seed.to(device, non_blocking=pageable)
 
 
+def _dense(*vectors: Optional[Tensor]) -> list:
+    """Per-unit vectors (theta, bias, alive, BN statistics) as the kernels read them, through a raw
+    pointer with entry j at offset j: a strided view (theta[::2]) is copied, a dense one passes as is."""
+    return [v if v is None else v.contiguous() for v in vectors]
+
+
 def _check_input(x: Tensor, layout: str, ok_dims: bool) -> None:
     _check(ok_dims, lambda: f"x must be {layout}, got shape {tuple(x.shape)}")
     _check(x.dtype in SUPPORTED_DTYPES,
@@ -380,7 +386,7 @@ def _bn_coefficients(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
     block = min(_np2(a), 256)
     wrap_triton(bn_coefficients_kernel)[(_cdiv(a, block),)](
         part, x3, x3.stride(1), num_parts, float(n * s), running_mean, running_var, running_mean.stride(0),
-        running_var.stride(0), weight.contiguous(), bias.contiguous(), alive, eps, mean, var, scale, shift, a,
+        running_var.stride(0), weight, bias, alive, eps, mean, var, scale, shift, a,
         TRAINING=training, BLOCK=block)
     return mean, var, scale, shift
 
@@ -393,7 +399,7 @@ def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Te
     n, a, s = x3.shape
     blocks, rows, grid = _plan(x3)
     wrap_triton(bn_grad_input_kernel)[grid](
-        g3, x3, dx3, weight.contiguous(), alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
+        g3, x3, dx3, weight, alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
         *_strides(g3), *_strides(x3), *_strides(dx3), TRAINING=training, **blocks)
     return dx3.view(x.shape)
 
@@ -407,6 +413,7 @@ def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, trai
     _check_input(pre, "[N, units, ...]", pre.dim() >= 2)
     _check_alive(alive, pre.shape[1], theta.numel(), "alive", pre.device)
     _check_gate(theta, pre.shape[0], theta.numel(), pre.device)
+    theta, alive = _dense(theta, alive)
     y, _ = _channel_fwd(pre, theta, alive, _seed_on(seed, pre.device), training, False, store_pre=False)
     return y
 
@@ -414,6 +421,7 @@ def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, trai
 @_op("gate_apply_bwd")
 def gate_apply_bwd(grad_y: Tensor, pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                    training: bool) -> tuple[Tensor, Tensor]:
+    theta, alive = _dense(theta, alive)
     g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, pre.device), training, False)
     return g, _scatter_sums(sums, alive, theta.numel(), [(1, theta.dtype)])[0]
 
@@ -437,6 +445,7 @@ def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: T
            lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
     _check_alive(alive, 1, theta.numel(), "alive", branch.device)
     _check_gate(theta, branch.shape[0], theta.numel(), branch.device)
+    theta, alive = _dense(theta, alive)
     fmt = runs_format(branch)
     y = torch.empty_like(branch, memory_format=fmt)
     b3, s3, y3 = _runs(branch, fmt), _runs(shortcut, fmt), _runs(y, fmt)
@@ -451,6 +460,7 @@ def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: T
 @_op("gated_residual_bwd")
 def gated_residual_bwd(grad_y: Tensor, y: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                        training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    theta, alive = _dense(theta, alive)
     fmt = runs_format(branch)
     grad_shortcut = torch.empty_like(branch, memory_format=fmt)
     grad_branch = torch.empty_like(branch, memory_format=fmt)
@@ -506,6 +516,7 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
+    bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     n, k, a = x.shape[0], x.shape[1], alive_out.numel()
     y = x.new_empty((n, a))
@@ -539,6 +550,7 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
 def gated_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str, training: bool,
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    theta, alive_out = _dense(theta, alive_out)
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     w = gather_weight(weight, alive_in, alive_out)
     grad_x = torch.mm(g, w)
@@ -564,6 +576,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
                  "[out, in, kh, kw]")
+    bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     b = _gather_vec(bias, alive_out)
     if x.shape[0] == 0 or x.shape[1] == 0 or alive_out.numel() == 0:
@@ -586,6 +599,7 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
                      padding: list[int], dilation: list[int], activation: str, training: bool,
                      has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    theta, alive_out = _dense(theta, alive_out)
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
     if g.numel() == 0 or x.numel() == 0:
@@ -624,6 +638,7 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
     _check_bn_vectors(weight, bias, running_mean, running_var, x.device)
+    weight, bias, theta, alive = _dense(weight, bias, theta, alive)
     mean, var, scale, shift = _bn_coefficients(x, weight, bias, running_mean, running_var, alive, eps, training)
     y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, _is_relu(activation),
                           mean=mean, scale=scale, shift=shift)
@@ -634,6 +649,7 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
 def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean: Tensor, var: Tensor,
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    weight, mean, var, theta, alive = _dense(weight, mean, var, theta, alive)
     g, sums = _channel_bwd(grad_y, pre, theta, alive, _seed_on(seed, x.device), training,
                            _is_relu(activation), sum_g=True, x=x, mean=mean, var=var, eps=eps)
     grad_x = (_bn_grad_input(g, x, weight, alive, mean, var, sums, eps, training) if x.numel()
@@ -650,6 +666,7 @@ def bn_running_stats_(running_mean: Tensor, running_var: Tensor, alive: Tensor, 
     """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive entries, in one launch."""
     a = alive.numel()
     if a > 0:
+        alive, mean, var = _dense(alive, mean, var)
         block = min(_np2(a), 256)
         wrap_triton(bn_running_stats_kernel)[(_cdiv(a, block),)](
             running_mean, running_var, running_mean.stride(0), running_var.stride(0), alive, mean, var, a,
