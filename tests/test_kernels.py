@@ -50,7 +50,19 @@ def gen():
     return torch.Generator().manual_seed(data_seed())
 
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _dtype_the_backend_runs(request):
+    """Skips a dtype-parametrized case on a backend that refuses that dtype (float16 on the CPU)."""
+    params = getattr(request.node, "callspec", None)
+    params = params.params if params else {}
+    backend = params.get("backend", params.get("compiled_or_gpu_backend"))
+    if "dtype" in params and backend is not None and backend[0] is not None:
+        module, _ = backend
+        if params["dtype"] not in module.SUPPORTED_DTYPES:
+            pytest.skip(f"{module.__name__} refuses {params['dtype']} (its dtypes: {module.SUPPORTED_DTYPES})")
 LAYER_ALIVE = [("empty", "subset"), ("subset", "empty"), ("one", "one"), ("subset", "subset"), ("all", "all"),
                ("all", "subset"), ("subset", "all")]
 
@@ -481,6 +493,87 @@ def test_cadk_backend_env_routes_dispatch(backend, gen, monkeypatch):
     assert kernels.backend_for(torch.device(device)) == name
     y = kernels.gated_linear(*case.args)
     assert len(calls) == 1 and torch.equal(y, original(*case.args))
+
+
+def _forced(backend, monkeypatch):
+    """(module, device) of `backend`, with the dispatch forced to it."""
+    module, device = backend
+    monkeypatch.setenv("CADK_BACKEND", module.__name__.rsplit(".", 1)[-1].removesuffix("_backend"))
+    return module, device
+
+
+def _leaf_grads(fn, leaves: list, grad_seed: int):
+    """(output, gradients of leaves) of fn(*leaves) against a seeded random grad_y."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    y = fn(*leaves)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype).to(y.device)
+    return y, torch.autograd.grad(y, leaves, grad_y)
+
+
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d"])
+def test_autocast_runs_layers_in_its_dtype(backend, gen, monkeypatch, op):
+    """Under torch.autocast the layer ops compute in the autocast dtype, as F.linear and F.conv2d do: the
+    same result as float32 inputs and parameters cast by hand, with float32 parameter gradients. Before,
+    a bfloat16 activation from an autocast op met the float32 weight and the op refused the mix."""
+    module, device = _forced(backend, monkeypatch)
+    make = gated_linear_case if op == "gated_linear" else gated_conv2d_case
+    extra = () if op == "gated_linear" else (False,)
+    case = make(gen, device, torch.float32, ("subset", "subset"), True, "relu", True, *extra)
+    x, weight, bias, theta = case.args[:4]
+    rest = case.args[4:]
+    fn = getattr(kernels, op)
+    grad_seed = int(torch.randint(2**31, (1,), generator=gen))
+
+    def in_autocast(*leaves):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return fn(*leaves, *rest)
+
+    def cast_by_hand(x, weight, bias, theta):
+        return fn(x.bfloat16(), weight.bfloat16(), bias.bfloat16(), theta, *rest)
+
+    y, grads = _leaf_grads(in_autocast, [x, weight, bias, theta], grad_seed)
+    y_ref, grads_ref = _leaf_grads(cast_by_hand, [x, weight, bias, theta], grad_seed)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    for name, g, g_ref in zip(("x", "weight", "bias", "theta"), grads, grads_ref):
+        assert g.dtype == torch.float32, f"{op}: grad of {name} is {g.dtype}"
+        assert torch.equal(g, g_ref), f"{op}: grad of {name} differs from the hand-cast op's"
+
+
+def test_autocast_residual_adds_in_the_promoted_type(backend, gen, monkeypatch):
+    """Under autocast a float32 shortcut and a bfloat16 branch add in float32, as shortcut + branch
+    would; outside autocast the mix is refused as before."""
+    module, device = _forced(backend, monkeypatch)
+    case = gated_residual_case(gen, device, torch.float32, True, "nchw")
+    shortcut, branch, theta, alive, seed, training = case.args
+    grad_seed = int(torch.randint(2**31, (1,), generator=gen))
+
+    def in_autocast(shortcut, branch):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return kernels.gated_residual(shortcut, branch.bfloat16(), theta, alive, seed, training)
+
+    def promoted_by_hand(shortcut, branch):
+        return kernels.gated_residual(shortcut, branch.bfloat16().float(), theta, alive, seed, training)
+
+    y, grads = _leaf_grads(in_autocast, [shortcut, branch], grad_seed)
+    y_ref, grads_ref = _leaf_grads(promoted_by_hand, [shortcut, branch], grad_seed)
+    assert y.dtype == torch.float32 and torch.equal(y, y_ref)
+    assert all(torch.equal(g, g_ref) for g, g_ref in zip(grads, grads_ref))
+    with pytest.raises(RuntimeError, match="must match in shape and dtype"):
+        kernels.gated_residual(shortcut, branch.bfloat16(), theta, alive, seed, training)
+
+
+def test_cpu_kernels_name_unsupported_dtypes(gen):
+    """float16 activations on the CPU: an error that names the dtype and the fixes, not ATen's
+    '"cadk_epilogue_forward" not implemented for Half' from inside a kernel."""
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.AVAILABLE:
+        pytest.skip("the cadk._C extension is not built")
+    case = gated_linear_case(gen, "cpu", torch.float16, ("subset", "subset"), True, "relu", True)
+    with pytest.raises(RuntimeError, match="x is Half, which the CPU kernels do not compute in; use float32"):
+        cpp_backend.gated_linear(*case.args)
+    pre = torch.randn(2, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="pre is Half.*bfloat16"):
+        cpp_backend.gate_apply(pre, torch.full((3,), 0.5), torch.arange(3), torch.tensor(1), True)
 
 
 def test_cadk_backend_env_leaves_unsupported_devices_to_auto(monkeypatch):

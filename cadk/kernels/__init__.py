@@ -80,21 +80,47 @@ def release_cached_memory() -> None:
     cpp_backend.release_cached_memory()
 
 
+def _autocast_dtype(device: torch.device):
+    """The dtype autocast runs matmuls and convolutions in on this device, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _to(dtype, *tensors) -> list:
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t for t in tensors]
+
+
+# Under torch.autocast the ops take the types autocast gives the PyTorch ops they replace (the
+# backends' custom ops are not autocast-aware themselves, and reject mixed dtypes): gated_linear and
+# gated_conv2d run in the autocast dtype, as F.linear and F.conv2d do, with the parameters cast by a
+# differentiable .to(), so their gradients reach the float32 parameters; gated_residual adds in the
+# promoted type, as `shortcut + branch` would; gate_apply and bn_gate_act keep their input's dtype
+# (BatchNorm takes float32 parameters and statistics with any activation dtype). Theta stays as it is:
+# the gates compare it with float32 uniforms.
+
+
 def gate_apply(pre, theta, alive, seed, training: bool):
     return _impl("gate_apply", pre.device)(pre, theta, alive, seed, training)
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
+    if shortcut.dtype != branch.dtype and _autocast_dtype(branch.device) is not None:
+        shortcut, branch = _to(torch.promote_types(shortcut.dtype, branch.dtype), shortcut, branch)
     return _impl("gated_residual", branch.device)(shortcut, branch, theta, alive, seed, training)
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation="none", training=True):
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:
+        x, weight, bias = _to(dtype, x, weight, bias)
     return _impl("gated_linear", x.device)(x, weight, bias, theta, alive_in, alive_out, seed,
                                            activation, training)
 
 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation="none", training=True):
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:
+        x, weight, bias = _to(dtype, x, weight, bias)
     return _impl("gated_conv2d", x.device)(x, weight, bias, theta, alive_in, alive_out, seed, stride,
                                            padding, dilation, activation, training)
 

@@ -36,6 +36,9 @@ if AVAILABLE and not torch._C._dispatch_has_kernel_for_dispatch_key("cadk::gated
 
 _OPS = ("gate_apply", "gated_residual", "gated_linear", "gated_conv2d", "bn_gate_act")
 
+# Activation dtypes the CPU kernels compute in (others are refused with this list).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
 
 # Read once: registrations are fixed after the import, and torch.compile cannot trace the query.
 _KERNEL_KEYS = frozenset(k for k in ("CPU", "CUDA") if AVAILABLE and

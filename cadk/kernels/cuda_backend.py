@@ -6,6 +6,9 @@ from .cpp_backend import bn_gate_act, gate_apply, gated_conv2d, gated_linear, ga
 
 AVAILABLE = cpp_backend.AVAILABLE
 
+# Activation dtypes the CUDA kernels compute in (torch.autocast on CUDA takes float16 by default).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
 
 def supports(device) -> bool:
     return torch.device(device).type == "cuda" and cpp_backend.has_kernel("CUDA")

@@ -13,7 +13,7 @@ namespace {
 void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
               const Tensor& seed, std::initializer_list<std::pair<const Tensor*, const char*>> vectors) {
   check_cpu(x, "x");
-  check_float(x, "x");
+  check_compute_dtype(x, "x");
   TORCH_CHECK(x.dim() >= 2, "cadk bn_gate_act: x must be [N, alive.numel(), ...], got shape ", x.sizes());
   const int64_t units = weight.numel();
   for (const auto& [t, name] : vectors) check_vector(*t, units, name);

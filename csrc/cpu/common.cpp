@@ -28,6 +28,14 @@ void check_float(const Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+void check_compute_dtype(const Tensor& t, const char* name) {
+  check_float(t, name);
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, "cadk: ", name, " is ", dtype,
+              ", which the CPU kernels do not compute in; use float32, float64 or bfloat16 (torch.autocast on "
+              "the CPU takes bfloat16 by default), or the reference backend (CADK_BACKEND=reference)");
+}
+
 void check_alive(const Tensor& alive, int64_t count, int64_t full, const char* name) {
   TORCH_CHECK(alive.scalar_type() == at::kLong, "cadk: ", name, " must be an int64 index tensor, got ",
               alive.scalar_type(), "; build it with dtype=torch.int64");

@@ -34,6 +34,8 @@ void check_alive(const Tensor& alive, int64_t count, int64_t full, const char* n
 // seed: 0-dim int64 CPU tensor; returns its value as the 64-bit Philox key.
 uint64_t seed_value(const Tensor& seed);
 void check_float(const Tensor& t, const char* name);
+// An activation the kernels compute on: float32, float64 or bfloat16.
+void check_compute_dtype(const Tensor& t, const char* name);
 void check_cpu(const Tensor& t, const char* name);
 // t is absent or a 1-D tensor of `full` entries (bias, theta).
 void check_vector(const OptTensor& t, int64_t full, const char* name);

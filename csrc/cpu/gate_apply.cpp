@@ -6,7 +6,7 @@ namespace {
 
 void check_gate_inputs(const Tensor& pre, const Tensor& theta, const Tensor& alive, const Tensor& seed) {
   check_cpu(pre, "pre");
-  check_float(pre, "pre");
+  check_compute_dtype(pre, "pre");
   TORCH_CHECK(pre.dim() >= 2, "cadk gate_apply: pre must be [N, units, ...], got shape ", pre.sizes());
   check_vector(theta, theta.numel(), "theta");
   check_alive(alive, pre.size(1), theta.numel(), "alive");

@@ -16,7 +16,7 @@ ConvGeometry check_conv(const Tensor& x, const Tensor& weight, const OptTensor& 
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_cpu(x, "x");
   check_cpu(weight, "weight");
-  check_float(x, "x");
+  check_compute_dtype(x, "x");
   TORCH_CHECK(x.dim() == 4, "cadk gated_conv2d: x must be [N, alive_in.numel(), H, W], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 4, "cadk gated_conv2d: weight must be [C_out, C_in, kh, kw], got shape ",
               weight.sizes());

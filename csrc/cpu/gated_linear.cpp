@@ -8,7 +8,7 @@ void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, 
                   const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed) {
   check_cpu(x, "x");
   check_cpu(weight, "weight");
-  check_float(x, "x");
+  check_compute_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "cadk gated_linear: x must be [N, alive_in.numel()], got shape ", x.sizes(),
               "; flatten leading dimensions first");
   TORCH_CHECK(weight.dim() == 2, "cadk gated_linear: weight must be [out_features, in_features], got shape ",

@@ -29,7 +29,7 @@ Residual check_residual(const Tensor& shortcut, const Tensor& branch, const Tens
                         const Tensor& seed) {
   check_cpu(branch, "branch");
   check_cpu(shortcut, "shortcut");
-  check_float(branch, "branch");
+  check_compute_dtype(branch, "branch");
   TORCH_CHECK(shortcut.sizes() == branch.sizes() && shortcut.scalar_type() == branch.scalar_type(),
               "cadk gated_residual: shortcut ", shortcut.sizes(), " ", shortcut.scalar_type(), " and branch ",
               branch.sizes(), " ", branch.scalar_type(), " must match in shape and dtype");
