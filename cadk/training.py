@@ -194,7 +194,8 @@ class Run:
     # ---- checkpoints --------------------------------------------------------------------------------
     def state(self) -> dict:
         s = {"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-             "step": self.step, "epoch": self.epoch, "history": self.history, "gen": self.gen.get_state()}
+             "step": self.step, "epoch": self.epoch, "history": self.history, "gen": self.gen.get_state(),
+             "torch_rng": _torch_rng_state()}
         if self.cost is not None:
             s.update(theta_opt=self.theta_opt.state_dict(), cost=self.cost.state_dict(),
                      pruner=self.pruner.state_dict())
@@ -214,6 +215,22 @@ class Run:
             self.pruner.load_state_dict(s["pruner"])
         self.step, self.epoch, self.history = s["step"], s["epoch"], s["history"]
         self.gen.set_state(s["gen"])
+        if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
+            _set_torch_rng_state(s["torch_rng"])
+
+
+def _torch_rng_state() -> dict:
+    """torch's generator states (CPU, and every CUDA device in use): the gates' draws continue from them."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_torch_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str) -> dict:

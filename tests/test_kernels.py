@@ -562,6 +562,54 @@ def test_autocast_residual_adds_in_the_promoted_type(backend, gen, monkeypatch):
         kernels.gated_residual(shortcut, branch.bfloat16(), theta, alive, seed, training)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_activation_checkpointing_gives_the_same_gradients(backend, gen, monkeypatch, use_reentrant):
+    """torch.utils.checkpoint around every op (fixed seeds, training mode): the forward runs again inside
+    the backward, and the gradients equal those without checkpointing. The non-reentrant mode allows
+    reading a node's saved tensors once only, which the Triton backward formulas had broken."""
+    from torch.utils.checkpoint import checkpoint
+    _, device = _forced(backend, monkeypatch)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
+
+    def alive(*idx):
+        return torch.tensor(idx, device=device)
+
+    seed = torch.tensor(int(torch.randint(2**40, (1,), generator=gen)))
+    w1, b1, th1 = rand(6, 3, 3, 3, scale=0.3), rand(6), (torch.rand(6, generator=gen) * 0.8 + 0.1).to(device)
+    gamma, beta = (torch.rand(6, generator=gen) + 0.5).to(device).requires_grad_(), rand(6)
+    w2, th2 = rand(6, 6, 3, 3, scale=0.3), (torch.rand(6, generator=gen) * 0.8 + 0.1).to(device)
+    w3, b3, th3 = rand(4, 6 * 16, scale=0.1), rand(4), (torch.rand(4, generator=gen) * 0.8 + 0.1).to(device)
+    th_block = torch.full((2,), 0.6, device=device)
+    thetas = [t.requires_grad_() for t in (th1, th2, th3, th_block)]
+    leaves = [w1, b1, gamma, beta, w2, w3, b3, *thetas]
+    x = torch.randn(3, 3, 4, 4, generator=gen).to(device)
+    a1, a_all = alive(0, 2, 3, 4, 5), alive(0, 1, 2, 3, 4, 5)
+
+    def net(x):
+        z = kernels.gated_conv2d(x, w1, b1, None, alive(0, 1, 2), a1, seed, 1, 1, 1, "none", True)
+        h = kernels.bn_gate_act(z, gamma, beta, torch.zeros(6, device=device), torch.ones(6, device=device),
+                                th1, a1, seed, 0.1, 1e-5, "relu", True)
+        branch = kernels.gated_conv2d(h, w2, None, th2, a1, a_all, seed, 1, 1, 1, "relu",
+                                      True)[:, 1:]
+        h = kernels.gated_residual(h, branch, th_block, alive(1), seed, True)
+        h = kernels.gate_apply(h, th2, a1, seed + 1, True)
+        return kernels.gated_linear(torch.cat([h, h[:, :1]], 1).flatten(1), w3, b3, th3, alive(*range(96)),
+                                    alive(0, 1, 3), seed, "relu", True)
+
+    def grads(run):  # .backward(): the reentrant mode does not support torch.autograd.grad
+        for t in leaves:
+            t.grad = None
+        run().square().sum().backward()
+        return [t.grad for t in leaves]
+
+    plain = grads(lambda: net(x))
+    checkpointed = grads(lambda: checkpoint(net, x.requires_grad_(use_reentrant), use_reentrant=use_reentrant))
+    for g, g_ref in zip(checkpointed, plain):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_cpu_kernels_name_unsupported_dtypes(gen):
     """float16 activations on the CPU: an error that names the dtype and the fixes, not ATen's
     '"cadk_epilogue_forward" not implemented for Half' from inside a kernel."""

@@ -132,11 +132,13 @@ def test_block_gate_keeps_layout_and_values():
     torch.manual_seed(0)
     block = GatedBasicBlock(6, 6, stride=1, theta_init=0.5).train()
     x = torch.randn(5, 6, 7, 7)
-    state = {k: v.clone() for k, v in block.state_dict().items()}  # the same seeds for both runs
+    state = {k: v.clone() for k, v in block.state_dict().items()}  # the same keys for both runs
+    rng = torch.get_rng_state()  # and the same draws
     results = []
     for fmt in (torch.contiguous_format, torch.channels_last):
         b = block.to(memory_format=fmt)
         b.load_state_dict(state)
+        torch.set_rng_state(rng)
         xi = x.contiguous(memory_format=fmt).detach().requires_grad_(True)
         y = b(xi)
         y.sum().backward()
@@ -145,6 +147,38 @@ def test_block_gate_keeps_layout_and_values():
         b.zero_grad(set_to_none=True)
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_activation_checkpointing_replays_the_gates(use_reentrant):
+    """torch.utils.checkpoint around residual blocks: the recomputed forward samples the gates the first
+    forward drew (seeds come from torch's generator, whose state checkpoint restores), so parameter and
+    theta gradients equal those of the same step without checkpointing. A seed counter advanced per
+    forward had drawn new gates in the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    for gate in cadk.nn.gates_of(model):
+        with torch.no_grad():
+            gate.theta.fill_(0.6)
+    x = torch.randn(4, 1, 28, 28)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(run_block):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        h = model.pool0(model.stem(x))
+        for block in model.blocks:
+            h = run_block(block, h)
+        model.fc(torch.flatten(model.pool(h), 1)).square().sum().backward()
+        return [p.grad for p in params]
+
+    plain = step(lambda block, h: block(h))
+    checkpointed = step(lambda block, h: checkpoint(block, h, use_reentrant=use_reentrant))
+    assert all(g is not None for g in plain)
+    for g, g_ref in zip(checkpointed, plain):
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_backward_under_compiled_autograd():

@@ -719,14 +719,14 @@ def _dense_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(pre)
     ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), theta, alive_in, alive_out, seed)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.has_theta = theta is not None  # saved_tensors may be read once only (non-reentrant checkpoint)
     ctx.args = inputs[7:]  # (activation, training) or (stride, padding, dilation, activation, training)
 
 
 def _dense_grads(ctx, grads):
     grad_x, grad_w, grad_b, grad_theta = grads
-    theta = ctx.saved_tensors[3]
     return (grad_x, grad_w, None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype),
-            None if theta is None else grad_theta) + (None,) * (3 + len(ctx.args))
+            grad_theta if ctx.has_theta else None) + (None,) * (3 + len(ctx.args))
 
 
 def _linear_backward(ctx, grad_y, _grad_pre):
@@ -748,13 +748,13 @@ def _bn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), mean, var, theta, alive, seed)
     ctx.args = (eps, activation, training)
     ctx.bias_dtype = bias.dtype
+    ctx.has_theta = theta is not None
 
 
 def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
-    theta = ctx.saved_tensors[5]
     grad_x, grad_w, grad_b, grad_theta = _backward_op(ctx, "bn_gate_act_bwd")(
         grad_y, *ctx.saved_tensors, *ctx.args)
-    return (grad_x, grad_w, grad_b.to(ctx.bias_dtype), None, None, None if theta is None else grad_theta,
+    return (grad_x, grad_w, grad_b.to(ctx.bias_dtype), None, None, grad_theta if ctx.has_theta else None,
             None, None, None, None, None)
 
 

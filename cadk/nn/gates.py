@@ -1,12 +1,18 @@
 """Bernoulli gates: one learned probability theta per unit/filter (UnitGate) or per residual block.
 
 A gate owns theta (a Parameter, trained by cadk.optim's projected optimizers, not the weight optimizer),
-the pruning state (`alive_mask`, `zero_steps`) and the seed its samples come from. All of it is in
-state_dict, so save/load/resume reproduces both the structure and the gate stream.
+the pruning state (`alive_mask`, `zero_steps`) and its Philox key `seed`, all in state_dict.
+
+Samples: each training forward of the gate's owner takes a fresh seed, its key XOR a draw from torch's
+random number generator on the gate's device, as dropout draws its masks. So torch.manual_seed and the
+key reproduce a run's gates, a resumed run continues them once it restores torch's generator state
+(cadk train's checkpoints hold it), and torch.utils.checkpoint, which restores that state before it
+recomputes a forward, replays the very gates the first forward drew. (A counter advanced per forward
+had drawn new gates in the recomputation: gradients for a sample the loss never saw.)
 
 Sharing: a gate may be applied by several layers (a channel group, e.g. the residual stream of a
-ResNet stage). The layer that created it *owns* it and advances its seed once per training forward;
-the others read the current seed, so every application in one step samples the same xi[n, j].
+ResNet stage). The layer that created it *owns* it and draws the seed once per training forward; the
+others read that seed, so every application in one step samples the same xi[n, j].
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ class UnitGate(nn.Module):
         self.register_buffer("alive_mask", torch.ones(num_units, dtype=torch.bool))
         self.register_buffer("zero_steps", torch.zeros(num_units, dtype=torch.int32))
         self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64))
+        # The seed of the current sample (next_seed), for the layers that share the gate.
+        self.register_buffer("sample_seed", self.seed.clone(), persistent=False)
         self.register_buffer("alive_idx", torch.arange(num_units), persistent=False)
         # alive_mask as 1/0 in theta's dtype, for the theta optimizers' masking (foreach ops need it)
         self.register_buffer("alive_factor", torch.ones(num_units), persistent=False)
@@ -60,14 +68,18 @@ class UnitGate(nn.Module):
     def reseed(self, seed: int, salt: int) -> None:
         """Set the Philox key from a model-wide seed and this gate's number in the model."""
         self.seed.fill_(_mix(_mix(seed) ^ salt))
+        self.sample_seed = self.seed.clone()
 
     def next_seed(self) -> torch.Tensor:
-        """Advance to a fresh sample (owner, once per training step) and return its seed."""
-        self.seed.add_(1)  # a buffer that never requires grad: autograd records nothing, no no_grad needed
-        return self.seed.clone()
+        """A fresh sample's seed (owner, once per training forward): the key XOR a draw from torch's
+        generator (see the module docstring)."""
+        draw = torch.randint(0, 1 << 62, (), device=self.seed.device)
+        self.sample_seed = torch.bitwise_xor(draw, self.seed)  # a new tensor: seeds saved for backward stay
+        return self.sample_seed
 
     def current_seed(self) -> torch.Tensor:
-        return self.seed.clone()
+        """The seed of the current sample (drawn by the owner this step), for layers sharing the gate."""
+        return self.sample_seed
 
     @torch.no_grad()
     def prune(self, units: torch.Tensor) -> None:
