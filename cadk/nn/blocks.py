@@ -73,10 +73,10 @@ class GatedResidualBlock(nn.Module):
 
     def compact(self) -> nn.Module:
         shortcut = None if self.shortcut is None else self.shortcut.compact()
-        if self.is_pruned or float(self.layer_gate.theta[0]) == 0.0:
+        if self.is_pruned or float(self.layer_gate.theta.detach()[0]) == 0.0:
             return nn.Sequential(shortcut if shortcut is not None else nn.Identity(), nn.ReLU())
         *body, last = self.branch
-        branch = [conv.compact() for conv in body] + [last.compact(float(self.layer_gate.theta[0]))]
+        branch = [conv.compact() for conv in body] + [last.compact(float(self.layer_gate.theta.detach()[0]))]
         return Residual(nn.Sequential(*branch), shortcut)
 
 
