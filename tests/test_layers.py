@@ -109,6 +109,37 @@ def test_torch_compile_traces_gated_model_without_graph_breaks():
     assert m.layers[0].weight.grad.shape == (6, 16)
 
 
+def test_torch_compile_keeps_one_graph_across_pruning_events():
+    """Pruning changes the alive counts the ops take; the compiled model treats them as dynamic sizes and
+    is not recompiled at each pruning event (module buffers get static shapes, and a recompilation per
+    event ended in the eager fallback once past dynamo's recompile limit). Outputs and gradients stay
+    those of the eager model under the same draws."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(9, 8))
+    for gate in cadk.nn.gates_of(m):
+        with torch.no_grad():
+            gate.theta.fill_(0.7)
+    compiled = torch.compile(m, backend="aot_eager")
+    x = torch.randn(5, 1, 4, 4)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    gates = [g for g in cadk.nn.gates_of(m) if g.num_units > 3]
+    for step in range(6):
+        gate = gates[step % len(gates)]
+        gate.prune(gate.alive_idx[:1])
+        outs = []
+        for model in (compiled, m):
+            torch.manual_seed(step)
+            y = model(x)
+            y.square().sum().backward()
+            outs.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(outs[0], outs[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+
+
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 

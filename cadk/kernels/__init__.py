@@ -145,4 +145,6 @@ def _load_optional_backends() -> None:
 
 
 _load_optional_backends()
+for _device_type in ("cpu", "cuda"):  # decided now, not while torch.compile traces the first call:
+    _auto(torch.device(_device_type))  # filling the cache there would fail its guard on the next call
 flops.register_flop_formulas()

@@ -49,9 +49,9 @@ class UnitGate(nn.Module):
         self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64))
         # The seed of the current sample (next_seed), for the layers that share the gate.
         self.register_buffer("sample_seed", self.seed.clone(), persistent=False)
-        self.register_buffer("alive_idx", torch.arange(num_units), persistent=False)
         # alive_mask as 1/0 in theta's dtype, for the theta optimizers' masking (foreach ops need it)
         self.register_buffer("alive_factor", torch.ones(num_units), persistent=False)
+        self.refresh()  # alive_idx
 
     @property
     def num_units(self) -> int:
@@ -91,9 +91,20 @@ class UnitGate(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute alive_idx and alive_factor from alive_mask (after pruning or loading a state_dict)."""
+        """Recompute alive_idx and alive_factor from alive_mask (after pruning or loading a state_dict).
+
+        alive_idx (the sorted alive units, what the ops take) is a plain attribute, not a buffer, and its
+        length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so a
+        buffer would recompile the model at every pruning event, and fall back to eager once past the
+        recompile limit. _apply rebuilds it on the gate's new device."""
         self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
+        torch._dynamo.maybe_mark_dynamic(self.alive_idx, 0)
         self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.refresh()
+        return self
 
     def keep_idx(self) -> torch.Tensor:
         """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing).
