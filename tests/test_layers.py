@@ -140,6 +140,23 @@ def test_torch_compile_keeps_one_graph_across_pruning_events():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
 
 
+def test_meta_device_construction_then_load():
+    """A model built on the meta device (no memory), materialised with to_empty and loaded from a
+    state_dict, equals the original, pruned gates included; moving a model to meta works too."""
+    torch.manual_seed(0)
+    m = cadk.build_model("resnet20", 1, 10).eval()
+    m.blocks[2].branch[0].gate.prune(torch.tensor([1, 4]))
+    with torch.device("meta"):
+        lazy = cadk.build_model("resnet20", 1, 10)
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(m.state_dict())
+    lazy.eval()
+    assert lazy.blocks[2].branch[0].gate.num_alive == m.blocks[2].branch[0].gate.num_alive
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(lazy(x), m(x))
+    assert cadk.nn.gates_of(m.to("meta"))[1].alive_idx.is_meta
+
+
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 

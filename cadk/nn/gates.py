@@ -97,7 +97,10 @@ class UnitGate(nn.Module):
         length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so a
         buffer would recompile the model at every pruning event, and fall back to eager once past the
         recompile limit. _apply rebuilds it on the gate's new device."""
-        self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
+        if self.alive_mask.is_meta:  # no values to read (meta-device init): every unit, as at construction
+            self.alive_idx = torch.arange(self.num_units, device="meta")
+        else:
+            self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
         torch._dynamo.maybe_mark_dynamic(self.alive_idx, 0)
         self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
 

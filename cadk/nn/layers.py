@@ -42,6 +42,14 @@ class GatedLayer(nn.Module):
         self.register_buffer("_all_in", torch.arange(self.in_units), persistent=False)
         self.register_buffer("_all_out", torch.arange(self.out_units), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The full index lists hold no state: made anew, so that to_empty (meta-device init) leaves no
+        # uninitialised indices behind (load_state_dict does not restore non-persistent buffers).
+        self._all_in = torch.arange(self.in_units, device=self.weight.device)
+        self._all_out = torch.arange(self.out_units, device=self.weight.device)
+        return self
+
     @staticmethod
     def _check_units(gate, units, name, side):
         if gate.num_units != units:
