@@ -229,8 +229,9 @@ def _torch_rng_state() -> dict:
 
 def _set_torch_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # devices this process sees, however many it saved
+        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
 
 
 def load_checkpoint(path: str) -> dict:

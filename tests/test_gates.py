@@ -80,8 +80,10 @@ def test_training_samples_fresh_gates_each_step_and_is_reproducible():
 
     a1, a2 = outputs(1)
     b1, _ = outputs(1)
+    c1, _ = outputs(2)
     assert not torch.equal(a1, a2)  # new sample every training step
-    assert torch.equal(a1, b1)  # same seed, same gates
+    assert torch.equal(a1, b1)  # same key and torch seed, same gates
+    assert not torch.equal(a1, c1)  # the gate's key enters the sample, not only torch's draw
 
 
 def test_shared_gate_samples_once_per_step():

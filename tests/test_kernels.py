@@ -539,6 +539,17 @@ def test_autocast_runs_layers_in_its_dtype(backend, gen, monkeypatch, op):
         assert torch.equal(g, g_ref), f"{op}: grad of {name} differs from the hand-cast op's"
 
 
+def test_autocast_leaves_float64_layers_in_float64(backend, gen, monkeypatch):
+    """Autocast casts float32 (and lower) inputs only; a float64 layer stays float64, as F.linear does."""
+    module, device = _forced(backend, monkeypatch)
+    if torch.float64 not in module.SUPPORTED_DTYPES:
+        pytest.skip(f"{module.__name__} does not take float64")
+    case = gated_linear_case(gen, device, torch.float64, ("subset", "subset"), True, "relu", True)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = kernels.gated_linear(*case.args)
+    assert y.dtype == torch.float64 and torch.equal(y, kernels.gated_linear(*case.args))
+
+
 def test_autocast_residual_adds_in_the_promoted_type(backend, gen, monkeypatch):
     """Under autocast a float32 shortcut and a bfloat16 branch add in float32, as shortcut + branch
     would; outside autocast the mix is refused as before."""

@@ -154,7 +154,24 @@ def test_meta_device_construction_then_load():
     assert lazy.blocks[2].branch[0].gate.num_alive == m.blocks[2].branch[0].gate.num_alive
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(lazy(x), m(x))
-    assert cadk.nn.gates_of(m.to("meta"))[1].alive_idx.is_meta
+    with torch.device("meta"):  # loading by assignment: the non-persistent buffers are remade too
+        assigned = cadk.build_model("resnet20", 1, 10)
+    assigned.load_state_dict(m.state_dict(), assign=True)
+    torch.testing.assert_close(assigned.eval()(x), m(x))
+    on_meta = m.to("meta")
+    assert cadk.nn.gates_of(on_meta)[1].alive_idx.is_meta
+    assert on_meta(x.to("meta")).shape == (2, 10)  # shape inference on meta runs, autocast check included
+
+
+def test_moving_a_model_under_inference_mode_leaves_it_trainable():
+    """.to() inside torch.inference_mode remakes the index lists as normal tensors: inference tensors
+    cannot be saved for backward by a later training step."""
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    with torch.inference_mode():
+        model.to("cpu")
+        model.layers[0].gate.prune(torch.tensor([1]))
+    model(torch.randn(2, 1, 4, 4)).sum().backward()
+    assert model.layers[0].weight.grad is not None
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:

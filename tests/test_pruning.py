@@ -100,14 +100,18 @@ def test_save_load_resume_reproduces_structure_and_outputs(tmp_path):
         model.blocks[1].branch[0].gate.theta[:7] = 0
         model.blocks[5].layer_gate.theta.zero_()
     pruner.step([opt, topt])
+    with torch.no_grad():  # sampled gates, so that the comparison below depends on the keys
+        model.blocks[2].branch[0].gate.theta[model.blocks[2].branch[0].gate.alive_mask] = 0.5
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "topt": topt.state_dict(),
-                "pruner": pruner.state_dict()}, path)
+                "pruner": pruner.state_dict(), "rng": torch.get_rng_state()}, path)
     x = torch.randn(3, 1, 28, 28)
-    out = model(x)  # training forward: gates sampled from the saved seed
-    fresh = cadk.build_model("resnet20", 1, 10, seed=99)
     state = torch.load(path)
+    torch.set_rng_state(state["rng"])
+    out = model(x)  # training forward: gates from the saved keys and torch's generator state
+    fresh = cadk.build_model("resnet20", 1, 10, seed=99)
     fresh.load_state_dict(state["model"])
+    torch.set_rng_state(state["rng"])
     assert [g.num_alive for g in gates_of(fresh)] == [g.num_alive for g in gates_of(model)]
     assert fresh.blocks[5].is_pruned
     torch.testing.assert_close(fresh(x), out)

@@ -80,20 +80,29 @@ def release_cached_memory() -> None:
     cpp_backend.release_cached_memory()
 
 
+# Device types autocast knows (asking about others, e.g. meta, raises).
+_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")
+                              if torch.amp.is_autocast_available(t))
+
+
 def _autocast_dtype(device: torch.device):
     """The dtype autocast runs matmuls and convolutions in on this device, or None outside autocast."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else None
 
 
-def _to(dtype, *tensors) -> list:
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t for t in tensors]
+def _to(dtype, *tensors, keep_float64: bool = False) -> list:
+    """tensors cast to dtype where floating (float64 kept with keep_float64, as autocast keeps it)."""
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype
+            and not (keep_float64 and t.dtype == torch.float64) else t for t in tensors]
 
 
 # Under torch.autocast the ops take the types autocast gives the PyTorch ops they replace (the
 # backends' custom ops are not autocast-aware themselves, and reject mixed dtypes): gated_linear and
 # gated_conv2d run in the autocast dtype, as F.linear and F.conv2d do, with the parameters cast by a
-# differentiable .to(), so their gradients reach the float32 parameters; gated_residual adds in the
-# promoted type, as `shortcut + branch` would; gate_apply and bn_gate_act keep their input's dtype
+# differentiable .to(), so their gradients reach the float32 parameters (float64 stays float64, as
+# autocast leaves it); gated_residual adds in the promoted type, as `shortcut + branch` would;
+# gate_apply and bn_gate_act keep their input's dtype
 # (BatchNorm takes float32 parameters and statistics with any activation dtype). Theta stays as it is:
 # the gates compare it with float32 uniforms.
 
@@ -111,7 +120,7 @@ def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation="none", training=True):
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
-        x, weight, bias = _to(dtype, x, weight, bias)
+        x, weight, bias = _to(dtype, x, weight, bias, keep_float64=True)
     return _impl("gated_linear", x.device)(x, weight, bias, theta, alive_in, alive_out, seed,
                                            activation, training)
 
@@ -120,7 +129,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
                  dilation=(1, 1), activation="none", training=True):
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
-        x, weight, bias = _to(dtype, x, weight, bias)
+        x, weight, bias = _to(dtype, x, weight, bias, keep_float64=True)
     return _impl("gated_conv2d", x.device)(x, weight, bias, theta, alive_in, alive_out, seed, stride,
                                            padding, dilation, activation, training)
 

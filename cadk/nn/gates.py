@@ -97,10 +97,17 @@ class UnitGate(nn.Module):
         length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so a
         buffer would recompile the model at every pruning event, and fall back to eager once past the
         recompile limit. _apply rebuilds it on the gate's new device."""
-        if self.alive_mask.is_meta:  # no values to read (meta-device init): every unit, as at construction
-            self.alive_idx = torch.arange(self.num_units, device="meta")
-        else:
-            self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(self.theta.device)
+        device = self.theta.device
+        with torch.inference_mode(False):  # tensors made under inference mode could not be saved for backward
+            if self.alive_mask.is_meta:  # no values to read (meta-device init): every unit, as at construction
+                self.alive_idx = torch.arange(self.num_units, device=device)
+            else:
+                self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(device)
+            # Non-persistent buffers a load_state_dict(assign=True) after meta-device init leaves on meta.
+            if self.alive_factor.device != device:
+                self.alive_factor = torch.empty_like(self.theta, requires_grad=False)
+            if self.sample_seed.device != self.seed.device:
+                self.sample_seed = self.seed.clone()
         torch._dynamo.maybe_mark_dynamic(self.alive_idx, 0)
         self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
 

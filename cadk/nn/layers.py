@@ -44,11 +44,20 @@ class GatedLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        # The full index lists hold no state: made anew, so that to_empty (meta-device init) leaves no
-        # uninitialised indices behind (load_state_dict does not restore non-persistent buffers).
-        self._all_in = torch.arange(self.in_units, device=self.weight.device)
-        self._all_out = torch.arange(self.out_units, device=self.weight.device)
+        self._make_index_lists()
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._make_index_lists()
+
+    def _make_index_lists(self) -> None:
+        """The full index lists hold no state: made anew on the weight's device after a move or a load,
+        so that meta-device init (to_empty, or load_state_dict(assign=True)) leaves no uninitialised or
+        meta indices behind (load_state_dict does not restore non-persistent buffers)."""
+        with torch.inference_mode(False):  # usable by training after a .to() under inference mode
+            self._all_in = torch.arange(self.in_units, device=self.weight.device)
+            self._all_out = torch.arange(self.out_units, device=self.weight.device)
 
     @staticmethod
     def _check_units(gate, units, name, side):
