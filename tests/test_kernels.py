@@ -621,6 +621,22 @@ def test_activation_checkpointing_gives_the_same_gradients(backend, gen, monkeyp
         torch.testing.assert_close(g, g_ref)
 
 
+def test_compiled_ops_refuse_an_argument_on_the_meta_device(gen):
+    """One meta argument makes the dispatcher run the fake kernel: it must refuse the mix, not return
+    uninitialised memory as the result."""
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.AVAILABLE:
+        pytest.skip("the cadk._C extension is not built")
+    case = gated_linear_case(gen, "cpu", torch.float32, ("subset", "subset"), True, "relu", True)
+    args = list(case.args)
+    args[5] = args[5].to("meta")
+    with pytest.raises(RuntimeError, match="alive_out is on meta but the activation on cpu"):
+        cpp_backend.gated_linear(*args)
+    pre = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="theta is on meta"):
+        cpp_backend.gate_apply(pre, torch.full((3,), 0.5, device="meta"), torch.arange(3), torch.tensor(1), True)
+
+
 def test_cpu_kernels_name_unsupported_dtypes(gen):
     """float16 activations on the CPU: an error that names the dtype and the fixes, not ATen's
     '"cadk_epilogue_forward" not implemented for Half' from inside a kernel."""

@@ -176,6 +176,15 @@ def _check_vector(t: torch.Tensor | None, units, name: str) -> None:
                      lambda: f"cadk: {name} must have shape [{units}], got {tuple(t.shape)}")
 
 
+def _check_devices(x: torch.Tensor, **tensors) -> None:
+    """Every given tensor on x's device. The dispatcher picks these fake kernels whenever one argument is
+    on the meta device: without this check, real inputs with a meta index list got uninitialised outputs."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == x.device, lambda: f"cadk: {name} is on {t.device} but the activation on "
+                                                       f"{x.device}; move all inputs of the op to one device")
+
+
 def _check_seed(seed: torch.Tensor) -> None:
     torch._check(seed.dim() == 0 and seed.dtype == torch.int64,
                  lambda: f"cadk: seed must be a 0-dim int64 tensor, got {tuple(seed.shape)} {seed.dtype}")
@@ -195,6 +204,7 @@ def _conv_out_shape(x, weight, stride, padding, dilation):
 
 
 def _check_layer(x, weight, bias, theta, alive_in, alive_out, seed):
+    _check_devices(x, weight=weight, bias=bias, theta=theta, alive_in=alive_in, alive_out=alive_out)
     _check_same_dtype(weight, x, "weight")
     _check_same_dtype(bias, x, "bias")
     _check_vector(bias, weight.shape[0], "bias")
@@ -208,6 +218,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cadk::gate_apply_fwd")
     def _(pre, theta, alive, seed, training):
         torch._check(pre.dim() >= 2, lambda: f"cadk gate_apply: pre must be [N, units, ...], got {tuple(pre.shape)}")
+        _check_devices(pre, theta=theta, alive=alive)
         _check_alive(alive, pre.shape[1], "alive")
         _check_seed(seed)
         return _empty(pre.shape, pre, _format(pre))
@@ -221,6 +232,7 @@ def _register_fakes() -> None:
         torch._check(shortcut.shape == branch.shape and shortcut.dtype == branch.dtype,
                      lambda: f"cadk gated_residual: shortcut {tuple(shortcut.shape)} {shortcut.dtype} and branch "
                              f"{tuple(branch.shape)} {branch.dtype} must match in shape and dtype")
+        _check_devices(branch, shortcut=shortcut, theta=theta, alive=alive)
         _check_alive(alive, 1, "alive")
         _check_seed(seed)
         return _empty(branch.shape, branch, _format(branch))
@@ -271,6 +283,8 @@ def _register_fakes() -> None:
         for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"),
                         (running_var, "running_var"), (theta, "theta")):
             _check_vector(t, weight.shape[0], name)
+        _check_devices(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                       theta=theta, alive=alive)
         _check_alive(alive, x.shape[1], "alive")
         _check_seed(seed)
         fmt = _format(x)
