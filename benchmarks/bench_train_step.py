@@ -125,9 +125,7 @@ def main() -> None:
     x, y = x.to(device), y.to(device)
     steps = {}
     for k, m in variants.items():
-        m = m.to(device, memory_format=torch.channels_last).train()
-        for g in gates_of(m):
-            g.refresh()  # alive index lists follow the model to the device
+        m = m.to(device, memory_format=torch.channels_last).train()  # gates rebuild alive lists on the device
         steps[k] = _step_fn(m, x, y)
     for s in steps.values():
         s()  # warm-up
