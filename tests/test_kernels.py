@@ -635,6 +635,8 @@ def test_compiled_ops_refuse_an_argument_on_the_meta_device(gen):
     pre = torch.randn(2, 3)
     with pytest.raises(RuntimeError, match="theta is on meta"):
         cpp_backend.gate_apply(pre, torch.full((3,), 0.5, device="meta"), torch.arange(3), torch.tensor(1), True)
+    with pytest.raises(RuntimeError, match="seed is on meta but the activation on cpu"):
+        cpp_backend.gate_apply(pre, torch.full((3,), 0.5), torch.arange(3), torch.tensor(1, device="meta"), True)
 
 
 def test_cpu_kernels_name_unsupported_dtypes(gen):

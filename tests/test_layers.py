@@ -163,6 +163,43 @@ def test_meta_device_construction_then_load():
     assert on_meta(x.to("meta")).shape == (2, 10)  # shape inference on meta runs, autocast check included
 
 
+def test_partial_assign_load_into_a_meta_built_model_takes_construction_defaults():
+    """A state_dict without some gate entries (strict=False, assign=True) into a meta-built model: the
+    missing ones take their construction defaults on the parameters' device (all units alive, the key of
+    seed 0), instead of staying on meta, where the op ran its fake kernel on real inputs."""
+    torch.manual_seed(0)
+    m = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,)).eval()
+    partial = {k: v for k, v in m.state_dict().items() if not k.endswith((".seed", ".alive_mask", ".zero_steps"))}
+    with torch.device("meta"):
+        lazy = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    missing = lazy.load_state_dict(partial, assign=True, strict=False).missing_keys
+    assert set(missing) == {"layers.0.gate.seed", "layers.0.gate.alive_mask", "layers.0.gate.zero_steps"}
+    gate = lazy.layers[0].gate
+    assert gate.num_alive == 6 and not any(t.is_meta for t in (gate.seed, gate.alive_mask, gate.alive_factor))
+    x = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close(lazy.eval()(x), m(x))
+
+
+def test_gates_drawn_under_inference_mode_leave_autograd_working():
+    """A training-mode forward under inference mode (e.g. BN recalibration) draws the gates' seeds; a later
+    eval forward with autograd (input gradients) saves them for backward, so they must not be inference
+    tensors. A prune inside a compiled function runs (refresh is left to eager)."""
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    x = torch.randn(2, 1, 4, 4)
+    with torch.inference_mode():
+        model.train()(x)
+    xi = x.clone().requires_grad_()
+    model.eval()(xi).sum().backward()
+    assert xi.grad is not None
+
+    def prune_first(gate):
+        gate.prune(torch.tensor([0]))
+        return gate.alive_mask.float()
+
+    torch.compile(prune_first, backend="eager")(model.layers[0].gate)
+    assert model.layers[0].gate.alive_idx.tolist() == [1, 2, 3, 4, 5]
+
+
 def test_moving_a_model_under_inference_mode_leaves_it_trainable():
     """.to() inside torch.inference_mode remakes the index lists as normal tensors: inference tensors
     cannot be saved for backward by a later training step."""

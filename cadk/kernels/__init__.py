@@ -80,15 +80,18 @@ def release_cached_memory() -> None:
     cpp_backend.release_cached_memory()
 
 
-# Device types autocast knows (asking about others, e.g. meta, raises).
-_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")
-                              if torch.amp.is_autocast_available(t))
+# Whether autocast knows a device type (asking whether it is enabled on others, e.g. meta, raises).
+# Common types are filled in now, not while torch.compile traces a first call (see _AUTO).
+_AUTOCAST_KNOWN = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
 
 
 def _autocast_dtype(device: torch.device):
     """The dtype autocast runs matmuls and convolutions in on this device, or None outside autocast."""
     kind = device.type
-    return torch.get_autocast_dtype(kind) if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else None
+    known = _AUTOCAST_KNOWN.get(kind)
+    if known is None:
+        known = _AUTOCAST_KNOWN[kind] = torch.amp.is_autocast_available(kind)
+    return torch.get_autocast_dtype(kind) if known and torch.is_autocast_enabled(kind) else None
 
 
 def _to(dtype, *tensors, keep_float64: bool = False) -> list:

@@ -185,9 +185,12 @@ def _check_devices(x: torch.Tensor, **tensors) -> None:
                                                        f"{x.device}; move all inputs of the op to one device")
 
 
-def _check_seed(seed: torch.Tensor) -> None:
+def _check_seed(seed: torch.Tensor, x: torch.Tensor) -> None:
     torch._check(seed.dim() == 0 and seed.dtype == torch.int64,
                  lambda: f"cadk: seed must be a 0-dim int64 tensor, got {tuple(seed.shape)} {seed.dtype}")
+    torch._check(seed.device == x.device or seed.device.type == "cpu",  # kernels read a CPU seed on the host
+                 lambda: f"cadk: seed is on {seed.device} but the activation on {x.device}; keep it on the CPU "
+                         "or the activation's device")
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -211,7 +214,7 @@ def _check_layer(x, weight, bias, theta, alive_in, alive_out, seed):
     _check_vector(theta, weight.shape[0], "theta")
     _check_alive(alive_in, x.shape[1], "alive_in")
     _check_alive(alive_out, alive_out.shape[0], "alive_out")
-    _check_seed(seed)
+    _check_seed(seed, x)
 
 
 def _register_fakes() -> None:
@@ -220,7 +223,7 @@ def _register_fakes() -> None:
         torch._check(pre.dim() >= 2, lambda: f"cadk gate_apply: pre must be [N, units, ...], got {tuple(pre.shape)}")
         _check_devices(pre, theta=theta, alive=alive)
         _check_alive(alive, pre.shape[1], "alive")
-        _check_seed(seed)
+        _check_seed(seed, pre)
         return _empty(pre.shape, pre, _format(pre))
 
     @torch.library.register_fake("cadk::gate_apply_bwd")
@@ -234,7 +237,7 @@ def _register_fakes() -> None:
                              f"{tuple(branch.shape)} {branch.dtype} must match in shape and dtype")
         _check_devices(branch, shortcut=shortcut, theta=theta, alive=alive)
         _check_alive(alive, 1, "alive")
-        _check_seed(seed)
+        _check_seed(seed, branch)
         return _empty(branch.shape, branch, _format(branch))
 
     @torch.library.register_fake("cadk::gated_residual_bwd")
@@ -286,7 +289,7 @@ def _register_fakes() -> None:
         _check_devices(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                        theta=theta, alive=alive)
         _check_alive(alive, x.shape[1], "alive")
-        _check_seed(seed)
+        _check_seed(seed, x)
         fmt = _format(x)
         stat = _empty((alive.shape[0],), x, dtype=_opmath(x.dtype))
         pre = _empty(x.shape, x, fmt) if theta is not None else _no_grad(x)

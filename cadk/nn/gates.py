@@ -68,13 +68,15 @@ class UnitGate(nn.Module):
     def reseed(self, seed: int, salt: int) -> None:
         """Set the Philox key from a model-wide seed and this gate's number in the model."""
         self.seed.fill_(_mix(_mix(seed) ^ salt))
-        self.sample_seed = self.seed.clone()
+        with torch.inference_mode(False):  # see refresh()
+            self.sample_seed = self.seed.clone()
 
     def next_seed(self) -> torch.Tensor:
         """A fresh sample's seed (owner, once per training forward): the key XOR a draw from torch's
         generator (see the module docstring)."""
-        draw = torch.randint(0, 1 << 62, (), device=self.seed.device)
-        self.sample_seed = torch.bitwise_xor(draw, self.seed)  # a new tensor: seeds saved for backward stay
+        with torch.inference_mode(False):  # see refresh(): a later forward with autograd saves it
+            draw = torch.randint(0, 1 << 62, (), device=self.seed.device)
+            self.sample_seed = torch.bitwise_xor(draw, self.seed)  # a new tensor: seeds saved for backward stay
         return self.sample_seed
 
     def current_seed(self) -> torch.Tensor:
@@ -89,6 +91,7 @@ class UnitGate(nn.Module):
         self.theta[~self.alive_mask] = 0.0
         self.refresh()
 
+    @torch.compiler.disable  # maybe_mark_dynamic cannot be traced: a prune inside a compiled function runs eagerly
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute alive_idx and alive_factor from alive_mask (after pruning or loading a state_dict).
@@ -96,20 +99,33 @@ class UnitGate(nn.Module):
         alive_idx (the sorted alive units, what the ops take) is a plain attribute, not a buffer, and its
         length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so a
         buffer would recompile the model at every pruning event, and fall back to eager once past the
-        recompile limit. _apply rebuilds it on the gate's new device."""
+        recompile limit. _apply rebuilds it on the gate's new device. Tensors are made outside inference
+        mode: a later forward with autograd saves them for backward, which inference tensors refuse."""
         device = self.theta.device
-        with torch.inference_mode(False):  # tensors made under inference mode could not be saved for backward
+        with torch.inference_mode(False):
+            self._materialise(device)
             if self.alive_mask.is_meta:  # no values to read (meta-device init): every unit, as at construction
                 self.alive_idx = torch.arange(self.num_units, device=device)
             else:
                 self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(device)
-            # Non-persistent buffers a load_state_dict(assign=True) after meta-device init leaves on meta.
-            if self.alive_factor.device != device:
-                self.alive_factor = torch.empty_like(self.theta, requires_grad=False)
-            if self.sample_seed.device != self.seed.device:
-                self.sample_seed = self.seed.clone()
         torch._dynamo.maybe_mark_dynamic(self.alive_idx, 0)
         self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
+
+    def _materialise(self, device: torch.device) -> None:
+        """State a load_state_dict(assign=True) into a meta-built gate leaves on meta: the construction
+        defaults for entries the state_dict lacked (all units alive, key of seed 0), and the
+        non-persistent buffers remade on theta's device and dtype."""
+        if device.type != "meta":
+            if self.alive_mask.is_meta:
+                self.alive_mask = torch.ones(self.num_units, dtype=torch.bool, device=device)
+            if self.zero_steps.is_meta:
+                self.zero_steps = torch.zeros(self.num_units, dtype=torch.int32, device=device)
+            if self.seed.is_meta:
+                self.seed = torch.tensor(_mix(0), dtype=torch.int64, device=device)
+        if self.alive_factor.device != device or self.alive_factor.dtype != self.theta.dtype:
+            self.alive_factor = torch.empty_like(self.theta, requires_grad=False)
+        if self.sample_seed.device != self.seed.device:
+            self.sample_seed = self.seed.clone()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
