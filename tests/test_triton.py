@@ -579,3 +579,27 @@ def test_clear_errors():
     bn = _bn_args("some", ("relu", True, True), torch.float32)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         tb.bn_gate_act(bn[0][:1, :, :1, :1], *bn[1:])
+
+
+def test_compiled_model_recompiles_only_when_an_alive_count_leaves_its_power_of_two(monkeypatch):
+    """Under torch.compile the op bodies see alive counts as symbolic sizes: launch sizes are taken by
+    comparing them with powers of two, so a prune recompiles only on a gate's first prune (its all-alive
+    path ends) or when a count crosses a power of two, not at every pruning event as exact-value guards
+    did."""
+    import torch._dynamo
+
+    import cadk
+    monkeypatch.setenv("CADK_BACKEND", "triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(12, 12)).to(DEVICE)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(5, 1, 4, 4, device=DEVICE)
+    gates = [g for g in cadk.nn.gates_of(model) if g.num_units > 3]
+    counts = []
+    for step in range(6):  # 12 -> 9 alive units in both gates: every count stays within (8, 16]
+        gate = gates[step % 2]
+        gate.prune(gate.alive_idx[:1])
+        compiled(x).sum().backward()
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[-1] == counts[1], f"graphs after each prune: {counts}"

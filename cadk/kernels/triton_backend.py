@@ -212,10 +212,17 @@ def _is_relu(activation: str) -> bool:
     return activation == "relu"
 
 
-def _np2(v: int) -> int:
-    """Next power of two (>= 1). Plain Python: triton.next_power_of_2 and triton.cdiv are jit
-    functions whose host calls cost microseconds each."""
-    return 1 << (max(int(v), 1) - 1).bit_length()
+def _np2(v) -> int:
+    """Next power of two (>= 1), a plain int. Plain Python: triton.next_power_of_2 and triton.cdiv are
+    jit functions whose host calls cost microseconds each. A symbolic size (torch.compile) is compared,
+    not converted: the graph then guards on the power-of-two range it lies in rather than its value, so
+    pruning a unit recompiles only when an alive count crosses a power of two."""
+    if isinstance(v, int):
+        return 1 << (max(v, 1) - 1).bit_length()
+    p = 1
+    while p < v:
+        p <<= 1
+    return p
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -261,7 +268,7 @@ def _scatter_sums(sums: Tensor, alive: Tensor, size: int, rows: list) -> list:
         block = min(_np2(size), 1024)
         wrap_triton(scatter_sums_kernel)[(_cdiv(size, block),)](
             sums, alive, *(outs + [outs[0]] * (3 - len(outs))), *ks, alive.numel(), size,
-            alive.numel().bit_length(), OUTS=len(rows), BLOCK=block)
+            size.bit_length(), OUTS=len(rows), BLOCK=block)  # halvings enough for any alive count <= size
     return outs
 
 
