@@ -268,7 +268,8 @@ def _scatter_sums(sums: Tensor, alive: Tensor, size: int, rows: list) -> list:
         block = min(_np2(size), 1024)
         wrap_triton(scatter_sums_kernel)[(_cdiv(size, block),)](
             sums, alive, *(outs + [outs[0]] * (3 - len(outs))), *ks, alive.numel(), size,
-            size.bit_length(), OUTS=len(rows), BLOCK=block)  # halvings enough for any alive count <= size
+            _np2(size + 1).bit_length() - 1,  # size's bit length (symbolic too): halvings for any count <= size
+            OUTS=len(rows), BLOCK=block)
     return outs
 
 
