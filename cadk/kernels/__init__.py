@@ -94,10 +94,11 @@ def _autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(kind) if known and torch.is_autocast_enabled(kind) else None
 
 
-def _to(dtype, *tensors, keep_float64: bool = False) -> list:
-    """tensors cast to dtype where floating (float64 kept with keep_float64, as autocast keeps it)."""
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype
-            and not (keep_float64 and t.dtype == torch.float64) else t for t in tensors]
+def _to(dtype, *tensors) -> list:
+    """tensors cast to dtype where floating, float64 kept as autocast keeps it (a promoted type that is
+    float64 leaves float64 inputs alone anyway)."""
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+            else t for t in tensors]
 
 
 # Under torch.autocast the ops take the types autocast gives the PyTorch ops they replace (the
@@ -123,7 +124,7 @@ def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation="none", training=True):
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
-        x, weight, bias = _to(dtype, x, weight, bias, keep_float64=True)
+        x, weight, bias = _to(dtype, x, weight, bias)
     return _impl("gated_linear", x.device)(x, weight, bias, theta, alive_in, alive_out, seed,
                                            activation, training)
 
@@ -132,7 +133,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
                  dilation=(1, 1), activation="none", training=True):
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
-        x, weight, bias = _to(dtype, x, weight, bias, keep_float64=True)
+        x, weight, bias = _to(dtype, x, weight, bias)
     return _impl("gated_conv2d", x.device)(x, weight, bias, theta, alive_in, alive_out, seed, stride,
                                            padding, dilation, activation, training)
 
