@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import json
 import random
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 import cadk.kernels as kernels
 from cadk.kernels.reference import gate_examples
-from cadk.utils import atomic_write, keep_freed_memory
+from cadk.utils import atomic_write_json, keep_freed_memory
 
 KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
 BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -325,7 +324,7 @@ def main(argv=None) -> list[dict]:
                 ratios = f"{row['vs_floor']:7.2f} {row['vs_masked']:8.2f}" if gated else ""
                 print(f"{kind:8} {keep:5.2f} {name:20} {t:9.3f} {ratios}")
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        atomic_write_json(args.json, results)
     return results
 
 

@@ -15,7 +15,6 @@ Needs triton importable with TRITON_INTERPRET unset (interpreted kernels would r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 
 import torch
 
-from cadk.utils import atomic_write
+from cadk.utils import atomic_write_json
 
 
 def _stub_launches(tb) -> None:
@@ -104,7 +103,7 @@ def main(argv=None) -> list[dict]:
         results.append(row)
         print(f"{name:30} {row['eager']:8.3f} {row['registered']:11.3f}")
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        atomic_write_json(args.json, results)
     return results
 
 

@@ -6,7 +6,6 @@ plain network (the compacted gated model at initialisation, i.e. with every gate
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -23,7 +22,7 @@ from .complexity import ComplexityCost
 from .models import build_model
 from .nn import GatedResidualBlock
 from .optim import Pruner, ThetaAdam, ThetaSGD, split_parameters
-from .utils import atomic_write
+from .utils import atomic_write, atomic_write_json
 
 
 @dataclass
@@ -304,7 +303,7 @@ def finish(run: Run, log=print) -> dict:
         "history": run.history, "artifacts": paths,
     }
     report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, "report.png"))
-    atomic_write(os.path.join(cfg.out_dir, "report.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    atomic_write_json(os.path.join(cfg.out_dir, "report.json"), report)
     log(f"final: test acc {100 * acc_plain:.2f}% (compacted) / {100 * acc_gated:.2f}% (gated) | FLOPs "
         f"{flops / 1e6:.2f}M = {100 * report['flops_ratio']:.1f}% of dense | params {params} = "
         f"{100 * report['params_ratio']:.1f}% | epoch time first {report['first_epoch_time']:.1f}s, last "

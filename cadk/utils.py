@@ -1,6 +1,7 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Callable, IO
@@ -22,6 +23,11 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """obj as indented JSON at path, written atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def keep_freed_memory() -> bool:
