@@ -273,11 +273,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_autograd(const Tensor& x,
 // bn_running_stats_ updates its first two arguments in place: as ATen's in-place ops do, it bumps their
 // version counters, so autograd's checks of saved tensors see the update.
 void bn_running_stats_inplace(const Tensor& running_mean, const Tensor& running_var, const Tensor& alive,
-                              const Tensor& mean, const Tensor& var, double momentum, int64_t count) {
+                              const Tensor& mean, const Tensor& var, double momentum, c10::SymInt count) {
   {
     const at::AutoDispatchBelowADInplaceOrView below;
+    // count stays symbolic under torch.compile: as an int it would pin the batch size in the graph.
     static const auto update = op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       double, int64_t)>("cadk::bn_running_stats_");
+                                       double, c10::SymInt)>("cadk::bn_running_stats_");
     update.call(running_mean, running_var, alive, mean, var, momentum, count);
   }
   torch::autograd::impl::bump_version(running_mean);

@@ -49,5 +49,5 @@ TORCH_LIBRARY(cadk, m) {
   // with the variance made unbiased (count / (count - 1)). One kernel where the unfused update of a
   // pruned layer costs six small ops.
   m.def("bn_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor alive, Tensor mean,"
-        " Tensor var, float momentum, int count) -> ()");
+        " Tensor var, float momentum, SymInt count) -> ()");
 }

@@ -140,6 +140,34 @@ def test_torch_compile_keeps_one_graph_across_pruning_events():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
 
 
+def test_torch_compile_keeps_one_graph_across_batch_sizes():
+    """After a second batch size the compiled graph takes the batch as a dynamic size; no op may pin it
+    (the BN running-statistics update took its count of values as an int, which recompiled the model
+    at every new batch size). Outputs and running statistics stay those of the eager model."""
+    import copy
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = GatedConv2d(2, 4, 3, padding=1, bias=False, batch_norm=True, activation="relu", theta_init=0.8)
+    m = nn.Sequential(conv, GatedBasicBlock(4, 4, in_gate=conv.out_gate, theta_init=0.8))
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, backend="aot_eager")
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step, n in enumerate((4, 3, 5, 6)):
+        x = torch.randn(n, 2, 5, 5)
+        outs = []
+        for model in (compiled, eager):
+            torch.manual_seed(step)
+            y = model(x)
+            y.square().sum().backward()
+            outs.append(y.detach())
+        torch.testing.assert_close(outs[0], outs[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 2
+    torch.testing.assert_close(dict(m.named_buffers()), dict(eager.named_buffers()))
+
+
 def test_meta_device_construction_then_load():
     """A model built on the meta device (no memory), materialised with to_empty and loaded from a
     state_dict, equals the original, pruned gates included; moving a model to meta works too."""

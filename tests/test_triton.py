@@ -603,3 +603,23 @@ def test_compiled_model_recompiles_only_when_an_alive_count_leaves_its_power_of_
         compiled(x).sum().backward()
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[-1] == counts[1], f"graphs after each prune: {counts}"
+
+
+def test_compiled_bn_model_takes_new_batch_sizes_in_its_power_of_two(monkeypatch):
+    """The BN ops pass the count of values per channel to their kernels as a (symbolic) int: a float
+    of it pinned the batch size, recompiling the model at every new batch size. Batch sizes within
+    one power-of-two range now share the graph compiled at the second size."""
+    import torch._dynamo
+
+    from cadk.nn import GatedBasicBlock, GatedConv2d
+    monkeypatch.setenv("CADK_BACKEND", "triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = GatedConv2d(2, 4, 3, padding=1, bias=False, batch_norm=True, activation="relu", theta_init=0.8)
+    model = torch.nn.Sequential(conv, GatedBasicBlock(4, 4, in_gate=conv.out_gate, theta_init=0.8)).to(DEVICE)
+    compiled = torch.compile(model, backend="aot_eager")
+    counts = []
+    for n in (8, 6, 5, 7):  # 6, 5 and 7 lie in (4, 8]
+        compiled(torch.randn(n, 2, 3, 3, device=DEVICE)).sum().backward()
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[-1] == counts[1], f"graphs after each batch size: {counts}"

@@ -393,7 +393,7 @@ def _bn_coefficients(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
         wrap_triton(channel_stats_kernel)[grid](x3, part, n, a, s, rows, num_parts, *_strides(x3), **blocks)
     block = min(_np2(a), 256)
     wrap_triton(bn_coefficients_kernel)[(_cdiv(a, block),)](
-        part, x3, x3.stride(1), num_parts, float(n * s), running_mean, running_var, running_mean.stride(0),
+        part, x3, x3.stride(1), num_parts, n * s, running_mean, running_var, running_mean.stride(0),
         running_var.stride(0), weight, bias, alive, eps, mean, var, scale, shift, a,
         TRAINING=training, BLOCK=block)
     return mean, var, scale, shift
@@ -407,7 +407,7 @@ def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Te
     n, a, s = x3.shape
     blocks, rows, grid = _plan(x3)
     wrap_triton(bn_grad_input_kernel)[grid](
-        g3, x3, dx3, weight, alive, mean, var, sums, eps, float(max(n * s, 1)), n, a, s, rows,
+        g3, x3, dx3, weight, alive, mean, var, sums, eps, torch.sym_max(n * s, 1), n, a, s, rows,
         *_strides(g3), *_strides(x3), *_strides(dx3), TRAINING=training, **blocks)
     return dx3.view(x.shape)
 

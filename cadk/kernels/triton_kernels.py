@@ -258,7 +258,8 @@ def bn_grad_input_kernel(
     """BatchNorm input gradient from g = dL/d(BN output): training dx = scale * (g - mean_g) -
     (x - mean) * coef_x, eval dx = scale * g, per channel, with rstd = rsqrt(var + eps),
     scale = weight * rstd, mean_g = sum(g) / count, coef_x = scale * rstd * sum(g * xhat) / count
-    (sums[0] and sums[2] of channel_bwd_kernel, summed over programs)."""
+    (sums[0] and sums[2] of channel_bwd_kernel, summed over programs). count (values per channel,
+    N * S) is an int: the host passes torch.compile's symbolic size through instead of a float of it."""
     pid_s, pid_r, pid_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_a, mask_a, a3, s3, mask_as = _tile(pid_s, pid_a, A, S, BLOCK_A, BLOCK_S)
     unit = tl.load(alive_ptr + offs_a, mask=mask_a, other=0)
