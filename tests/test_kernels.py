@@ -15,7 +15,7 @@ import torch
 import cadk.kernels as kernels
 from cadk.kernels import philox, reference
 from kernel_cases import (ALIVE_KINDS, RESIDUAL_LAYOUTS, assert_close, bn_gate_act_case, choice, data_seed,
-                          gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, run)
+                          gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, randn, run)
 
 
 def _backend_params():
@@ -359,6 +359,61 @@ def test_deterministic_for_fixed_seed(backend, gen):
     gates = _gates_via_op(module, device, seed, 32, theta, torch.arange(64))
     assert not torch.equal(gates, _gates_via_op(module, device, seed + 1, 32, theta, torch.arange(64))), \
         "a new seed must resample the gates"
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test; the previous setting is restored after."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's values as integers of the same width: equal bits, not just equal values (0.0 and -0.0 differ)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def test_deterministic_algorithms_give_identical_sums(backend, gen, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms two runs give bitwise-equal outputs and gradients, the
+    per-unit sums included (theta, bias, and through BN's channel sums its input gradient). Thousands of
+    rows per channel, so that on a GPU several blocks add into each unit; NCHW (one channel per CUDA
+    block) and channels-last."""
+    module, device = backend
+    # Triton's interpreter runs every kernel program in Python, one after another (a fixed order anyway):
+    # two examples and one layout keep it fast.
+    interpreted = module.__name__.endswith("triton_backend") and device == "cpu"
+    n = 2 if interpreted else 64
+    f32, image = torch.float32, (16, 16)
+    cases = []  # (op, case, position of theta)
+    linear = gated_linear_case(gen, device, f32, ("subset", "subset"), True, "relu", True, channels=(16, 40))
+    linear.args[0] = randn((n * 64, linear.args[4].numel()), gen, f32, device)
+    cases.append(("gated_linear", linear, 3))
+    for channels_last in (False,) if interpreted else (False, True):
+        gate = gate_apply_case(gen, device, f32, "subset", True, True, channels_last, units=12)
+        gate.args[0] = randn((n, gate.args[2].numel()) + image, gen, f32, device, channels_last)
+        conv = gated_conv2d_case(gen, device, f32, ("subset", "subset"), True, "relu", True, channels_last,
+                                 channels=(6, 12))
+        conv.args[0] = randn((n, conv.args[4].numel()) + image, gen, f32, device, channels_last)
+        bn = bn_gate_act_case(gen, device, f32, "subset", True, "relu", True, channels_last, units=12)
+        bn.args[0] = randn((n, bn.args[6].numel()) + image, gen, f32, device, channels_last, scale=2.0, shift=0.5)
+        cases += [("gate_apply", gate, 1), ("gated_conv2d", conv, 3), ("bn_gate_act", bn, 5)]
+    residual = gated_residual_case(gen, device, f32, True, "nchw")
+    residual.args[:2] = [randn((n, 8) + image, gen, f32, device) for _ in range(2)]
+    cases.append(("gated_residual", residual, 2))
+    for op, case, theta_at in cases:
+        case.args[theta_at] = torch.full_like(case.args[theta_at], 0.5)
+        fn = getattr(module, op)
+        (y1, grads1, mutated1), (y2, grads2, mutated2) = run(fn, case, 1), run(fn, case, 1)
+        assert torch.equal(_bits(y1), _bits(y2)), f"{op}: outputs differ between runs"
+        for i in case.grad_args:
+            assert torch.equal(_bits(grads1[i]), _bits(grads2[i])), f"{op}: gradients of argument {i} differ"
+        for i in case.mutated:
+            assert torch.equal(_bits(mutated1[i]), _bits(mutated2[i])), f"{op}: updates of argument {i} differ"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,12 +129,14 @@ __global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scala
 
 // Adds, per unit j of channel c: theta_sum[j] += sum(grad_y * pre) (when non-null),
 // dz_sum[j] += sum(dz), dz_xhat_sum[j] += sum(dz * xhat); dz is the gradient reaching the BN output.
+// Added once per block as row block blockIdx.y (add_block_sum).
 template <typename scalar_t, bool kRelu, int V>
 __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t* pre, const scalar_t* x,
                                           const at::opmath_type<scalar_t>* mean,
                                           const at::opmath_type<scalar_t>* var, at::opmath_type<scalar_t> eps,
                                           GateParams g, Layout L, at::opmath_type<scalar_t>* theta_sum,
-                                          at::opmath_type<scalar_t>* dz_sum, at::opmath_type<scalar_t>* dz_xhat_sum) {
+                                          at::opmath_type<scalar_t>* dz_sum, at::opmath_type<scalar_t>* dz_xhat_sum,
+                                          int64_t partial_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = lane_index() * V;
   const bool active = c < L.A;
@@ -170,9 +172,9 @@ __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t j = unit_of(g, c + k);
-      if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[k]);
-      atomicAdd(dz_sum + j, s.v[V + k]);
-      atomicAdd(dz_xhat_sum + j, s.v[2 * V + k] * rsqrt_acc(var[c + k] + eps));
+      if (theta_sum != nullptr) add_block_sum(theta_sum, partial_stride, blockIdx.y, j, s.v[k]);
+      add_block_sum(dz_sum, partial_stride, blockIdx.y, j, s.v[V + k]);
+      add_block_sum(dz_xhat_sum, partial_stride, blockIdx.y, j, s.v[2 * V + k] * rsqrt_acc(var[c + k] + eps));
     }
   }
 }
@@ -363,11 +365,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const auto reduce = bn_backward_reduce_kernel<scalar_t, kRelu, kPack>;
           const auto input = bn_backward_input_kernel<scalar_t, kRelu, kPack>;
           const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(reduce));
+          const int64_t stride = partial_stride(weight.numel());
+          BlockSums<acc_t> theta_part(theta_sum, shape.grid.y, stride), dz_part(dz_sum, shape.grid.y, stride),
+              dz_xhat_part(dz_xhat_sum, shape.grid.y, stride);
           reduce<<<shape.grid, shape.block, 0, stream>>>(
               gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),
-              vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, ptr_or_null<acc_t>(theta_sum),
-              dz_sum.data_ptr<acc_t>(), dz_xhat_sum.data_ptr<acc_t>());
+              vr.data_ptr<acc_t>(), static_cast<acc_t>(eps), gate.params, L, theta_part.data(), dz_part.data(),
+              dz_xhat_part.data(), stride);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          theta_part.finish();
+          dz_part.finish();
+          dz_xhat_part.finish();
           const LaunchShape input_shape = channel_launch(L, v, reinterpret_cast<const void*>(input));
           input<<<input_shape.grid, input_shape.block, 0, stream>>>(
               gy.data_ptr<scalar_t>(), pc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<acc_t>(),

@@ -5,17 +5,20 @@
 // threadIdx.x + blockIdx.x * blockDim.x, c = lane * V; V = 1 in planar layouts, see channel_pack) and
 // strides over their N*S rows (threadIdx.y + blockIdx.y * blockDim.y, step blockDim.y * gridDim.y), one
 // access of V values per row. Per-channel values (bias, BN coefficients, theta) then live in registers,
-// per-channel sums reduce over threadIdx.y in shared memory and end in one atomicAdd per block and channel.
+// per-channel sums reduce over threadIdx.y in shared memory and end in one atomicAdd per block and channel
+// (or, under torch.use_deterministic_algorithms, one store per block and channel: see BlockSums).
 //
 // Only c10/cuda headers are used for streams and guards: ATen/cuda/CUDAContext.h pulls in cuBLAS
 // and cuSPARSE headers that a bare CUDA toolkit may lack (c10::cuda::getCurrentCUDAStream is the
 // function at::cuda::getCurrentCUDAStream forwards to).
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -516,6 +519,52 @@ template <typename T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-unit sums over the blocks of a launch
+//
+// Float atomicAdd adds the blocks' partial sums in the order the blocks happen to finish, so the
+// last bits of a sum vary from run to run. Under torch.use_deterministic_algorithms each block
+// instead stores its partial sums into its own row of a zeroed [blocks, units] buffer (one thread
+// per block and unit, so plain stores), and the rows are added in a fixed order afterwards (at::sum
+// is deterministic). Without the flag nothing is allocated or launched besides the atomics.
+
+// The partial_stride argument of kernels with per-unit sums over `units` units: 0 (atomics), or the
+// buffer's row length under torch.use_deterministic_algorithms.
+inline int64_t partial_stride(int64_t units) {
+  return at::globalContext().deterministicAlgorithms() ? units : 0;
+}
+
+// Adds the partial sum v of unit j from block `block`: atomically into sum[j], or with
+// partial_stride > 0 by a store to the block's row of a BlockSums buffer.
+template <typename T>
+__device__ __forceinline__ void add_block_sum(T* sum, int64_t partial_stride, int64_t block, int64_t j, T v) {
+  if (partial_stride > 0) {
+    sum[block * partial_stride + j] = v;
+  } else {
+    atomicAdd(sum + j, v);
+  }
+}
+
+// Where a kernel adds the per-unit sums `sums` (the zeroed [units] result; undefined: not wanted):
+// into sums itself, or with partial_stride > 0 into a zeroed [blocks, units] buffer that finish()
+// reduces into sums. blocks: the range of add_block_sum's block argument in the launch.
+template <typename T>
+class BlockSums {
+ public:
+  BlockSums(const Tensor& sums, int64_t blocks, int64_t partial_stride) : sums_(sums) {
+    if (!sums.defined() || partial_stride == 0) return;
+    TORCH_INTERNAL_ASSERT(partial_stride == sums.numel(), "cadk: partial sums of the wrong width");
+    partials_ = zeros_fast({blocks, partial_stride}, sums.options());
+  }
+  T* data() const { return partials_.defined() ? partials_.data_ptr<T>() : ptr_or_null<T>(sums_); }
+  void finish() {
+    if (partials_.defined()) at::sum_out(sums_, partials_, at::IntArrayRef{0});
+  }
+
+ private:
+  Tensor sums_, partials_;
+};
 
 // Empty stand-in for the gradient of an absent optional input.
 inline Tensor no_grad_like(const Tensor& t) { return at::empty({0}, t.options()); }

@@ -48,11 +48,12 @@ __global__ void gate_forward_kernel(const scalar_t* z, const scalar_t* bias, Gat
   });
 }
 
-// grad_z and the per-unit sums of grad_y * pre (theta) and grad_z (bias); null sums are skipped.
+// grad_z and the per-unit sums of grad_y * pre (theta) and grad_z (bias), added once per block as row
+// block blockIdx.y (add_block_sum); null sums are skipped.
 template <typename scalar_t, bool kRelu, int V>
 __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre, GateParams g, Layout L,
                                      scalar_t* grad_z, at::opmath_type<scalar_t>* theta_sum,
-                                     at::opmath_type<scalar_t>* bias_sum) {
+                                     at::opmath_type<scalar_t>* bias_sum, int64_t partial_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = lane_index() * V;
   const bool active = c < L.A;
@@ -86,8 +87,8 @@ __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t j = unit_of(g, c + k);
-      if (theta_sum != nullptr) atomicAdd(theta_sum + j, s.v[k]);
-      if (bias_sum != nullptr) atomicAdd(bias_sum + j, s.v[V + k]);
+      if (theta_sum != nullptr) add_block_sum(theta_sum, partial_stride, blockIdx.y, j, s.v[k]);
+      if (bias_sum != nullptr) add_block_sum(bias_sum, partial_stride, blockIdx.y, j, s.v[V + k]);
     }
   }
 }
@@ -178,10 +179,14 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
       with_pack<scalar_t>(v, [&](auto pack) {
         const auto kernel = gate_backward_kernel<scalar_t, decltype(use_relu)::value, decltype(pack)::value>;
         const LaunchShape shape = channel_launch(L, v, reinterpret_cast<const void*>(kernel));
+        const int64_t stride = partial_stride(gate.params.units);
+        BlockSums<acc_t> theta(out.theta_sum, shape.grid.y, stride), bias(out.bias_sum, shape.grid.y, stride);
         kernel<<<shape.grid, shape.block, 0, current_stream()>>>(
                 grad_y.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>(), gate.params, L,
-                out.grad_z.data_ptr<scalar_t>(), ptr_or_null<acc_t>(out.theta_sum), ptr_or_null<acc_t>(out.bias_sum));
+                out.grad_z.data_ptr<scalar_t>(), theta.data(), bias.data(), stride);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        theta.finish();
+        bias.finish();
       });
     });
   });

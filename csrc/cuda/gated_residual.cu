@@ -67,11 +67,12 @@ __global__ void residual_forward_kernel(const scalar_t* shortcut, const scalar_t
 }
 
 // grad_shortcut = grad_y where y > 0 (relu's backward: NaN passes, as threshold_backward),
-// grad_branch = grad_shortcut * xi[n], theta_sum[unit] += sum(grad_shortcut * branch).
+// grad_branch = grad_shortcut * xi[n], theta_sum[unit] += sum(grad_shortcut * branch), added once per
+// block as block blockIdx.y * gridDim.x + blockIdx.x (add_block_sum).
 template <typename scalar_t, int V>
 __global__ void residual_backward_kernel(const scalar_t* grad_y, const scalar_t* y, const scalar_t* branch,
                                          GateParams g, Runs r, scalar_t* grad_shortcut, scalar_t* grad_branch,
-                                         at::opmath_type<scalar_t>* theta_sum) {
+                                         at::opmath_type<scalar_t>* theta_sum, int64_t partial_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, V>;
   const ChannelGates<scalar_t> gate(g, 0);
@@ -99,7 +100,7 @@ __global__ void residual_backward_kernel(const scalar_t* grad_y, const scalar_t*
       gb[i] = o;
     }
   }
-  // Block sum: warps by shuffle, then the first warp over the warps' sums; one atomic per block.
+  // Block sum: warps by shuffle, then the first warp over the warps' sums; one add per block.
   __shared__ acc_t warp_sums[32];
   for (int off = 16; off > 0; off /= 2) t += __shfl_down_sync(0xffffffffu, t, off);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -108,7 +109,10 @@ __global__ void residual_backward_kernel(const scalar_t* grad_y, const scalar_t*
   if (warp == 0) {
     t = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : acc_t(0);
     for (int off = 16; off > 0; off /= 2) t += __shfl_down_sync(0xffffffffu, t, off);
-    if (lane == 0) atomicAdd(theta_sum + unit_of(g, 0), t);
+    if (lane == 0) {
+      const int64_t block = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+      add_block_sum(theta_sum, partial_stride, block, unit_of(g, 0), t);
+    }
   }
 }
 
@@ -176,13 +180,16 @@ std::tuple<Tensor, Tensor, Tensor> gated_residual_bwd(const Tensor& grad_y, cons
       using acc_t = at::opmath_type<scalar_t>;
       const int v = pack_width<scalar_t>(
           r, {dy.data_ptr(), out.data_ptr(), b.data_ptr(), grad_shortcut.data_ptr(), grad_branch.data_ptr()});
+      const dim3 grid = residual_grid(r, v);
+      const int64_t stride = partial_stride(theta.numel());
+      BlockSums<acc_t> sums(theta_sum, static_cast<int64_t>(grid.x) * grid.y, stride);
       with_pack<scalar_t>(v, [&](auto width) {
-        residual_backward_kernel<scalar_t, decltype(width)::value>
-            <<<residual_grid(r, v), kThreads, 0, current_stream()>>>(
-                dy.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), gate.params, r,
-                grad_shortcut.data_ptr<scalar_t>(), grad_branch.data_ptr<scalar_t>(), theta_sum.data_ptr<acc_t>());
+        residual_backward_kernel<scalar_t, decltype(width)::value><<<grid, kThreads, 0, current_stream()>>>(
+            dy.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), gate.params, r,
+            grad_shortcut.data_ptr<scalar_t>(), grad_branch.data_ptr<scalar_t>(), sums.data(), stride);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+      sums.finish();
     });
   }
   return {grad_shortcut, grad_branch, theta_sum.to(theta.scalar_type())};
