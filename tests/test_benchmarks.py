@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,31 @@ def test_bench_kernels_tiny(tmp_path):
     stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--layers", "linear",
                   "--repeats", "1", "--warmup", "1", "--system-malloc")
     assert "malloc=system" in stdout
+
+
+def test_bench_kernels_full_size_variant_keeps_the_contract():
+    """full-size: the floor's gradients inside the alive block of full-size gradients, zeros elsewhere."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    gen = torch.Generator().manual_seed(0)
+    for kind, spec in bench_kernels.SIZES["tiny"].items():
+        if kind == "residual":
+            continue
+        layer = bench_kernels.Layer(kind, spec, 0.5, "cpu", torch.float64, torch.channels_last, gen)
+        floor, full = layer.floor(), layer.full_size()
+        floor()
+        full()
+        (_, w_compact, b_compact), (_, weight, bias) = floor.leaves, full.leaves
+        rows, cols = layer.alive_out[:, None], layer.alive_in
+        assert torch.allclose(weight.grad[rows, cols], w_compact.grad)
+        assert torch.allclose(bias.grad[layer.alive_out], b_compact.grad)
+        dead = torch.ones_like(weight.grad, dtype=torch.bool)
+        dead[rows, cols] = False
+        assert weight.grad.shape == weight.shape and not weight.grad[dead].any()
+        assert bias.grad.shape == bias.shape and bias.grad.count_nonzero() <= layer.alive_out.numel()
 
 
 def test_bench_kernels_residual_tiny():
