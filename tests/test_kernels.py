@@ -361,6 +361,38 @@ def test_deterministic_for_fixed_seed(backend, gen):
         "a new seed must resample the gates"
 
 
+def test_empty_batch(backend, gen, monkeypatch):
+    """A batch of no examples (as a filtered or uneven last batch gives): empty outputs and input
+    gradients, zero parameter and theta gradients, running statistics unchanged; the reference's values.
+    The ops' BN in training refuses it (no statistics); the dispatch point runs it as eval, as
+    nn.BatchNorm2d treats an empty batch."""
+    module, device = backend
+    f32 = torch.float32
+    cases = [("gated_linear", gated_linear_case(gen, device, f32, ("subset", "subset"), True, "relu", True)),
+             ("gated_conv2d", gated_conv2d_case(gen, device, f32, ("subset", "all"), True, "relu", True, True)),
+             ("gate_apply", gate_apply_case(gen, device, f32, "subset", True, True, False)),
+             ("bn_gate_act", bn_gate_act_case(gen, device, f32, "subset", False, "relu", True, True)),
+             ("gated_residual", gated_residual_case(gen, device, f32, True, "nhwc"))]
+    for op, case in cases:
+        inputs = (0, 1) if op == "gated_residual" else (0,)
+        for i in inputs:
+            case.args[i] = case.args[i][:0]
+        got, want = run(getattr(module, op), case, 1), run(getattr(reference, op), case, 1)
+        assert got[0].shape == want[0].shape, f"{op}: output shape {tuple(got[0].shape)}"
+        for i in case.grad_args:
+            assert_close(got[1][i], want[1][i], f"{op} grad {i}", f32)
+            if i not in inputs:
+                assert not got[1][i].any(), f"{op}: nonzero gradient of argument {i} from no examples"
+        for i in case.mutated:
+            assert torch.equal(got[2][i], case.args[i]), f"{op}: argument {i} changed"
+    bn = bn_gate_act_case(gen, device, f32, "subset", True, "relu", True, True)
+    bn.args[0] = bn.args[0][:0]
+    monkeypatch.setenv("CADK_BACKEND", module.__name__.rpartition(".")[2].removesuffix("_backend"))
+    y, grads, mutated = run(kernels.bn_gate_act, bn, 1)
+    assert y.shape == bn.args[0].shape and not any(g.any() for g in grads.values())
+    assert all(torch.equal(mutated[i], bn.args[i]) for i in bn.mutated)
+
+
 @pytest.fixture
 def deterministic_algorithms():
     """torch.use_deterministic_algorithms(True) for one test; the previous setting is restored after."""

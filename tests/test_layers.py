@@ -47,6 +47,26 @@ def test_bn_running_stats_of_pruned_channels_stay():
     assert (conv.bn.running_mean[[0, 1, 3]] != before[[0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_bn_running_stats_follow_batchnorm2d(momentum):
+    """As nn.BatchNorm2d: training batches counted in num_batches_tracked, momentum=None a cumulative
+    average over them; an empty batch gives an empty output and zero gradients, statistics unchanged."""
+    torch.manual_seed(0)
+    gated = GatedConv2d(2, 4, 3, padding=1, batch_norm=True, activation="relu", bn_momentum=momentum)
+    conv, bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum)
+    conv.load_state_dict({"weight": gated.weight.detach(), "bias": gated.bias.detach()})
+    for _ in range(3):
+        x = torch.randn(3, 2, 5, 5)
+        torch.testing.assert_close(gated(x), F.relu(bn(conv(x))))
+    torch.testing.assert_close(dict(gated.bn.named_buffers()), dict(bn.named_buffers()))
+    before = {k: v.clone() for k, v in gated.bn.named_buffers()}
+    y = gated(torch.randn(0, 2, 5, 5))
+    y.sum().backward()
+    assert y.shape == (0, 4, 5, 5) and not gated.bn.weight.grad.any() and not gated.weight.grad.any()
+    torch.testing.assert_close(gated.bn.running_mean, before["running_mean"])
+    torch.testing.assert_close(gated.bn.running_var, before["running_var"])
+
+
 def test_wrong_input_width_names_the_problem():
     a = GatedLinear(6, 4)
     b = GatedLinear(4, 3, in_gate=a.gate)

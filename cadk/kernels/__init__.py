@@ -140,6 +140,10 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
 
 def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum=0.1, eps=1e-5,
                 activation="relu", training=True):
+    if training and x.numel() == 0:
+        # An empty batch, taken as nn.BatchNorm2d takes it: an empty output, the running statistics left
+        # as they are and zero parameter gradients, which are the eval formulas over no values.
+        training = False
     return _impl("bn_gate_act", x.device)(x, weight, bias, running_mean, running_var, theta, alive, seed,
                                           momentum, eps, activation, training)
 

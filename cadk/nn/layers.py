@@ -228,7 +228,16 @@ class GatedConv2d(GatedLayer):
                            self.padding, self.dilation, "none", self.training)
         bn = self.bn
         return K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
-                             bn.momentum, bn.eps, self.activation, self.training)
+                             self._bn_momentum(), bn.eps, self.activation, self.training)
+
+    def _bn_momentum(self) -> float:
+        """The running statistics' update factor as nn.BatchNorm2d takes it, counting training batches in
+        num_batches_tracked: momentum, or with momentum=None the cumulative average's 1 / batches."""
+        bn = self.bn
+        if not self.training:
+            return 0.0 if bn.momentum is None else bn.momentum
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
