@@ -80,9 +80,7 @@ step build 300 bash -c '"$0" -m pip install --no-deps --no-build-isolation --no-
 step info 60 "$PYTHON" -m cadk info
 # The GPU kernel tests, in three processes at once (the CPU ones run in CI): the CUDA backend's and
 # the Triton backend's cases of test_kernels.py, and test_triton.py (TESTS=cuda: the first only).
-# cuBLAS in deterministic mode (test_deterministic_algorithms_*) needs a fixed workspace on some
-# torch/CUDA versions; set for the tests only, so the benchmarks keep cuBLAS's default workspace.
-step tests 300 env CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}" bash -c '
+step tests 300 bash -c '
   logs=("$1/tests_cuda.log"); pids=()
   "$0" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda-cuda" >"$1/tests_cuda.log" 2>&1 & pids+=($!)
   if [ "$2" != cuda ]; then

@@ -446,6 +446,15 @@ def test_deterministic_algorithms_give_identical_sums(backend, gen, deterministi
             assert torch.equal(_bits(grads1[i]), _bits(grads2[i])), f"{op}: gradients of argument {i} differ"
         for i in case.mutated:
             assert torch.equal(_bits(mutated1[i]), _bits(mutated2[i])), f"{op}: updates of argument {i} differ"
+        # The same values as the default mode's (other sums, other orders): catches a repeatable mistake.
+        torch.use_deterministic_algorithms(False)
+        try:
+            y0, grads0, _ = run(fn, case, 1)
+        finally:
+            torch.use_deterministic_algorithms(True)
+        assert_close(y1, y0, f"{op} output", f32)
+        for i in case.grad_args:
+            assert_close(grads1[i], grads0[i], f"{op} grad {i}", f32, tol_scale=10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,24 @@ def test_bn_running_stats_follow_batchnorm2d(momentum):
     torch.testing.assert_close(gated.bn.running_var, before["running_var"])
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_bn_cumulative_average_under_checkpointing(use_reentrant):
+    """momentum=None under activation checkpointing: a recomputation that stops inside the BN op (early
+    stop) must not count a batch whose statistics it did not add; the average stays nn.BatchNorm2d's."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    gated = GatedConv2d(2, 4, 3, padding=1, batch_norm=True, activation="relu", bn_momentum=None)
+    conv, bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None)
+    conv.load_state_dict({"weight": gated.weight.detach(), "bias": gated.bias.detach()})
+    for _ in range(3):
+        x = torch.randn(8, 2, 5, 5, requires_grad=True)
+        checkpoint(gated, x, use_reentrant=use_reentrant).sum().backward()
+        bn(conv(x))
+    torch.testing.assert_close(gated.bn.running_mean, bn.running_mean)
+    torch.testing.assert_close(gated.bn.running_var, bn.running_var)
+
+
 def test_wrong_input_width_names_the_problem():
     a = GatedLinear(6, 4)
     b = GatedLinear(4, 3, in_gate=a.gate)

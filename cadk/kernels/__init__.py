@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import flops, reference
 
@@ -140,7 +141,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
 
 def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum=0.1, eps=1e-5,
                 activation="relu", training=True):
-    if training and x.numel() == 0:
+    if training and guard_or_false(x.numel() == 0):  # a batch size unknown while tracing stays training
         # An empty batch, taken as nn.BatchNorm2d takes it: an empty output, the running statistics left
         # as they are and zero parameter gradients, which are the eval formulas over no values.
         training = False

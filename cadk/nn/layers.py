@@ -198,7 +198,7 @@ class GatedConv2d(GatedLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, batch_norm: bool = False, activation: str = "none",
                  gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0,
-                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+                 bn_eps: float = 1e-5, bn_momentum: float | None = 0.1):
         super().__init__()
         if groups != 1:
             raise NotImplementedError(
@@ -227,17 +227,19 @@ class GatedConv2d(GatedLayer):
         z = K.gated_conv2d(x, self.weight, self.bias, None, alive_in, alive_out, seed, self.stride,
                            self.padding, self.dilation, "none", self.training)
         bn = self.bn
-        return K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
-                             self._bn_momentum(), bn.eps, self.activation, self.training)
+        y = K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
+                          self._bn_momentum(), bn.eps, self.activation, self.training)
+        if self.training:  # counted after the update: a checkpoint's recomputation that stops inside the
+            bn.num_batches_tracked.add_(1)  # op (early stop) then skips both, or runs both
+        return y
 
     def _bn_momentum(self) -> float:
-        """The running statistics' update factor as nn.BatchNorm2d takes it, counting training batches in
-        num_batches_tracked: momentum, or with momentum=None the cumulative average's 1 / batches."""
+        """The running statistics' update factor as nn.BatchNorm2d takes it: momentum, or with
+        momentum=None the cumulative average's 1 / (training batches so far, this one included)."""
         bn = self.bn
-        if not self.training:
-            return 0.0 if bn.momentum is None else bn.momentum
-        bn.num_batches_tracked.add_(1)
-        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is not None or not self.training:
+            return bn.momentum or 0.0
+        return 1.0 / float(bn.num_batches_tracked + 1)
 
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
