@@ -72,21 +72,6 @@ LAYER_ALIVE = [("empty", "subset"), ("subset", "empty"), ("one", "one"), ("subse
 # no input channels is a zero input channel; no output channels is an empty slice of one.
 
 
-def _reference_conv(x, weight, bias, theta, alive_in, alive_out, seed, *rest):
-    if alive_in.numel() == 0:
-        x = x.new_zeros((x.shape[0], 1, *x.shape[2:])) + x.sum()
-        alive_in = alive_in.new_zeros(1)
-    if alive_out.numel() == 0:
-        return reference.gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, *rest)[:, :0]
-    return reference.gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, *rest)
-
-
-def _reference_bn(x, weight, bias, running_mean, running_var, theta, alive, *rest):
-    if alive.numel() == 0:
-        return x * 0 + (weight.sum() + bias.sum() + (0 if theta is None else theta.sum())) * 0
-    return reference.bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, *rest)
-
-
 def _compare(op: str, fn, ref_fn, case, dtype, gen, grad_tol_scale: dict[int, float] | None = None) -> None:
     """fn against ref_fn: output, every gradient (tolerance times grad_tol_scale[i] for argument i), and
     every in-place update."""
@@ -136,7 +121,7 @@ def test_gated_conv2d(backend, gen, kinds, training, activation, with_theta, cha
     module, device = backend
     case = gated_conv2d_case(gen, device, dtype, kinds, training, activation, with_theta, channels_last,
                              with_bias=bool(int(torch.randint(2, (1,), generator=gen))))
-    _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
+    _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -183,7 +168,7 @@ def test_wide_layers(backend, gen, channels, layer, dtype):
         # 3x3: several taps per channels-last weight row, each its own run of C_in channels.
         case = gated_conv2d_case(gen, device, dtype, kinds, True, "relu", True, layer == "conv-nhwc",
                                  channels=channels, kernel=(3, 3))
-        _compare("gated_conv2d", module.gated_conv2d, _reference_conv, case, dtype, gen)
+        _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -195,7 +180,7 @@ def test_wide_layers(backend, gen, channels, layer, dtype):
 def test_bn_gate_act(backend, gen, kind, training, activation, with_theta, channels_last, dtype):
     module, device = backend
     case = bn_gate_act_case(gen, device, dtype, kind, training, activation, with_theta, channels_last)
-    _compare("bn_gate_act", module.bn_gate_act, _reference_bn, case, dtype, gen)
+    _compare("bn_gate_act", module.bn_gate_act, reference.bn_gate_act, case, dtype, gen)
 
 
 def _strided(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,10 +255,10 @@ def test_channel_counts_of_packed_kernels(compiled_or_gpu_backend, gen, op, chan
     elif op == "gated_conv2d":
         case = gated_conv2d_case(gen, device, dtype, ("all", "all"), training, "relu", True, True,
                                  channels=(3, channels))
-        _compare(op, module.gated_conv2d, _reference_conv, case, dtype, gen)
+        _compare(op, module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
     else:
         case = bn_gate_act_case(gen, device, dtype, "all", training, "relu", True, True, units=channels)
-        _compare(op, module.bn_gate_act, _reference_bn, case, dtype, gen)
+        _compare(op, module.bn_gate_act, reference.bn_gate_act, case, dtype, gen)
 
 
 @pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])

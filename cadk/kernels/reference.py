@@ -165,6 +165,11 @@ def _nchw_view(t: torch.Tensor) -> torch.Tensor:
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     """Conv2d over alive input channels and alive output filters, then act and gate."""
+    if alive_out.numel() == 0:  # F.conv2d takes no empty channel dim: one filter, none returned
+        return gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, stride, padding,
+                            dilation, activation, training)[:, :0]
+    if alive_in.numel() == 0:  # nor an input without channels: one of zeros, still a function of x
+        x, alive_in = x.new_zeros((x.shape[0], 1, *x.shape[2:])) + x.sum(), alive_in.new_zeros(1)
     x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
     z = F.conv2d(x, w, _gather_bias(bias, alive_out),
                  stride, padding, dilation)
@@ -177,6 +182,8 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
 
     Training uses batch statistics and updates running_mean/var in place at the alive entries only,
     so a pruned channel's statistics stay as they were."""
+    if alive.numel() == 0:  # no channels: an empty output whose gradients are zeros of every input
+        return x * 0 + sum(t.sum() for t in (weight, bias, theta) if t is not None) * 0
     rm = running_mean.index_select(0, alive)
     rv = running_var.index_select(0, alive)
     z = F.batch_norm(x, rm, rv, _gather_bias(weight, alive), _gather_bias(bias, alive), training,
