@@ -56,10 +56,11 @@ void save_layer(AutogradContext* ctx, const Tensor& x, const Tensor& weight, con
 }
 
 // Grads of a layer's `count` inputs: x, weight, bias, theta, then non-differentiable ones.
-variable_list layer_grads(size_t count, const Grads4& g, bool need_grad_x, bool has_bias, bool has_theta) {
+variable_list layer_grads(size_t count, const Grads4& g, bool need_grad_x, bool need_grad_weight, bool has_bias,
+                          bool has_theta) {
   variable_list out(count);
   out[0] = if_needed(need_grad_x, std::get<0>(g));
-  out[1] = std::get<1>(g);
+  out[1] = if_needed(need_grad_weight, std::get<1>(g));
   out[2] = if_needed(has_bias, std::get<2>(g));
   out[3] = if_needed(has_theta, std::get<3>(g));
   return out;
@@ -76,7 +77,7 @@ using LinearFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
 using LinearBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, const OptTensor&, const Tensor&,
                                                              const Tensor&, const Tensor&, c10::string_view,
-                                                             bool, bool, bool);
+                                                             bool, bool, bool, bool);
 using ConvFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                            const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
                                            at::IntArrayRef, at::IntArrayRef, c10::string_view, bool);
@@ -84,7 +85,7 @@ using ConvBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const 
                                                            const Tensor&, const OptTensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, at::IntArrayRef,
                                                            at::IntArrayRef, at::IntArrayRef, c10::string_view,
-                                                           bool, bool, bool);
+                                                           bool, bool, bool, bool);
 using BnFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                          const Tensor&, const Tensor&, const OptTensor&,
                                                          const Tensor&, const Tensor&, double, c10::string_view,
@@ -155,9 +156,10 @@ struct GatedLinear : Function<GatedLinear> {
     auto& d = ctx->saved_data;
     const OptTensor theta = optional(s[3]);
     const bool has_bias = d["has_bias"].toBool(), need_grad_x = ctx->needs_input_grad(0);
+    const bool need_grad_weight = ctx->needs_input_grad(1);
     return layer_grads(9, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["activation"].toStringRef(),
-                                   d["training"].toBool(), has_bias, need_grad_x),
-                       need_grad_x, has_bias, theta.has_value());
+                                   d["training"].toBool(), has_bias, need_grad_x, need_grad_weight),
+                       need_grad_x, need_grad_weight, has_bias, theta.has_value());
   }
 };
 
@@ -186,10 +188,12 @@ struct GatedConv2d : Function<GatedConv2d> {
     auto& d = ctx->saved_data;
     const OptTensor theta = optional(s[3]);
     const bool has_bias = d["has_bias"].toBool(), need_grad_x = ctx->needs_input_grad(0);
+    const bool need_grad_weight = ctx->needs_input_grad(1);
     return layer_grads(12, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["stride"].toIntVector(),
                                     d["padding"].toIntVector(), d["dilation"].toIntVector(),
-                                    d["activation"].toStringRef(), d["training"].toBool(), has_bias, need_grad_x),
-                       need_grad_x, has_bias, theta.has_value());
+                                    d["activation"].toStringRef(), d["training"].toBool(), has_bias, need_grad_x,
+                                    need_grad_weight),
+                       need_grad_x, need_grad_weight, has_bias, theta.has_value());
   }
 };
 

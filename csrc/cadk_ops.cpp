@@ -26,14 +26,14 @@ TORCH_LIBRARY(cadk, m) {
         " Tensor alive_out, Tensor seed, str activation, bool training) -> (Tensor, Tensor)");
   m.def("gated_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor? theta,"
         " Tensor alive_in, Tensor alive_out, Tensor seed, str activation, bool training, bool has_bias,"
-        " bool need_grad_x=True)"
+        " bool need_grad_x=True, bool need_grad_weight=True)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? theta, Tensor alive_in,"
         " Tensor alive_out, Tensor seed, int[2] stride, int[2] padding, int[2] dilation, str activation,"
         " bool training) -> (Tensor, Tensor)");
   m.def("gated_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, Tensor? theta,"
         " Tensor alive_in, Tensor alive_out, Tensor seed, int[2] stride, int[2] padding, int[2] dilation,"
-        " str activation, bool training, bool has_bias, bool need_grad_x=True)"
+        " str activation, bool training, bool has_bias, bool need_grad_x=True, bool need_grad_weight=True)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   // BN over alive channels. Returns (y, pre, mean, var): in training the batch mean and biased
   // variance of the alive channels, which the caller folds into the running statistics (the op

@@ -14,7 +14,7 @@ import torch
 
 import cadk.kernels as kernels
 from cadk.kernels import philox, reference
-from kernel_cases import (ALIVE_KINDS, RESIDUAL_LAYOUTS, assert_close, bn_gate_act_case, choice, data_seed,
+from kernel_cases import (ALIVE_KINDS, RESIDUAL_LAYOUTS, Case, assert_close, bn_gate_act_case, choice, data_seed,
                           gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, randn, run)
 
 
@@ -344,6 +344,35 @@ def test_deterministic_for_fixed_seed(backend, gen):
     gates = _gates_via_op(module, device, seed, 32, theta, torch.arange(64))
     assert not torch.equal(gates, _gates_via_op(module, device, seed + 1, 32, theta, torch.arange(64))), \
         "a new seed must resample the gates"
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_frozen_weight_gets_no_gradient(backend, gen, layer):
+    """A weight that does not require grad (a frozen layer, or thetas learnt on fixed weights) gets no
+    gradient, and the backward computes none: its product and the full-size scatter are skipped
+    (FlopCounterMode counts one product, or none when x needs no gradient either). The other gradients
+    are those of the full backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module, device = backend
+    f32 = torch.float32
+    if layer == "linear":
+        op, case = "gated_linear", gated_linear_case(gen, device, f32, ("subset", "subset"), True, "relu", True)
+    else:
+        op, case = "gated_conv2d", gated_conv2d_case(gen, device, f32, ("subset", "all"), True, "relu", True, True)
+    fn = getattr(module, op)
+    _, full, _ = run(fn, case, 1)
+    flops = []
+    for frozen in ([1], [0, 1]):
+        kept = [i for i in case.grad_args if i not in frozen]
+        partial = Case(case.args, kept)
+        with FlopCounterMode(display=False) as counter:
+            _, grads, _ = run(fn, partial, 1)
+        flops.append(counter.get_total_flops())
+        for i in kept:
+            assert torch.equal(grads[i], full[i]), f"{op}: gradient {i} changed with {frozen} frozen"
+    forward = flops[1]  # with x and weight frozen only the forward's product is counted
+    assert forward > 0 and flops[0] == 2 * forward, f"{op}: FLOPs {flops} (x needs grad, then neither)"
 
 
 def test_empty_batch(backend, gen, monkeypatch):

@@ -254,9 +254,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cadk::gated_linear_bwd")
     def _(grad_y, x, weight, pre, theta, alive_in, alive_out, seed, activation, training, has_bias,
-          need_grad_x=True):
+          need_grad_x=True, need_grad_weight=True):
         units = weight.shape[0]
-        return (_empty(x.shape, x) if need_grad_x else _no_grad(x), _empty(weight.shape, weight),
+        return (_empty(x.shape, x) if need_grad_x else _no_grad(x),
+                _empty(weight.shape, weight) if need_grad_weight else _no_grad(x),
                 _empty((units,), x) if has_bias else _no_grad(x),
                 _empty((units,), theta) if theta is not None else _no_grad(x))
 
@@ -269,10 +270,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cadk::gated_conv2d_bwd")
     def _(grad_y, x, weight, pre, theta, alive_in, alive_out, seed, stride, padding, dilation, activation,
-          training, has_bias, need_grad_x=True):
+          training, has_bias, need_grad_x=True, need_grad_weight=True):
         units = weight.shape[0]
         grad_x = _empty(x.shape, x, _format(x, weight)) if need_grad_x else _no_grad(x)
-        return (grad_x, _empty(weight.shape, weight, _format(weight)),
+        grad_w = _empty(weight.shape, weight, _format(weight)) if need_grad_weight else _no_grad(x)
+        return (grad_x, grad_w,
                 _empty((units,), x) if has_bias else _no_grad(x),
                 _empty((units,), theta) if theta is not None else _no_grad(x))
 

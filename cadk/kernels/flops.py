@@ -2,8 +2,8 @@
 
 They count what the kernels compute: the GEMM / convolution over alive input and output channels
 only (2 FLOPs per multiply-add, as FlopCounterMode counts aten ops); a backward op computes the
-input and the weight gradient, twice the forward (once, for the weight gradient alone, when the
-input needs none). Elementwise ops (gate, BN, activation) count 0,
+input and the weight gradient, twice the forward (once when the input or the weight needs none, not
+at all when neither does). Elementwise ops (gate, BN, activation) count 0,
 as FlopCounterMode counts their aten counterparts.
 """
 from __future__ import annotations
@@ -17,13 +17,14 @@ def _linear_fwd(x, weight, bias, theta, alive_in, alive_out, *rest, out_shape=No
 
 
 def _gradients(rest, need_grad_x_at: int, kw) -> int:
-    """How many GEMM-sized products a backward op computes: 2, or 1 when need_grad_x is false."""
-    need = kw.get("need_grad_x", rest[need_grad_x_at] if len(rest) > need_grad_x_at else True)
-    return 2 if need else 1
+    """How many GEMM-sized products a backward op computes: one per gradient of x and weight it is asked for."""
+    def wanted(name, at):
+        return bool(kw.get(name, rest[at] if len(rest) > at else True))
+    return int(wanted("need_grad_x", need_grad_x_at)) + int(wanted("need_grad_weight", need_grad_x_at + 1))
 
 
 def _linear_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, *rest, out_shape=None, **kw) -> int:
-    # rest: seed, activation, training, has_bias, need_grad_x
+    # rest: seed, activation, training, has_bias, need_grad_x, need_grad_weight
     return _gradients(rest, 4, kw) * _linear_fwd(x, weight, None, theta, alive_in, alive_out)
 
 
@@ -33,7 +34,7 @@ def _conv_fwd(x, weight, bias, theta, alive_in, alive_out, *rest, out_shape=None
 
 
 def _conv_bwd(grad_y, x, weight, pre, theta, alive_in, alive_out, *rest, out_shape=None, **kw) -> int:
-    # rest: seed, stride, padding, dilation, activation, training, has_bias, need_grad_x
+    # rest: seed, stride, padding, dilation, activation, training, has_bias, need_grad_x, need_grad_weight
     return _gradients(rest, 7, kw) * conv_flop_count(list(x), [alive_out[0], alive_in[0], *weight[2:]], list(grad_y))
 
 

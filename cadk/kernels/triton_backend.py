@@ -557,12 +557,13 @@ def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
 @_op("gated_linear_bwd")
 def gated_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str, training: bool,
-                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     has_bias: bool, need_grad_x: bool = True,
+                     need_grad_weight: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     theta, alive_out = _dense(theta, alive_out)
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
-    w = gather_weight(weight, alive_in, alive_out)
-    grad_x = torch.mm(g, w)
-    grad_w = _scatter_weight(torch.mm(g.t(), x), weight, alive_in, alive_out)
+    grad_x = torch.mm(g, gather_weight(weight, alive_in, alive_out)) if need_grad_x else x.new_empty(0)
+    grad_w = (_scatter_weight(torch.mm(g.t(), x), weight, alive_in, alive_out) if need_grad_weight
+              else x.new_empty(0))
     c_out = weight.shape[0]
     grad_b, grad_theta = _scatter_bias_theta(sums, alive_out, c_out, has_bias, weight.dtype, theta)
     return grad_x, grad_w, grad_b, grad_theta
@@ -606,17 +607,21 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
 def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
                      padding: list[int], dilation: list[int], activation: str, training: bool,
-                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     has_bias: bool, need_grad_x: bool = True,
+                     need_grad_weight: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     theta, alive_out = _dense(theta, alive_out)
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
-    if g.numel() == 0 or x.numel() == 0:
+    if not (need_grad_x or need_grad_weight):
+        grad_x = grad_wc = None
+    elif g.numel() == 0 or x.numel() == 0:
         grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
     else:
         grad_x, grad_wc, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [True, True, False])
+            g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [need_grad_x, need_grad_weight, False])
     c_out = weight.shape[0]
-    grad_w = _scatter_weight(grad_wc, weight, alive_in, alive_out)
+    grad_x = grad_x if need_grad_x else x.new_empty(0)
+    grad_w = _scatter_weight(grad_wc, weight, alive_in, alive_out) if need_grad_weight else x.new_empty(0)
     grad_b, grad_theta = _scatter_bias_theta(sums, alive_out, c_out, has_bias, weight.dtype, theta)
     return grad_x, grad_w, grad_b, grad_theta
 
@@ -731,21 +736,28 @@ def _dense_setup(ctx, inputs, output):
     ctx.args = inputs[7:]  # (activation, training) or (stride, padding, dilation, activation, training)
 
 
+def _needs_grad(ctx) -> tuple[bool, bool]:
+    """Whether x and weight need gradients (the eager path's inputs start with the op's name)."""
+    return tuple(ctx.needs_input_grad[1:3] if getattr(ctx, "eager", False) else ctx.needs_input_grad[:2])
+
+
 def _dense_grads(ctx, grads):
     grad_x, grad_w, grad_b, grad_theta = grads
-    return (grad_x, grad_w, None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype),
+    need_x, need_w = _needs_grad(ctx)
+    return (grad_x if need_x else None, grad_w if need_w else None,
+            None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype),
             grad_theta if ctx.has_theta else None) + (None,) * (3 + len(ctx.args))
 
 
 def _linear_backward(ctx, grad_y, _grad_pre):
     grads = _backward_op(ctx, "gated_linear_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
-                                                     ctx.bias_dtype is not None)
+                                                     ctx.bias_dtype is not None, *_needs_grad(ctx))
     return _dense_grads(ctx, grads)
 
 
 def _conv_backward(ctx, grad_y, _grad_pre):
     grads = _backward_op(ctx, "gated_conv2d_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
-                                                     ctx.bias_dtype is not None)
+                                                     ctx.bias_dtype is not None, *_needs_grad(ctx))
     return _dense_grads(ctx, grads)
 
 

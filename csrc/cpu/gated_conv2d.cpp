@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
-    bool has_bias, bool need_grad_x) {
+    bool has_bias, bool need_grad_x, bool need_grad_weight) {
   const ConvGeometry geo =
       check_conv(x, weight, std::nullopt, theta, alive_in, alive_out, seed, stride, padding, dilation);
   const Act act = parse_activation(activation);
@@ -103,6 +103,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     if (need_grad_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
     grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
+  } else if (!need_grad_x && !need_grad_weight) {  // a frozen layer on data: only bias and theta sums
+    release_weight(weight, alive_in, alive_out);
+    if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   } else {
     const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
     const bool conv_bias = has_bias && !fused;
@@ -111,12 +114,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     Tensor gx;
     std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
         g.grad_z, x, w, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
-        false, {0, 0}, 1, {need_grad_x, true, conv_bias});
+        false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
     if (need_grad_x) grad_x = in_format(gx, geo.fmt);
     if (conv_bias) g.bias_sum = grad_bc;
   }
   const int64_t units = weight.size(0);
-  Tensor grad_w = scatter_weight(grad_wc, weight, alive_in, alive_out);
+  Tensor grad_w = need_grad_weight ? scatter_weight(grad_wc, weight, alive_in, alive_out) : no_grad_like(x);
   Tensor grad_b = has_bias ? scatter_vector(g.bias_sum, alive_out, units, x.scalar_type()) : no_grad_like(x);
   Tensor grad_theta = gates.defined() ? scatter_vector(g.theta_sum, alive_out, units, theta->scalar_type())
                                       : no_grad_like(x);

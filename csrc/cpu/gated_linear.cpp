@@ -47,7 +47,7 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, c10::string_view activation,
-    bool training, bool has_bias, bool need_grad_x) {
+    bool training, bool has_bias, bool need_grad_x, bool need_grad_weight) {
   check_linear(x, weight, std::nullopt, theta, alive_in, alive_out, seed);
   const Act act = parse_activation(activation);
   const std::vector<int64_t> out_shape{x.size(0), alive_out.numel()};
@@ -67,7 +67,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
   } else {
     release_weight(weight, alive_in, alive_out);
   }
-  const Tensor grad_w = scatter_weight(at::mm(g.grad_z.t(), x.contiguous()), weight, alive_in, alive_out);
+  // A frozen weight (requires_grad=False) gets no gradient: neither its GEMM nor the full-size scatter.
+  const Tensor grad_w = need_grad_weight
+                            ? scatter_weight(at::mm(g.grad_z.t(), x.contiguous()), weight, alive_in, alive_out)
+                            : no_grad_like(x);
   const int64_t units = weight.size(0);
   Tensor grad_b = has_bias ? scatter_vector(g.bias_sum, alive_out, units, x.scalar_type()) : no_grad_like(x);
   Tensor grad_theta = gates.defined() ? scatter_vector(g.theta_sum, alive_out, units, theta->scalar_type())

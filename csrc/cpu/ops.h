@@ -23,7 +23,7 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, c10::string_view activation,
-    bool training, bool has_bias, bool need_grad_x);
+    bool training, bool has_bias, bool need_grad_x, bool need_grad_weight);
 
 std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                             const OptTensor& theta, const Tensor& alive_in,
@@ -34,7 +34,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
-    bool has_bias, bool need_grad_x);
+    bool has_bias, bool need_grad_x, bool need_grad_weight);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,

@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, c10::string_view activation,
-    bool training, bool has_bias, bool need_grad_x) {
+    bool training, bool has_bias, bool need_grad_x, bool need_grad_weight) {
   check_linear(x, weight, std::nullopt, theta, alive_in, alive_out, seed);
   check_cuda(grad_y, x, "grad_y");
   check_cuda(pre, x, "pre");
@@ -166,7 +166,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
   const EpilogueGrads g = epilogue_backward(grad_y.contiguous(), p, gate, relu, has_bias);
   const Tensor grad_x =
       need_grad_x ? at::mm(g.grad_z, gather_weight(weight, alive_in, alive_out)) : no_grad_like(x);
-  const Tensor grad_w = scatter_weight(at::mm(g.grad_z.t(), x), weight, alive_in, alive_out);
+  // A frozen weight (requires_grad=False) gets no gradient: neither its GEMM nor the full-size scatter.
+  const Tensor grad_w =
+      need_grad_weight ? scatter_weight(at::mm(g.grad_z.t(), x), weight, alive_in, alive_out) : no_grad_like(x);
   return {grad_x, grad_w, has_bias ? as_grad(g.bias_sum, x.scalar_type()) : no_grad_like(x),
           gate.defined() ? as_grad(g.theta_sum, theta->scalar_type()) : no_grad_like(x)};
 }
@@ -195,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const OptTensor& theta,
     const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation, bool training,
-    bool has_bias, bool need_grad_x) {
+    bool has_bias, bool need_grad_x, bool need_grad_weight) {
   const ConvGeometry geo =
       check_conv(x, weight, std::nullopt, theta, alive_in, alive_out, seed, stride, padding, dilation);
   check_cuda(grad_y, x, "grad_y");
@@ -214,14 +216,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   if (degenerate(alive_in, alive_out)) {
     if (need_grad_x) grad_x = zeros_fast(x.sizes(), x.options().memory_format(geo.fmt));
     grad_wc = zeros_fast({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
-  } else {
+  } else if (need_grad_x || need_grad_weight) {
     const Tensor w = gather_weight(weight, alive_in, alive_out);
     Tensor gx;
     std::tie(gx, grad_wc, std::ignore) = at::convolution_backward(
-        g.grad_z, x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, 1, {need_grad_x, true, false});
+        g.grad_z, x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
+        {need_grad_x, need_grad_weight, false});
     if (need_grad_x) grad_x = gx.contiguous(geo.fmt);
   }
-  return {grad_x, scatter_weight(grad_wc, weight, alive_in, alive_out),
+  return {grad_x, need_grad_weight ? scatter_weight(grad_wc, weight, alive_in, alive_out) : no_grad_like(x),
           has_bias ? as_grad(g.bias_sum, x.scalar_type()) : no_grad_like(x),
           gate.defined() ? as_grad(g.theta_sum, theta->scalar_type()) : no_grad_like(x)};
 }
