@@ -91,8 +91,10 @@ def test_wrong_input_width_names_the_problem():
     a.gate.prune(torch.tensor([0]))
     with pytest.raises(ValueError, match="expects input .* with 3 channels"):
         b(torch.randn(2, 4))
-    with pytest.raises(ValueError, match="4 channels"):
-        GatedConv2d(4, 2, 1)(torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match=r"4 dims.*x\[None\]"):
+        GatedConv2d(4, 2, 1)(torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match=r"2 dims.*flatten\(0, -2\)"):
+        a(torch.randn(2, 5, 6))
 
 
 def test_unsupported_configurations_fail_early():

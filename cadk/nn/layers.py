@@ -101,9 +101,13 @@ class GatedLayer(nn.Module):
         seed = gate.next_seed() if (self._owns_gate and self.training) else gate.current_seed()
         return gate.theta, seed
 
-    def _check_input(self, x: torch.Tensor, dims: int, what: str) -> None:
+    def _check_input(self, x: torch.Tensor, dims: int, what: str, reshape_hint: str) -> None:
         expected = self.alive_in().numel()
-        if x.dim() != dims or x.shape[1] != expected:
+        if x.dim() != dims:
+            raise ValueError(
+                f"{type(self).__name__} expects {what} ({dims} dims; gates are drawn per example, dim 0), got "
+                f"shape {tuple(x.shape)}; {reshape_hint}")
+        if x.shape[1] != expected:
             raise ValueError(
                 f"{type(self).__name__} expects {what} with {expected} channels in dim 1 (the alive inputs "
                 f"of its in_gate), got shape {tuple(x.shape)}; check that in_gate is the gate of the "
@@ -170,7 +174,8 @@ class GatedLinear(GatedLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 2, "input [N, features]")
+        self._check_input(x, 2, "input [N, features]",
+                          "for [N, T, features] use x.flatten(0, -2), which draws a gate per row")
         theta, seed = self._theta_and_seed()
         return K.gated_linear(x, self.weight, self.bias, theta, self.alive_in(), self.alive_out(), seed,
                               self.activation, self.training)
@@ -218,7 +223,7 @@ class GatedConv2d(GatedLayer):
         self._init_gates(gate, in_gate, theta_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 4, "input [N, C, H, W]")
+        self._check_input(x, 4, "input [N, C, H, W]", "add the batch dim of an unbatched [C, H, W] input: x[None]")
         theta, seed = self._theta_and_seed()
         alive_in, alive_out = self.alive_in(), self.alive_out()
         if self.bn is None:
