@@ -62,8 +62,9 @@ def alive_subset(full: int, keep: float, gen: torch.Generator) -> torch.Tensor:
 class Layer:
     """Tensors of one (layer, keep) point and a forward+backward closure per variant."""
 
-    def __init__(self, kind: str, spec: dict, keep: float, device, dtype, fmt, gen):
+    def __init__(self, kind: str, spec: dict, keep: float, device, dtype, fmt, gen, frozen: bool = False):
         self.kind, self.fmt = kind, fmt
+        self.frozen = (1, 2) if frozen else ()  # leaves that need no gradient: weight and bias, when frozen
         c_in, c_out, n = spec["c_in"], spec["c_out"], spec["batch"]
         self.alive_in = alive_subset(c_in, keep, gen).to(device)
         self.alive_out = alive_subset(c_out, keep, gen).to(device)
@@ -113,7 +114,7 @@ class Layer:
                     if matmul:
                         module.LINEAR_MATMUL = default
             y.backward(self.grad_y)
-        return _with_leaves(leaves, step)
+        return _with_leaves(leaves, step, self.frozen)
 
     def masked(self):
         leaves = [self.x_full, self.weight, self.bias]
@@ -122,14 +123,14 @@ class Layer:
         def step():
             y = F.relu(self._dense(*leaves)) * self.mask_out.view(shape)
             y.backward(self.grad_full)
-        return _with_leaves(leaves, step)
+        return _with_leaves(leaves, step, self.frozen)
 
     def floor(self):
         leaves = [self.x, self.w_compact, self.b_compact]
 
         def step():
             F.relu(self._dense(*leaves)).backward(self.grad_y)
-        return _with_leaves(leaves, step)
+        return _with_leaves(leaves, step, self.frozen)
 
     def full_size(self):
         leaves = [self.x, self.weight, self.bias]
@@ -143,15 +144,17 @@ class Layer:
                     w = weight.view(-1).index_select(0, flat).view(len(ao), len(ai))
                 else:
                     w = self._format(weight.index_select(0, ao).index_select(1, ai))
-                w.requires_grad_(True)
-                b = bias[ao].requires_grad_(True)
+                w.requires_grad_(not self.frozen)
+                b = bias[ao].requires_grad_(not self.frozen)
             F.relu(self._dense(x, w, b)).backward(self.grad_y)
+            if self.frozen:
+                return
             if weight.dim() == 2:
                 weight.grad = torch.zeros_like(weight).view(-1).index_copy_(0, flat, w.grad.view(-1)).view_as(weight)
             else:
                 weight.grad = torch.zeros_like(weight).index_put_((ao[:, None], ai), w.grad)
             bias.grad = torch.zeros_like(bias).index_copy_(0, ao, b.grad)
-        return _with_leaves(leaves, step)
+        return _with_leaves(leaves, step, self.frozen)
 
 
 class Residual:
@@ -212,10 +215,11 @@ class Residual:
         return _with_leaves(leaves, step)
 
 
-def _with_leaves(tensors, step):
-    """Make `tensors` fresh leaves in place and return a step that clears their grads first."""
+def _with_leaves(tensors, step, frozen=()):
+    """Make `tensors` fresh leaves in place, requiring grad except at the positions in `frozen`, and
+    return a step that clears their grads first."""
     for i, t in enumerate(tensors):
-        tensors[i] = t.detach().requires_grad_(True)
+        tensors[i] = t.detach().requires_grad_(i not in frozen)
 
     def run():
         for t in tensors:
@@ -302,6 +306,9 @@ def main(argv=None) -> list[dict]:
                    help="layout of conv activations and weights")
     p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, residual")
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    p.add_argument("--frozen-weight", action="store_true",
+                   help="linear and conv layers with weight and bias that need no gradient (a frozen layer, or "
+                        "thetas learnt on fixed weights), in every variant; the input still needs one")
     p.add_argument("--backends", default=None,
                    help="comma list (default: all available for the device); triton:fused and triton:torch "
                         "time the Triton backend's linear layer with that LINEAR_MATMUL")
@@ -325,7 +332,8 @@ def main(argv=None) -> list[dict]:
     results = []
     malloc = "keeps-freed" if args.device == "cpu" and not args.system_malloc and keep_freed_memory() else "system"
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"format={args.memory_format} size={size} backends={backends} malloc={malloc}")
+          f"format={args.memory_format} size={size} backends={backends} malloc={malloc}"
+          + (" frozen-weight" if args.frozen_weight else ""))
     print(f"{'layer':8} {'keep':>5} {'variant':20} {'ms':>9} {'/floor':>7} {'/masked':>8} {'/full-size':>10}")
     for kind in args.layers.split(","):
         repeats = args.repeats or _default_repeats(kind, args.device, size)
@@ -335,7 +343,7 @@ def main(argv=None) -> list[dict]:
                 steps = {f"gated[{b}]": layer.gated(b) for b in backends}
                 steps.update({f"unfused[{b}]": layer.unfused(b) for b in backends})
             else:
-                layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen)
+                layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen, args.frozen_weight)
                 steps = {f"gated[{b}]": layer.gated(b) for b in backends if kind == "linear" or ":" not in b}
                 steps["full-size"] = layer.full_size()
             steps.update(masked=layer.masked(), floor=layer.floor())
@@ -346,6 +354,7 @@ def main(argv=None) -> list[dict]:
                 gated = name.startswith(("gated", "unfused"))
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
                            threads=torch.get_num_threads(), shape=specs[kind], malloc=malloc,
+                           frozen_weight=args.frozen_weight,
                            vs_floor=t / ms["floor"] if gated else None,
                            vs_masked=t / ms["masked"] if gated else None,
                            vs_full_size=t / ms["full-size"] if gated and "full-size" in ms else None)

@@ -31,6 +31,9 @@ def test_bench_kernels_tiny(tmp_path):
     stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--layers", "linear",
                   "--repeats", "1", "--warmup", "1", "--system-malloc")
     assert "malloc=system" in stdout
+    stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--repeats", "1",
+                  "--warmup", "1", "--frozen-weight")
+    assert "frozen-weight" in stdout and "full-size" in stdout
 
 
 def test_bench_kernels_full_size_variant_keeps_the_contract():
