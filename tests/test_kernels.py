@@ -7,6 +7,7 @@ dispatch. Data are fresh each run: a failing test prints its data seed (rerun wi
 from __future__ import annotations
 
 import importlib
+import itertools
 import types
 
 import pytest
@@ -497,6 +498,9 @@ def test_opcheck(backend, gen):
         # eval with every channel alive: mean and var must not alias the running statistics
         (ops.bn_gate_act_fwd, bn_gate_act_case(gen, device, torch.float32, "all", False, "relu", True, False)),
     ]
+    frozen = gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True)
+    frozen.grad_args = [0, 2, 3]  # a weight that needs no gradient: the backward op skips it
+    cases.append((ops.gated_linear_fwd, frozen))
     for op, case in cases:
         args = [a.detach().clone().requires_grad_(i in case.grad_args) if isinstance(a, torch.Tensor) else a
                 for i, a in enumerate(case.args)]
@@ -510,6 +514,16 @@ def test_opcheck(backend, gen):
     stats = [torch.rand(units, device=device) for _ in range(2)] + [alive] + [torch.rand(4, device=device)
                                                                            for _ in range(2)]
     torch.library.opcheck(ops.bn_running_stats_, stats + [0.1, 7])
+    # The conv's backward op, every gradient asked for or not, with no filter or no input channel alive
+    # (zero-filled outputs) in channels-last: the real outputs must have the fake kernels' layout.
+    for kinds in (("subset", "empty"), ("empty", "subset"), ("subset", "subset")):
+        case = gated_conv2d_case(gen, device, torch.float32, kinds, True, "relu", True, True)
+        head, tail = case.args[:7], [list(v) if isinstance(v, tuple) else v for v in case.args[7:]]
+        y, pre = ops.gated_conv2d_fwd(*head, *tail)
+        for need_grad_x, need_grad_weight in itertools.product((True, False), repeat=2):
+            torch.library.opcheck(ops.gated_conv2d_bwd, [torch.randn_like(y), head[0], head[1], pre, *head[3:7], *tail,
+                                                          True, need_grad_x, need_grad_weight],
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bn_running_stats_matches_unfused_update(backend, gen):

@@ -93,8 +93,12 @@ def test_wrong_input_width_names_the_problem():
         b(torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"4 dims.*x\[None\]"):
         GatedConv2d(4, 2, 1)(torch.randn(4, 3, 3))
-    with pytest.raises(ValueError, match=r"2 dims.*flatten\(0, -2\)"):
+    with pytest.raises(ValueError, match=r"2 dims.*x.flatten\(0, 1\)"):
         a(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match=r"2 dims.*x\[None\]"):
+        a(torch.randn(6))
+    with pytest.raises(ValueError, match=r"4 dims.*x.flatten\(0, 1\)"):
+        GatedConv2d(4, 2, 1)(torch.randn(2, 2, 4, 3, 3))
 
 
 def test_unsupported_configurations_fail_early():

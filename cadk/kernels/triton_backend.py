@@ -611,14 +611,14 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
                      need_grad_weight: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     theta, alive_out = _dense(theta, alive_out)
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
-    x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
-    if not (need_grad_x or need_grad_weight):
-        grad_x = grad_wc = None
-    elif g.numel() == 0 or x.numel() == 0:
-        grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
-    else:
-        grad_x, grad_wc, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [need_grad_x, need_grad_weight, False])
+    grad_x = grad_wc = None
+    if need_grad_x or need_grad_weight:  # a frozen layer on data needs only the sums above
+        x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+        if g.numel() == 0 or x.numel() == 0:
+            grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
+        else:
+            grad_x, grad_wc, _ = torch.ops.aten.convolution_backward(
+                g, x, w, None, stride, padding, dilation, False, [0, 0], 1, [need_grad_x, need_grad_weight, False])
     c_out = weight.shape[0]
     grad_x = grad_x if need_grad_x else x.new_empty(0)
     grad_w = _scatter_weight(grad_wc, weight, alive_in, alive_out) if need_grad_weight else x.new_empty(0)

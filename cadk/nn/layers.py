@@ -101,12 +101,15 @@ class GatedLayer(nn.Module):
         seed = gate.next_seed() if (self._owns_gate and self.training) else gate.current_seed()
         return gate.theta, seed
 
-    def _check_input(self, x: torch.Tensor, dims: int, what: str, reshape_hint: str) -> None:
+    def _check_input(self, x: torch.Tensor, dims: int, what: str) -> None:
         expected = self.alive_in().numel()
         if x.dim() != dims:
+            hint = ("add the batch dim of an unbatched input: x[None]" if x.dim() == dims - 1 else
+                    f"x.flatten(0, {x.dim() - dims}) makes the leading dims one batch dim, which draws a gate per "
+                    "row" if x.dim() > dims else f"it needs {dims} dims")
             raise ValueError(
                 f"{type(self).__name__} expects {what} ({dims} dims; gates are drawn per example, dim 0), got "
-                f"shape {tuple(x.shape)}; {reshape_hint}")
+                f"shape {tuple(x.shape)}; {hint}")
         if x.shape[1] != expected:
             raise ValueError(
                 f"{type(self).__name__} expects {what} with {expected} channels in dim 1 (the alive inputs "
@@ -174,8 +177,7 @@ class GatedLinear(GatedLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 2, "input [N, features]",
-                          "for [N, T, features] use x.flatten(0, -2), which draws a gate per row")
+        self._check_input(x, 2, "input [N, features]")
         theta, seed = self._theta_and_seed()
         return K.gated_linear(x, self.weight, self.bias, theta, self.alive_in(), self.alive_out(), seed,
                               self.activation, self.training)
@@ -223,7 +225,7 @@ class GatedConv2d(GatedLayer):
         self._init_gates(gate, in_gate, theta_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, 4, "input [N, C, H, W]", "add the batch dim of an unbatched [C, H, W] input: x[None]")
+        self._check_input(x, 4, "input [N, C, H, W]")
         theta, seed = self._theta_and_seed()
         alive_in, alive_out = self.alive_in(), self.alive_out()
         if self.bn is None:

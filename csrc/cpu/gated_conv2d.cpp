@@ -65,7 +65,8 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
   const OptTensor b = bias.has_value() ? OptTensor(gather_vector(*bias, alive_out)) : std::nullopt;
   Tensor z;
   if (degenerate(alive_in, alive_out)) {
-    z = at::zeros({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt));
+    // at::zeros ignores a memory format in its options: empty + zero_ keeps the layout the fake kernel gives.
+    z = at::empty({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt)).zero_();
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
   } else {
     const auto [xs, w] =
@@ -100,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   }
   Tensor grad_x = no_grad_like(x), grad_wc;
   if (degenerate(alive_in, alive_out)) {
-    if (need_grad_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(geo.fmt));
+    if (need_grad_x) grad_x = at::empty(x.sizes(), x.options().memory_format(geo.fmt)).zero_();
     grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   } else if (!need_grad_x && !need_grad_weight) {  // a frozen layer on data: only bias and theta sums
