@@ -13,10 +13,14 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "backward_expected.h"
 
 namespace cadk {
 namespace {
@@ -235,13 +239,21 @@ struct BnGateAct : Function<BnGateAct> {
 // ---------------------------------------------------------------------------------------------
 // The Autograd kernels: the schemas' signatures, forwarding to the Functions above.
 
+// Whether autograd will call the op's backward: grad mode on and some input needing a gradient.
+bool backward_coming(std::initializer_list<OptTensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  return std::any_of(inputs.begin(), inputs.end(), [](const OptTensor& t) { return t.has_value() && t->requires_grad(); });
+}
+
 Tensor gate_apply_autograd(const Tensor& pre, const Tensor& theta, const Tensor& alive, const Tensor& seed,
                            bool training) {
+  const ExpectBackward expect(backward_coming({pre, theta}));
   return GateApply::apply(pre, theta, alive, seed, training);
 }
 
 Tensor gated_residual_autograd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta,
                                const Tensor& alive, const Tensor& seed, bool training) {
+  const ExpectBackward expect(backward_coming({shortcut, branch, theta}));
   return GatedResidual::apply(shortcut, branch, theta, alive, seed, training);
 }
 
@@ -249,6 +261,7 @@ std::tuple<Tensor, Tensor> gated_linear_autograd(const Tensor& x, const Tensor& 
                                                  const OptTensor& theta, const Tensor& alive_in,
                                                  const Tensor& alive_out, const Tensor& seed,
                                                  c10::string_view activation, bool training) {
+  const ExpectBackward expect(backward_coming({x, weight, bias, theta}));
   const variable_list out = GatedLinear::apply(x, weight, bias, theta, alive_in, alive_out, seed,
                                                std::string(activation), training);
   return {out[0], out[1]};
@@ -259,6 +272,7 @@ std::tuple<Tensor, Tensor> gated_conv2d_autograd(const Tensor& x, const Tensor& 
                                                  const Tensor& alive_out, const Tensor& seed, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                                  c10::string_view activation, bool training) {
+  const ExpectBackward expect(backward_coming({x, weight, bias, theta}));
   const variable_list out = GatedConv2d::apply(x, weight, bias, theta, alive_in, alive_out, seed, stride.vec(),
                                                padding.vec(), dilation.vec(), std::string(activation), training);
   return {out[0], out[1]};
@@ -269,6 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_autograd(const Tensor& x,
                                                                 const Tensor& running_var, const OptTensor& theta,
                                                                 const Tensor& alive, const Tensor& seed, double eps,
                                                                 c10::string_view activation, bool training) {
+  const ExpectBackward expect(backward_coming({x, weight, bias, theta}));
   const variable_list out = BnGateAct::apply(x, weight, bias, running_mean, running_var, theta, alive, seed, eps,
                                              std::string(activation), training);
   return {out[0], out[1], out[2], out[3]};

@@ -987,6 +987,34 @@ def test_recycled_weight_gradient_buffers(gen, layer):
     assert fifth.data_ptr() == at, "the gradient buffer changed in place was not the one reused"
 
 
+@pytest.mark.parametrize("how", ["frozen", "no_grad"])
+def test_forward_without_backward_keeps_nothing(how):
+    """A training forward that gets no backward (no input needs a gradient, or torch.no_grad) keeps no
+    gathered weight or gate table for one: the weight is freed with its layer, no cache holds it."""
+    import gc
+    import weakref
+
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    from cadk.nn import GatedConv2d, GatedLinear
+
+    makers = (lambda: (GatedLinear(64, 48, theta_init=0.7), torch.randn(8, 64)),
+              lambda: (GatedConv2d(6, 8, 3, batch_norm=True, activation="relu", theta_init=0.7),
+                       torch.randn(2, 6, 5, 5)))
+    for make in makers:  # made here, so the loop holds no reference
+        layer, x = make()
+        layer.gate.prune(torch.arange(0, layer.out_units, 2))
+        if how == "frozen":
+            layer.requires_grad_(False)
+        with torch.set_grad_enabled(how != "no_grad"):
+            layer.train()(x)
+        ref = weakref.ref(layer.weight)
+        del layer
+        gc.collect()
+        assert ref() is None, f"a cache still holds the weight of a {how} training forward"
+
+
 def test_release_cached_memory_changes_no_result(gen):
     """cadk.kernels.release_cached_memory between a forward and its backward (dropping the gate table and
     gathered weight kept for it) and between steps (dropping free gradient buffers) changes no result,

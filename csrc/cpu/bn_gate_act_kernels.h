@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     var = coef(gather_vector(running_var, alive), acc_type).clone();
   }
   const Tensor ac = alive.contiguous();
-  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), Pass::kForward);
+  const Gates gates = make_gates(theta, alive, seed, v.N, training, x.scalar_type(), forward_pass());
   const bool gated = gates.defined(), relu = act == Act::kRelu;
   Tensor y = at::empty_like(xc, format_of(xc));
   Tensor pre = gated ? at::empty_like(xc, format_of(xc)) : at::empty({0}, x.options());

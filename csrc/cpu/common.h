@@ -14,6 +14,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../backward_expected.h"
+
 // A pragma usable inside macro arguments (AT_DISPATCH bodies), where #pragma is not.
 #define CADK_PRAGMA(x) _Pragma(#x)
 
@@ -230,6 +232,9 @@ decltype(auto) with_bool(bool b, const F& f) {
 // backward, which takes them rather than computing them again; they are found by everything they
 // depend on, so a backward that finds none recomputes them. kAlone: a forward without a backward.
 enum class Pass { kForward, kBackward, kAlone };
+
+// A training forward's pass: kForward (keep for the backward) unless no backward will come.
+inline Pass forward_pass() { return backward_expected() ? Pass::kForward : Pass::kAlone; }
 
 // ---------------------------------------------------------------------------------------------
 // Gates: xi as a table, [N, A] bytes 0 or 1 in training (Philox samples), [1, A] opmath values in

@@ -19,7 +19,7 @@ Tensor gate_apply_fwd(const Tensor& pre, const Tensor& theta, const Tensor& aliv
                       bool training) {
   check_gate_inputs(pre, theta, alive, seed);
   const Tensor p = in_format(pre, format_of(pre));
-  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), Pass::kForward);
+  const Gates gates = make_gates(theta, alive, seed, p.size(0), training, p.scalar_type(), forward_pass());
   return std::get<0>(epilogue_forward(p, std::nullopt, gates, Act::kNone));  // no activation: p is only read
 }
 

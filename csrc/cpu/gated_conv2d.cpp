@@ -70,11 +70,11 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
   } else {
     const auto [xs, w] =
-        safe_conv_args(x, gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone),
+        safe_conv_args(x, gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone),
                        geo.out_w);
     z = in_format(at::convolution(xs, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
   }
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), forward_pass());
   return epilogue_forward(z, std::nullopt, gates, act);
 }
 

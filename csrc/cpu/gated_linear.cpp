@@ -32,9 +32,9 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
                                             c10::string_view activation, bool training) {
   check_linear(x, weight, bias, theta, alive_in, alive_out, seed);
   const Act act = parse_activation(activation);
-  const Tensor w = gather_weight(weight, alive_in, alive_out, training ? Pass::kForward : Pass::kAlone);
+  const Tensor w = gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone);
   const Tensor xc = x.contiguous();
-  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), Pass::kForward);
+  const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), forward_pass());
   const bool exact = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   if (bias.has_value() && !exact) {  // bf16: the GEMM adds the bias before its one rounding
     return epilogue_forward(at::addmm(gather_vector(*bias, alive_out), xc, w.t()), std::nullopt, gates, act);

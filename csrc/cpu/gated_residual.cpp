@@ -62,7 +62,7 @@ std::vector<double> block_gates(const Tensor& theta, const Tensor& alive, const 
 Tensor gated_residual_fwd(const Tensor& shortcut, const Tensor& branch, const Tensor& theta, const Tensor& alive,
                           const Tensor& seed, bool training) {
   const Residual r = check_residual(shortcut, branch, theta, alive, seed);
-  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type(), Pass::kForward);
+  const std::vector<double> xi = block_gates(theta, alive, seed, r.N, training, branch.scalar_type(), forward_pass());
   Tensor y = at::empty_like(r.branch, r.fmt);
   const auto fwd = cpu_has_avx512_bw() ? &avx512::residual_forward : &baseline::residual_forward;
   fwd(r.shortcut, r.branch, xi, r.M, y);
