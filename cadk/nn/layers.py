@@ -104,9 +104,12 @@ class GatedLayer(nn.Module):
     def _check_input(self, x: torch.Tensor, dims: int, what: str) -> None:
         expected = self.alive_in().numel()
         if x.dim() != dims:
-            hint = ("add the batch dim of an unbatched input: x[None]" if x.dim() == dims - 1 else
-                    f"x.flatten(0, {x.dim() - dims}) makes the leading dims one batch dim, which draws a gate per "
-                    "row" if x.dim() > dims else f"it needs {dims} dims")
+            if x.dim() == dims - 1:
+                hint = "add the batch dim of an unbatched input: x[None]"
+            elif x.dim() > dims:
+                hint = f"x.flatten(0, {x.dim() - dims}) makes the leading dims one batch dim, which draws a gate per row"
+            else:
+                hint = f"it needs {dims} dims"
             raise ValueError(
                 f"{type(self).__name__} expects {what} ({dims} dims; gates are drawn per example, dim 0), got "
                 f"shape {tuple(x.shape)}; {hint}")

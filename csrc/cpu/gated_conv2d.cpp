@@ -100,16 +100,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     g.grad_z = in_format(grad_y, geo.fmt);
   }
   Tensor grad_x = no_grad_like(x), grad_wc;
-  if (degenerate(alive_in, alive_out)) {
-    if (need_grad_x) grad_x = at::empty(x.sizes(), x.options().memory_format(geo.fmt)).zero_();
-    grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
-    if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
-  } else if (!need_grad_x && !need_grad_weight) {  // a frozen layer on data: only bias and theta sums
-    release_weight(weight, alive_in, alive_out);
-    if (has_bias && !fused) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
-  } else {
+  const bool conv_bias = has_bias && !fused;
+  if (!degenerate(alive_in, alive_out) && (need_grad_x || need_grad_weight)) {
     const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
-    const bool conv_bias = has_bias && !fused;
     const std::vector<int64_t> bias_sizes{alive_out.numel()};
     Tensor grad_bc;
     Tensor gx;
@@ -118,6 +111,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
         false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
     if (need_grad_x) grad_x = in_format(gx, geo.fmt);
     if (conv_bias) g.bias_sum = grad_bc;
+  } else {  // no channel alive (zero gradients), or a frozen layer on data (bias and theta sums only)
+    release_weight(weight, alive_in, alive_out);
+    if (need_grad_x) grad_x = at::empty(x.sizes(), x.options().memory_format(geo.fmt)).zero_();
+    if (need_grad_weight) {
+      grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
+    }
+    if (conv_bias) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
   }
   const int64_t units = weight.size(0);
   Tensor grad_w = need_grad_weight ? scatter_weight(grad_wc, weight, alive_in, alive_out) : no_grad_like(x);
