@@ -93,12 +93,64 @@ def test_wrong_input_width_names_the_problem():
         b(torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"4 dims.*x\[None\]"):
         GatedConv2d(4, 2, 1)(torch.randn(4, 3, 3))
-    with pytest.raises(ValueError, match=r"2 dims.*x.flatten\(0, 1\)"):
-        a(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="expects input .* with 6 features in the last dim"):
+        a(torch.randn(2, 6, 5))  # [N, features, T]: features go last
     with pytest.raises(ValueError, match=r"2 dims.*x\[None\]"):
         a(torch.randn(6))
     with pytest.raises(ValueError, match=r"4 dims.*x.flatten\(0, 1\)"):
         GatedConv2d(4, 2, 1)(torch.randn(2, 2, 4, 3, 3))
+
+
+def _sequence_pair(activation="relu"):
+    """A GatedLinear fed by a gate with pruned units, and an input [N, T, alive inputs]."""
+    torch.manual_seed(0)
+    src = UnitGate(9)
+    src.prune(torch.tensor([2, 5]))
+    lin = GatedLinear(9, 8, activation=activation, in_gate=src)
+    with torch.no_grad():
+        lin.gate.theta.copy_(torch.rand(8) * 0.8 + 0.1)
+    lin.gate.prune(torch.tensor([3]))
+    return lin, torch.randn(5, 6, 7, requires_grad=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_linear_positions_share_each_examples_gate(activation):
+    """[N, T, F]: position t is the 2-D op on x[:, t] with the same seed (example n's gates), and the
+    gradients are the sums over the positions (METHOD.md: the theta estimate sums over positions)."""
+    lin, x = _sequence_pair(activation)
+    y = lin(x)
+    assert y.shape == (5, 6, 7)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    seed, theta = lin.gate.current_seed(), lin.gate.theta.detach().requires_grad_()
+    w, b = lin.weight.detach().requires_grad_(), lin.bias.detach().requires_grad_()
+    xs = x.detach().requires_grad_()
+    rows = [cadk.kernels.gated_linear(xs[:, t], w, b, theta, lin.alive_in(), lin.alive_out(), seed, activation,
+                                      True) for t in range(6)]
+    torch.testing.assert_close(y, torch.stack(rows, 1))
+    torch.autograd.backward(rows, [dy[:, t] for t in range(6)])
+    for got, want in ((x.grad, xs.grad), (lin.weight.grad, w.grad), (lin.bias.grad, b.grad),
+                      (lin.gate.theta.grad, theta.grad)):
+        torch.testing.assert_close(got, want)
+    w_alive = lin.weight[lin.alive_out()][:, lin.alive_in()]
+    z = F.linear(x, w_alive, lin.bias[lin.alive_out()]).detach()
+    xi = (y.detach() != 0).any(1)  # [N, A]: the gate of example n and unit j, one for all positions
+    torch.testing.assert_close(y.detach(), xi[:, None, :] * (z.relu() if activation == "relu" else z))
+    assert xi.any() and not xi.all()
+
+
+def test_linear_positions_eval_compact_and_cost():
+    lin, x = _sequence_pair()
+    lin.eval()
+    with torch.no_grad():
+        lin.gate.theta[lin.gate.alive_mask] = 1.0  # expectation = gate: the compacted layer is exact
+    torch.testing.assert_close(lin.compact()(x), lin(x))
+    assert lin(x[:, :1]).squeeze(1).shape == lin(x[:, 0]).shape
+    torch.testing.assert_close(lin(x[:, :1]).squeeze(1), lin(x[:, 0]))
+    net = GatedSequential(lin)
+    per_position = cadk.ComplexityModel(net, torch.randn(2, 7)).expected()[0]
+    six = cadk.ComplexityModel(net, torch.randn(2, 6, 7)).expected()[0]
+    torch.testing.assert_close(six, 6 * per_position)
 
 
 def test_unsupported_configurations_fail_early():

@@ -141,6 +141,9 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> list[LayerTerm]:
 
 
 def _size_hook(name, out_sizes):
-    def hook(module, inputs, output):
-        out_sizes[name] = output[0, 0].numel()  # positions per output channel (1 for Linear)
+    def hook(module, inputs, output):  # positions per output channel: H x W, a linear layer's T, or 1
+        if isinstance(module, GatedLinear):
+            out_sizes[name] = output[0].numel() // max(1, output.shape[-1])
+        else:
+            out_sizes[name] = output[0, 0].numel()
     return hook

@@ -159,6 +159,10 @@ class GatedLayer(nn.Module):
 class GatedLinear(GatedLayer):
     """nn.Linear with a Bernoulli gate per output unit, acting after `activation` ("relu" or "none").
 
+    Takes [N, features] or [N, *positions, features] (a sequence: [N, T, features]). An example's gate
+    of a unit is shared by all its positions, as a conv shares it over H x W, and its theta gradient
+    sums over them (METHOD.md); the positions run as a 1x1 conv on a channels-last view, no copy.
+
     gate: True (own gate), False (no gate, e.g. a classifier), or a UnitGate to share.
     in_gate: the gate of the layer producing the input (None: all inputs are always present)."""
 
@@ -180,10 +184,26 @@ class GatedLinear(GatedLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() > 2:
+            return self._forward_positions(x)
         self._check_input(x, 2, "input [N, features]")
         theta, seed = self._theta_and_seed()
         return K.gated_linear(x, self.weight, self.bias, theta, self.alive_in(), self.alive_out(), seed,
                               self.activation, self.training)
+
+    def _forward_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, *positions, features]: a channels-last [N, features, P, 1] view through gated_conv2d."""
+        expected = self.alive_in().numel()
+        if x.shape[-1] != expected:
+            raise ValueError(
+                f"GatedLinear expects input [N, *positions, features] with {expected} features in the last dim "
+                f"(the alive inputs of its in_gate), got shape {tuple(x.shape)}; check that in_gate is the "
+                f"gate of the layer that produces this input")
+        theta, seed = self._theta_and_seed()
+        x4 = x.reshape(x.shape[0], -1, 1, expected).permute(0, 3, 1, 2)
+        y4 = K.gated_conv2d(x4, self.weight[:, :, None, None], self.bias, theta, self.alive_in(),
+                            self.alive_out(), seed, (1, 1), (0, 0), (1, 1), self.activation, self.training)
+        return y4.permute(0, 2, 3, 1).reshape(*x.shape[:-1], y4.shape[1])
 
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
