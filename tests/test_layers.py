@@ -160,6 +160,9 @@ def test_unsupported_configurations_fail_early():
         GatedLinear(2, 2, activation="gelu")
     with pytest.raises(ValueError, match="GatedSequential"):
         GatedSequential(GatedLinear(4, 4), nn.Flatten(), GatedLinear(4, 2))
+    conv = nn.SyncBatchNorm.convert_sync_batchnorm(GatedConv2d(3, 4, 3, batch_norm=True))
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+        conv(torch.randn(2, 3, 5, 5))
 
 
 def test_gated_sequential_wires_gates():
@@ -178,6 +181,23 @@ def test_pruned_block_is_skipped():
     block.branch[0].register_forward_hook(lambda *a: calls.append(1))
     torch.testing.assert_close(block(x), F.relu(x))
     assert not calls
+
+
+def test_pruned_block_gives_its_branch_zero_gradients():
+    """Every parameter gets a full-size gradient each step (DDP with find_unused_parameters=False waits
+    for all of them), a pruned block's as zeros; the input's gradient is relu(x)'s."""
+    stem = GatedConv2d(3, 8, 3, padding=1, bias=False, batch_norm=True, activation="relu")
+    block = GatedBasicBlock(8, 8, in_gate=stem.gate)
+    block.layer_gate.prune(torch.tensor([0]))
+    x = stem(torch.randn(2, 3, 5, 5)).detach().requires_grad_()
+    dy = torch.randn_like(x)
+    block(x).backward(dy)
+    torch.testing.assert_close(x.grad, dy * (x > 0))
+    own = list(block.branch.parameters()) + list(block.layer_gate.parameters())
+    assert own and all(p.grad is not None and p.grad.shape == p.shape and not p.grad.any() for p in own)
+    assert stem.gate.theta.grad is None  # the stream gate is the stem's: nothing to give it here
+    with torch.no_grad():
+        assert block(x).grad_fn is None
 
 
 def test_state_dict_keys_are_stable_and_gates_saved_once():

@@ -3,7 +3,7 @@
 S is the identity or a 1x1 projection (conv + BN). The residual stream's channels form one channel
 group per stage: the projection (or, for identity blocks, whoever produced x) owns the stream gate,
 and the branch's last conv shares it, so stream channel j is on or off for the whole stage.
-A block whose layer gate is pruned computes only relu(S(x)).
+A block whose layer gate is pruned computes only relu(S(x)); its branch gets zero gradients.
 """
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.shortcut(x) + self.branch(x))
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on x whose backward gives `params` zero gradients of their full shape."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.likes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.likes))
 
 
 class GatedResidualBlock(nn.Module):
@@ -63,13 +76,22 @@ class GatedResidualBlock(nn.Module):
         # The shortcut runs first: for projection blocks it owns the stream gate and advances its seed.
         s = x if self.shortcut is None else self.shortcut(x)
         if self.is_pruned:
-            return F.relu(s)
+            return F.relu(self._with_zero_grads(s))
         gate = self.layer_gate
         seed = gate.next_seed() if self.training else gate.current_seed()
         b = x
         for conv in self.branch:
             b = conv(b)
         return K.gated_residual(s, b, gate.theta, gate.alive_idx, seed, self.training)
+
+    def _with_zero_grads(self, s: torch.Tensor) -> torch.Tensor:
+        """A pruned block's branch and layer gate still get zero gradients, as pruned units do, so that
+        every parameter gets a gradient each step: DDP (find_unused_parameters=False) waits for all of
+        them, and optimizers treat the block's parameters as before it was pruned."""
+        params = [p for m in (self.branch, self.layer_gate) for p in m.parameters() if p.requires_grad]
+        if not (torch.is_grad_enabled() and params):
+            return s
+        return _ZeroGrads.apply(s, *params)
 
     def compact(self) -> nn.Module:
         shortcut = None if self.shortcut is None else self.shortcut.compact()

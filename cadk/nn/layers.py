@@ -257,6 +257,11 @@ class GatedConv2d(GatedLayer):
         z = K.gated_conv2d(x, self.weight, self.bias, None, alive_in, alive_out, seed, self.stride,
                            self.padding, self.dilation, "none", self.training)
         bn = self.bn
+        if isinstance(bn, nn.SyncBatchNorm):
+            raise NotImplementedError(
+                "GatedConv2d computes its BN inside cadk's fused op, from each process's own batch: "
+                "SyncBatchNorm (convert_sync_batchnorm) would sync nothing; keep nn.BatchNorm2d (each DDP rank "
+                "then normalises by its own batch, as plain BatchNorm2d does under DDP)")
         y = K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
                           self._bn_momentum(), bn.eps, self.activation, self.training)
         if self.training:  # counted after the update: a checkpoint's recomputation that stops inside the
