@@ -6,9 +6,10 @@
 // is what a small network's training step waits for.
 //
 // Saved for backward: the inputs the *_bwd op takes and `pre` (or `y` when there is no gate: then
-// the op returns an empty `pre` and y equals it). Gradients are not materialised for `pre`, mean
-// and var, which are outputs only for the backward; they are not marked non-differentiable either,
-// since compiled autograd rejects Functions that mark outputs so.
+// the op returns an empty `pre` and y equals it; neither without an activation, see pre_to_save).
+// Gradients are not materialised for `pre`, mean and var, which are outputs only for the backward;
+// they are not marked non-differentiable either, since compiled autograd rejects Functions that
+// mark outputs so.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -48,12 +49,22 @@ Tensor if_needed(bool needed, const Tensor& grad) { return needed ? grad : Tenso
 
 using Grads4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
+// The `pre` a backward op reads: pre with a gate, else y (its ReLU mask). Without either it reads
+// none, and saving y would refuse an in-place update of the output (out += shortcut), which a plain
+// convolution or batch norm allows; the backward then passes grad_y, of the same shape, in its place.
+Tensor pre_to_save(const OptTensor& theta, const std::string& activation, const Tensor& y, const Tensor& pre) {
+  if (theta) return pre;
+  return activation == "none" ? Tensor() : y;
+}
+Tensor saved_pre(const Tensor& saved, const Tensor& grad_y) { return saved.defined() ? saved : grad_y; }
+
 // What the linear and conv layers' backward ops need besides their geometry.
 void save_layer(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& y, const Tensor& pre,
                 const OptTensor& theta, const Tensor& alive_in, const Tensor& alive_out, const Tensor& seed,
                 const std::string& activation, bool training, bool has_bias) {
   ctx->set_materialize_grads(false);
-  ctx->save_for_backward({x, weight, theta ? pre : y, or_undefined(theta), alive_in, alive_out, seed});
+  ctx->save_for_backward(
+      {x, weight, pre_to_save(theta, activation, y, pre), or_undefined(theta), alive_in, alive_out, seed});
   ctx->saved_data["activation"] = activation;
   ctx->saved_data["training"] = training;
   ctx->saved_data["has_bias"] = has_bias;
@@ -161,8 +172,9 @@ struct GatedLinear : Function<GatedLinear> {
     const OptTensor theta = optional(s[3]);
     const bool has_bias = d["has_bias"].toBool(), need_grad_x = ctx->needs_input_grad(0);
     const bool need_grad_weight = ctx->needs_input_grad(1);
-    return layer_grads(9, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["activation"].toStringRef(),
-                                   d["training"].toBool(), has_bias, need_grad_x, need_grad_weight),
+    return layer_grads(9, bwd.call(grads[0], s[0], s[1], saved_pre(s[2], grads[0]), theta, s[4], s[5], s[6],
+                                   d["activation"].toStringRef(), d["training"].toBool(), has_bias, need_grad_x,
+                                   need_grad_weight),
                        need_grad_x, need_grad_weight, has_bias, theta.has_value());
   }
 };
@@ -193,8 +205,8 @@ struct GatedConv2d : Function<GatedConv2d> {
     const OptTensor theta = optional(s[3]);
     const bool has_bias = d["has_bias"].toBool(), need_grad_x = ctx->needs_input_grad(0);
     const bool need_grad_weight = ctx->needs_input_grad(1);
-    return layer_grads(12, bwd.call(grads[0], s[0], s[1], s[2], theta, s[4], s[5], s[6], d["stride"].toIntVector(),
-                                    d["padding"].toIntVector(), d["dilation"].toIntVector(),
+    return layer_grads(12, bwd.call(grads[0], s[0], s[1], saved_pre(s[2], grads[0]), theta, s[4], s[5], s[6],
+                                    d["stride"].toIntVector(), d["padding"].toIntVector(), d["dilation"].toIntVector(),
                                     d["activation"].toStringRef(), d["training"].toBool(), has_bias, need_grad_x,
                                     need_grad_weight),
                        need_grad_x, need_grad_weight, has_bias, theta.has_value());
@@ -211,7 +223,8 @@ struct BnGateAct : Function<BnGateAct> {
     auto [y, pre, mean, var] =
         fwd.call(x, weight, bias, running_mean, running_var, theta, alive, seed, eps, activation, training);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, weight, theta ? pre : y, mean, var, or_undefined(theta), alive, seed});
+    ctx->save_for_backward({x, weight, pre_to_save(theta, activation, y, pre), mean, var, or_undefined(theta), alive,
+                            seed});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["training"] = training;
@@ -226,8 +239,8 @@ struct BnGateAct : Function<BnGateAct> {
     const variable_list s = ctx->get_saved_variables();
     auto& d = ctx->saved_data;
     const OptTensor theta = optional(s[5]);
-    auto [gx, gw, gb, gt] = bwd.call(grads[0], s[0], s[1], s[2], s[3], s[4], theta, s[6], s[7], d["eps"].toDouble(),
-                                     d["activation"].toStringRef(), d["training"].toBool());
+    auto [gx, gw, gb, gt] = bwd.call(grads[0], s[0], s[1], saved_pre(s[2], grads[0]), s[3], s[4], theta, s[6], s[7],
+                                     d["eps"].toDouble(), d["activation"].toStringRef(), d["training"].toBool());
     out[0] = gx;
     out[1] = gw;
     out[2] = gb;

@@ -233,8 +233,11 @@ decltype(auto) with_bool(bool b, const F& f) {
 // depend on, so a backward that finds none recomputes them. kAlone: a forward without a backward.
 enum class Pass { kForward, kBackward, kAlone };
 
-// A training forward's pass: kForward (keep for the backward) unless no backward will come.
-inline Pass forward_pass() { return backward_expected() ? Pass::kForward : Pass::kAlone; }
+// A training forward's pass: kForward (keep for the backward) unless no backward will come. Under
+// torch.inference_mode the Autograd kernels that set backward_expected() do not run, and no backward can.
+inline Pass forward_pass() {
+  return backward_expected() && !c10::InferenceMode::is_enabled() ? Pass::kForward : Pass::kAlone;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Gates: xi as a table, [N, A] bytes 0 or 1 in training (Philox samples), [1, A] opmath values in
@@ -383,6 +386,13 @@ inline Tensor nchw_view(const Tensor& t) {
 inline std::pair<Tensor, Tensor> safe_conv_args(const Tensor& x, const Tensor& weight, int64_t out_w) {
   if (x.size(1) != 1 || out_w != 1) return {x, weight};
   return {nchw_view(x), nchw_view(weight)};
+}
+// torch's CPU convolution backward (2.13) corrupts the heap for a channels-last input with a 1x1
+// kernel and stride > 1 (a downsampling shortcut; seen when it computes both gradients): an NCHW
+// input avoids that path. Mirrors safe_conv_args in cadk/kernels/reference.py.
+inline Tensor safe_conv_backward_input(const Tensor& x, const Tensor& weight, at::IntArrayRef stride) {
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1;
+  return pointwise && std::max(stride[0], stride[1]) > 1 ? x.contiguous() : x;
 }
 
 }  // namespace cadk::cpu

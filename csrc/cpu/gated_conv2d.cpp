@@ -107,8 +107,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     Tensor grad_bc;
     Tensor gx;
     std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
-        g.grad_z, x, w, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
-        false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
+        g.grad_z, safe_conv_backward_input(x, w, stride), w,
+        conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
+        {need_grad_x, need_grad_weight, conv_bias});
     if (need_grad_x) grad_x = in_format(gx, geo.fmt);
     if (conv_bias) g.bias_sum = grad_bc;
   } else {  // no channel alive (zero gradients), or a frozen layer on data (bias and theta sums only)

@@ -46,7 +46,7 @@ class KeptForBackward {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {  // backward runs newest-first
       if (!(it->first == key)) continue;
-      Tensor value = std::move(it->second);
+      Tensor value = it->second;  // a copy: drop() counts the bytes of the entry's tensor
       drop(std::next(it).base());
       return value;
     }
