@@ -12,7 +12,9 @@ random order: a variant's time depends on what the one before it left in the cac
                     the floor under the contract the gated ops keep (parameters and gradients stay
                     full-size, so optimizer state and DDP buckets keep their shapes), without gates.
 and prints medians with the ratios gated/floor, gated/masked and gated/full-size. `--layers residual` times a residual
-block's gated output instead (the Residual class below: fused op, unfused ops, masked, floor).
+block's gated output instead (the Residual class below: fused op, unfused ops, masked, floor). `sequence` is the
+linear layer on [N, T, features] inputs, as GatedLinear runs them (one gate per example and unit, the positions
+through a 1x1 gated conv on a channels-last view); N x T equals the linear layer's batch.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--small] [--json out.json]
 """
@@ -39,17 +41,25 @@ BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")
 SIZES = {
     # Per-call overhead: the host work around a layer's kernels, which small networks pay per layer.
     "tiny": {"linear": dict(batch=2, c_in=8, c_out=8),
+             "sequence": dict(batch=2, positions=3, c_in=8, c_out=8),
              "conv3x3": dict(batch=1, c_in=4, c_out=4, hw=4),
+             "conv1x1": dict(batch=1, c_in=4, c_out=4, hw=4),
              "residual": dict(batch=1, c_in=4, c_out=4, hw=4)},
     "small": {"linear": dict(batch=128, c_in=256, c_out=256),
+              "sequence": dict(batch=4, positions=32, c_in=256, c_out=256),
               "conv3x3": dict(batch=16, c_in=32, c_out=32, hw=16),
+              "conv1x1": dict(batch=16, c_in=64, c_out=64, hw=8),
               "residual": dict(batch=16, c_in=32, c_out=32, hw=16)},
     "default": {"linear": dict(batch=512, c_in=1024, c_out=1024),
+                "sequence": dict(batch=8, positions=64, c_in=1024, c_out=1024),
                 "conv3x3": dict(batch=128, c_in=64, c_out=64, hw=32),
+                "conv1x1": dict(batch=32, c_in=256, c_out=256, hw=14),
                 "residual": dict(batch=128, c_in=64, c_out=64, hw=32)},
     # Enough work to keep a data-centre GPU busy, so launch and host overheads do not dominate.
     "large": {"linear": dict(batch=4096, c_in=4096, c_out=4096),
+              "sequence": dict(batch=64, positions=64, c_in=4096, c_out=4096),
               "conv3x3": dict(batch=128, c_in=128, c_out=128, hw=56),
+              "conv1x1": dict(batch=128, c_in=1024, c_out=1024, hw=14),
               "residual": dict(batch=128, c_in=128, c_out=128, hw=56)},
 }
 
@@ -68,30 +78,37 @@ class Layer:
         c_in, c_out, n = spec["c_in"], spec["c_out"], spec["batch"]
         self.alive_in = alive_subset(c_in, keep, gen).to(device)
         self.alive_out = alive_subset(c_out, keep, gen).to(device)
+        self.cdim = -1 if kind == "sequence" else 1  # the channel dim of activations
         spatial = (spec["hw"], spec["hw"]) if kind.startswith("conv") else ()
-        taps = (3, 3) if spatial else ()
+        k = 1 if kind == "conv1x1" else 3
+        taps = (k, k) if spatial else ()
+        self.padding = k // 2  # the output keeps the input's size
         opts = dict(device=device, dtype=dtype)
-        self.weight = torch.randn(c_out, c_in, *taps, **opts) * (c_in * (9 if taps else 1)) ** -0.5
+        self.weight = torch.randn(c_out, c_in, *taps, **opts) * (c_in * (k * k if taps else 1)) ** -0.5
         self.bias = torch.randn(c_out, **opts) * 0.1
         self.theta = torch.full((c_out,), 0.5, device=device)
         self.seed = torch.tensor(12345, dtype=torch.int64)
-        self.x_full = self._format(torch.randn(n, c_in, *spatial, **opts))
+        self.x_full = self._format(torch.randn(*self._shape(n, c_in, spatial, spec), **opts))
         self.mask_out = torch.zeros(c_out, **opts)
         self.mask_out[self.alive_out] = 1
-        self.x_full[:, torch.ones(c_in, dtype=torch.bool, device=device).index_fill_(0, self.alive_in, False)] = 0
-        self.x = self._format(self.x_full.index_select(1, self.alive_in))
+        dead_in = torch.ones(c_in, dtype=torch.bool, device=device).index_fill_(0, self.alive_in, False)
+        self.x_full.index_fill_(self.cdim, dead_in.nonzero().flatten(), 0)
+        self.x = self._format(self.x_full.index_select(self.cdim, self.alive_in))
         self.w_compact = self._format(self.weight[self.alive_out][:, self.alive_in].contiguous())
         self.b_compact = self.bias[self.alive_out].contiguous()
         self.weight = self._format(self.weight)
         out_spatial = spatial  # stride 1, padding 1
-        self.grad_y = self._format(torch.randn(n, len(self.alive_out), *out_spatial, **opts))
-        self.grad_full = self._format(torch.randn(n, c_out, *out_spatial, **opts))
+        self.grad_y = self._format(torch.randn(*self._shape(n, len(self.alive_out), out_spatial, spec), **opts))
+        self.grad_full = self._format(torch.randn(*self._shape(n, c_out, out_spatial, spec), **opts))
+
+    def _shape(self, n: int, channels: int, spatial: tuple, spec: dict) -> tuple:
+        return (n, spec["positions"], channels) if self.kind == "sequence" else (n, channels, *spatial)
 
     def _format(self, t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=self.fmt) if t.dim() == 4 else t
 
     def _dense(self, x, w, b):
-        return F.conv2d(x, w, b, padding=1) if self.kind.startswith("conv") else F.linear(x, w, b)
+        return F.conv2d(x, w, b, padding=self.padding) if self.kind.startswith("conv") else F.linear(x, w, b)
 
     def gated(self, backend: str):
         """backend "triton:fused" / "triton:torch": the Triton backend with that LINEAR_MATMUL."""
@@ -102,8 +119,12 @@ class Layer:
         def step():
             x, w, b, th = leaves
             if self.kind.startswith("conv"):
-                y = module.gated_conv2d(x, w, b, th, self.alive_in, self.alive_out, self.seed, (1, 1), (1, 1),
-                                        (1, 1), "relu", True)
+                y = module.gated_conv2d(x, w, b, th, self.alive_in, self.alive_out, self.seed, (1, 1),
+                                        (self.padding,) * 2, (1, 1), "relu", True)
+            elif self.kind == "sequence":  # as GatedLinear runs [N, T, features]
+                x4 = x.unsqueeze(2).permute(0, 3, 1, 2)
+                y = module.gated_conv2d(x4, w[:, :, None, None], b, th, self.alive_in, self.alive_out, self.seed,
+                                        (1, 1), (0, 0), (1, 1), "relu", True).permute(0, 2, 3, 1).squeeze(2)
             else:
                 default = getattr(module, "LINEAR_MATMUL", None)
                 if matmul:
@@ -118,7 +139,7 @@ class Layer:
 
     def masked(self):
         leaves = [self.x_full, self.weight, self.bias]
-        shape = (1, -1) + (1,) * (self.x_full.dim() - 2)
+        shape = (-1,) if self.cdim == -1 else (1, -1) + (1,) * (self.x_full.dim() - 2)
 
         def step():
             y = F.relu(self._dense(*leaves)) * self.mask_out.view(shape)
@@ -233,7 +254,7 @@ def _default_repeats(kind: str, device: str, size: str) -> int:
     """Enough repeats for a stable median on a shared machine: the CPU's linear steps take milliseconds
     and vary by several percent from step to step; its default and large convs take 0.1 s and more."""
     if device == "cpu" and size in ("default", "large"):
-        return 7 if kind.startswith("conv") else 41
+        return 7 if kind == "conv3x3" else 41
     return 15
 
 
@@ -304,7 +325,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
                    help="layout of conv activations and weights")
-    p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, residual")
+    p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, conv1x1, residual, sequence")
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--frozen-weight", action="store_true",
                    help="linear and conv layers with weight and bias that need no gradient (a frozen layer, or "

@@ -126,6 +126,28 @@ def test_gated_conv2d(backend, gen, kinds, training, activation, with_theta, cha
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["x-nhwc", "weight-nhwc", "nhwc"])
+@pytest.mark.parametrize("kinds", LAYER_ALIVE, ids="-".join)
+def test_pointwise_conv2d(backend, gen, kinds, layout, dtype):
+    """1x1 kernel, stride 1, no padding, a channels-last output: the C++ CPU kernels run it as GEMMs on
+    the activations' rows (GatedLinear's positions take this path). Gate, activation, bias, training
+    and which inputs need gradients are drawn."""
+    module, device = backend
+    pick = lambda: bool(int(torch.randint(2, (1,), generator=gen)))  # noqa: E731
+    case = gated_conv2d_case(gen, device, dtype, kinds, pick(), choice(gen, ("relu", "none")), pick(), False,
+                             with_bias=pick(), kernel=(1, 1))
+    x, weight = case.args[:2]
+    if layout != "weight-nhwc":
+        case.args[0] = x.contiguous(memory_format=torch.channels_last)
+    if layout != "x-nhwc":
+        case.args[1] = weight.contiguous(memory_format=torch.channels_last)
+    case.args[7:9] = [(1, 1), (0, 0)]
+    frozen = choice(gen, ((), (0,), (1,), (0, 1)))
+    case.grad_args = [i for i in case.grad_args if i not in frozen] or case.grad_args
+    _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", RESIDUAL_LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gated_residual(backend, gen, training, layout, dtype):
