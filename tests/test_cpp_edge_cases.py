@@ -48,20 +48,33 @@ def test_forward_keeps_its_gathered_weight_after_many_backwards():
 
 
 _DOWNSAMPLE_SCRIPT = textwrap.dedent("""
+    import itertools
+
     import torch
     from cadk.kernels import cpp_backend, reference
     torch.manual_seed(0)
-    for n, c_in, c_out, stride in ((5, 3, 1, (1, 2)), (3, 3, 1, (2, 1)), (5, 8, 4, (1, 2)), (5, 2, 16, (2, 1))):
+    cases = ((5, 3, 1, (1, 2)), (3, 3, 1, (2, 1)), (5, 8, 4, (1, 2)), (5, 2, 16, (2, 1)))
+    # x channels-last; or a weight with channels-last strides (as model.to(memory_format=torch.channels_last)
+    # gives a 1x1 weight), x in either layout; filters all alive (the weight itself) or some (its gather)
+    layouts = ((True, False), (False, True), (True, True))
+    for (n, c_in, c_out, stride), (x_cl, w_cl), some in itertools.product(cases, layouts, (0, 1)):
         for _ in range(3):
-            x = torch.randn(n, c_in, 8, 8).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(c_out, c_in, 1, 1)
+            x = torch.randn(n, c_in, 8, 8)
+            x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
+            w = torch.randn(c_out + some, c_in, 1, 1)
+            alive_out = torch.arange(some, c_out + some)
             grads = []
             for module in (cpp_backend, reference):
                 leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-                y = module.gated_conv2d(*leaves, None, None, torch.arange(c_in), torch.arange(c_out), 0, stride,
+                if w_cl:
+                    leaves[1] = w.as_strided(w.shape, (c_in, 1, c_in, c_in)).clone().requires_grad_(True)
+                    assert leaves[1].stride() == (c_in, 1, c_in, c_in)
+                y = module.gated_conv2d(*leaves, None, None, torch.arange(c_in), alive_out, 0, stride,
                                         (0, 0), (1, 1), "none", True)
                 grads.append(torch.autograd.grad(y, leaves, torch.ones_like(y)))
                 junk = [torch.empty(k) for k in range(1, 200)]  # allocations that meet a corrupted heap
+            if w_cl:  # the gradient keeps the weight's layout (the fake kernel's)
+                assert grads[0][1].stride() == (c_in, 1, c_in, c_in), grads[0][1].stride()
             for got, want in zip(*grads):
                 torch.testing.assert_close(got, want)
     print("ok")
@@ -69,9 +82,9 @@ _DOWNSAMPLE_SCRIPT = textwrap.dedent("""
 
 
 def test_conv_backward_of_channels_last_1x1_stride_2_keeps_the_heap_intact():
-    """torch's CPU convolution backward (2.13) corrupts the heap for a channels-last input, a 1x1 kernel
-    and stride > 1 (a ResNet downsampling shortcut) when it computes both gradients: the process crashed.
-    Run in a child process with glibc's heap checks on."""
+    """torch's CPU convolution backward (2.13) corrupts the heap for a 1x1 kernel and stride > 1 (a ResNet
+    downsampling shortcut) when it computes the weight gradient and the input or the weight has
+    channels-last strides: the process crashed. Run in a child process with glibc's heap checks on."""
     env = dict(os.environ, MALLOC_CHECK_="3")
     run = subprocess.run([sys.executable, "-c", _DOWNSAMPLE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)

@@ -153,6 +153,31 @@ def test_linear_positions_eval_compact_and_cost():
     torch.testing.assert_close(six, 6 * per_position)
 
 
+@pytest.mark.parametrize("shape", [(0, 6, 7), (5, 0, 7), (5, 3, 0, 7), (0, 0, 7)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_linear_positions_without_rows(shape, training):
+    """No example or no position, as nn.Linear takes them: an empty output of the matching shape, and
+    zero gradients for the input and every parameter."""
+    lin, _ = _sequence_pair()
+    lin.train(training)
+    x = torch.randn(shape, requires_grad=True)
+    y = lin(x)
+    assert y.shape == (*shape[:-1], lin.alive_out().numel())
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in (lin.weight, lin.bias, lin.gate.theta):
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+
+
+def test_linear_positions_without_inputs():
+    """Every input unit pruned: [N, T, 0] gives the bias (gated), as the 2-D layer does per row."""
+    src = UnitGate(4)
+    lin = GatedLinear(4, 3, in_gate=src).eval()
+    src.prune(torch.arange(4))
+    x = torch.randn(2, 5, 0)
+    torch.testing.assert_close(lin(x), lin(x.reshape(10, 0)).reshape(2, 5, 3))
+
+
 def test_unsupported_configurations_fail_early():
     with pytest.raises(NotImplementedError, match="groups=1"):
         GatedConv2d(4, 4, 3, groups=4)

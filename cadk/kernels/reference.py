@@ -146,14 +146,14 @@ def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch
     - the forward returns wrong values when one input channel is stored with channels-last strides and
       the output is one column wide; with one channel both layouts are the same memory, so NCHW strides
       are a free view (csrc/cpu/gated_conv2d.cpp does the same);
-    - the backward corrupts the heap for a channels-last input with a 1x1 kernel and stride > 1 at small
-      channel counts; an NCHW input avoids that path."""
+    - the backward corrupts the heap for a 1x1 kernel with stride > 1 when the input or the weight has
+      channels-last strides; NCHW operands avoid that path (a 1x1 weight's NCHW strides are a free view)."""
     if x.device.type != "cpu":
         return x, weight
     if x.shape[1] == 1:
         x, weight = _nchw_view(x), _nchw_view(weight)
-    if tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1 and not x.is_contiguous():
-        x = x.contiguous()
+    if tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1:
+        x, weight = x.contiguous(), _nchw_view(weight)
     return x, weight
 
 

@@ -387,12 +387,15 @@ inline std::pair<Tensor, Tensor> safe_conv_args(const Tensor& x, const Tensor& w
   if (x.size(1) != 1 || out_w != 1) return {x, weight};
   return {nchw_view(x), nchw_view(weight)};
 }
-// torch's CPU convolution backward (2.13) corrupts the heap for a channels-last input with a 1x1
-// kernel and stride > 1 (a downsampling shortcut; seen when it computes both gradients): an NCHW
-// input avoids that path. Mirrors safe_conv_args in cadk/kernels/reference.py.
-inline Tensor safe_conv_backward_input(const Tensor& x, const Tensor& weight, at::IntArrayRef stride) {
+// torch's CPU convolution backward (2.13) corrupts the heap when it computes the weight gradient of a
+// 1x1 kernel with stride > 1 (a downsampling shortcut) and the input or the weight has channels-last
+// strides (model.to(memory_format=torch.channels_last) gives a 1x1 weight those): NCHW operands avoid
+// that path. A 1x1 weight is NCHW-contiguous in either layout, so its NCHW strides are a free view.
+inline std::pair<Tensor, Tensor> safe_conv_backward_args(const Tensor& x, const Tensor& weight,
+                                                         at::IntArrayRef stride) {
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1;
-  return pointwise && std::max(stride[0], stride[1]) > 1 ? x.contiguous() : x;
+  if (!pointwise || std::max(stride[0], stride[1]) == 1) return {x, weight};
+  return {x.contiguous(), nchw_view(weight)};
 }
 
 }  // namespace cadk::cpu

@@ -137,10 +137,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
     const std::vector<int64_t> bias_sizes{alive_out.numel()};
     Tensor grad_bc;
     Tensor gx;
+    const auto [xb, wb] = safe_conv_backward_args(x, w, stride);
     std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
-        g.grad_z, safe_conv_backward_input(x, w, stride), w,
-        conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation, false, {0, 0}, 1,
-        {need_grad_x, need_grad_weight, conv_bias});
+        g.grad_z, xb, wb, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
+        false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
+    // The weight's own strides again (the layout the fake kernel gives), the same memory where the
+    // 1x1 weight is dense (a free view was passed).
+    if (need_grad_weight && wb.strides() != w.strides() && w.is_contiguous()) {
+      grad_wc = grad_wc.contiguous().as_strided(w.sizes(), w.strides());
+    }
     if (need_grad_x) grad_x = in_format(gx, geo.fmt);
     if (conv_bias) g.bias_sum = grad_bc;
   } else {  // no channel alive (zero gradients), or a frozen layer on data (bias and theta sums only)
