@@ -223,6 +223,12 @@ std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, con
                              : baseline::epilogue_forward(std::move(z), bias, gates, act);
 }
 
+std::pair<Tensor, OptTensor> gemm_leaving_bias(const Tensor& x, const Tensor& wt, const OptTensor& bias) {
+  const bool exact = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  if (bias.has_value() && !exact) return {at::addmm(*bias, x, wt), std::nullopt};
+  return {at::mm(x, wt), bias};
+}
+
 EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const Gates& gates, Act act,
                                 bool want_bias_sum, bool scratch_grad_z) {
   return cpu_has_avx512_bw() ? avx512::epilogue_backward(grad_y, pre, gates, act, want_bias_sum, scratch_grad_z)

@@ -363,6 +363,11 @@ Tensor no_grad_like(const Tensor& t);
 // from addmm's, as between any two GEMM kernels); a bf16 z is already rounded, so bf16 keeps addmm.
 std::tuple<Tensor, Tensor> epilogue_forward(Tensor z, const OptTensor& bias, const Gates& gates, Act act);
 
+// x @ wt and the bias for epilogue_forward, by the rule above: bf16 adds `bias` in the GEMM (addmm)
+// and returns none; float32/float64 return it for the epilogue's pass (addmm would first copy it into
+// every row of the product).
+std::pair<Tensor, OptTensor> gemm_leaving_bias(const Tensor& x, const Tensor& wt, const OptTensor& bias);
+
 // grad_z = grad_y * xi * act'(pre) plus the per-channel sums of grad_y * pre (theta gradient,
 // when gated) and of grad_z (bias gradient, when want_bias_sum). Sums are double [C] tensors, or
 // undefined when not requested. grad_y must be in pre's memory format. grad_z is a scratch_tensor

@@ -85,19 +85,16 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
     // at::zeros ignores a memory format in its options: empty + zero_ keeps the layout the fake kernel gives.
     z = at::empty({x.size(0), alive_out.numel(), geo.out_h, geo.out_w}, x.options().memory_format(geo.fmt)).zero_();
     if (b.has_value()) z.add_(b->view({1, -1, 1, 1}));
-  } else if (pointwise(weight, geo)) {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone);
-    const Tensor wt = w.view({alive_out.numel(), alive_in.numel()}).t();
-    const Tensor xr = gemm_rows(in_format(x, geo.fmt));
-    const bool exact = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-    // As gated_linear: bf16 adds the bias in the GEMM, before its one rounding; else in the epilogue.
-    z = from_rows(b.has_value() && !exact ? at::addmm(*b, xr, wt) : at::mm(xr, wt), x);
-    if (exact) epilogue_bias = b;
   } else {
-    const auto [xs, w] =
-        safe_conv_args(x, gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone),
-                       geo.out_w);
-    z = in_format(at::convolution(xs, w, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
+    const Tensor w = gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone);
+    if (pointwise(weight, geo)) {
+      const Tensor wt = w.view({alive_out.numel(), alive_in.numel()}).t();
+      std::tie(z, epilogue_bias) = gemm_leaving_bias(gemm_rows(in_format(x, geo.fmt)), wt, b);
+      z = from_rows(z, x);
+    } else {
+      const auto [xs, ws] = safe_conv_args(x, w, geo.out_w);
+      z = in_format(at::convolution(xs, ws, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
+    }
   }
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), forward_pass());
   return epilogue_forward(z, epilogue_bias, gates, act);
@@ -126,35 +123,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
   }
   Tensor grad_x = no_grad_like(x), grad_wc;
   const bool conv_bias = has_bias && !fused;
-  if (!degenerate(alive_in, alive_out) && (need_grad_x || need_grad_weight) && pointwise(weight, geo)) {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
-    const Tensor gz = gemm_rows(g.grad_z);
-    if (need_grad_x) grad_x = from_rows(at::mm(gz, w.view({alive_out.numel(), alive_in.numel()})), x);
-    if (need_grad_weight) grad_wc = at::mm(gz.t(), gemm_rows(in_format(x, geo.fmt))).view(w.sizes());
-    if (conv_bias) g.bias_sum = gz.sum(0, false, at::kDouble);  // as gated_linear
-  } else if (!degenerate(alive_in, alive_out) && (need_grad_x || need_grad_weight)) {
-    const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
-    const std::vector<int64_t> bias_sizes{alive_out.numel()};
-    Tensor grad_bc;
-    Tensor gx;
-    const auto [xb, wb] = safe_conv_backward_args(x, w, stride);
-    std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
-        g.grad_z, xb, wb, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
-        false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
-    // The weight's own strides again (the layout the fake kernel gives), the same memory where the
-    // 1x1 weight is dense (a free view was passed).
-    if (need_grad_weight && wb.strides() != w.strides() && w.is_contiguous()) {
-      grad_wc = grad_wc.contiguous().as_strided(w.sizes(), w.strides());
-    }
-    if (need_grad_x) grad_x = in_format(gx, geo.fmt);
-    if (conv_bias) g.bias_sum = grad_bc;
-  } else {  // no channel alive (zero gradients), or a frozen layer on data (bias and theta sums only)
+  if (degenerate(alive_in, alive_out) || !(need_grad_x || need_grad_weight)) {
+    // no channel alive (zero gradients), or a frozen layer on data (bias and theta sums only)
     release_weight(weight, alive_in, alive_out);
     if (need_grad_x) grad_x = at::empty(x.sizes(), x.options().memory_format(geo.fmt)).zero_();
     if (need_grad_weight) {
       grad_wc = at::zeros({alive_out.numel(), alive_in.numel(), weight.size(2), weight.size(3)}, weight.options());
     }
     if (conv_bias) g.bias_sum = g.grad_z.sum({0, 2, 3}, false, at::kDouble);
+  } else {
+    const Tensor w = gather_weight(weight, alive_in, alive_out, Pass::kBackward);
+    if (pointwise(weight, geo)) {
+      const Tensor gz = gemm_rows(g.grad_z);
+      if (need_grad_x) grad_x = from_rows(at::mm(gz, w.view({alive_out.numel(), alive_in.numel()})), x);
+      if (need_grad_weight) grad_wc = at::mm(gz.t(), gemm_rows(in_format(x, geo.fmt))).view(w.sizes());
+      if (conv_bias) g.bias_sum = gz.sum(0, false, at::kDouble);  // as gated_linear
+    } else {
+      const std::vector<int64_t> bias_sizes{alive_out.numel()};
+      Tensor grad_bc;
+      Tensor gx;
+      const auto [xb, wb] = safe_conv_backward_args(x, w, stride);
+      std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
+          g.grad_z, xb, wb, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
+          false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
+      // The weight's own strides again (the layout the fake kernel gives), the same memory where the
+      // 1x1 weight is dense (a free view was passed).
+      if (need_grad_weight && wb.strides() != w.strides() && w.is_contiguous()) {
+        grad_wc = grad_wc.contiguous().as_strided(w.sizes(), w.strides());
+      }
+      if (need_grad_x) grad_x = in_format(gx, geo.fmt);
+      if (conv_bias) g.bias_sum = grad_bc;
+    }
   }
   const int64_t units = weight.size(0);
   Tensor grad_w = need_grad_weight ? scatter_weight(grad_wc, weight, alive_in, alive_out) : no_grad_like(x);

@@ -35,13 +35,9 @@ std::tuple<Tensor, Tensor> gated_linear_fwd(const Tensor& x, const Tensor& weigh
   const Tensor w = gather_weight(weight, alive_in, alive_out, training ? forward_pass() : Pass::kAlone);
   const Tensor xc = x.contiguous();
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), forward_pass());
-  const bool exact = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  if (bias.has_value() && !exact) {  // bf16: the GEMM adds the bias before its one rounding
-    return epilogue_forward(at::addmm(gather_vector(*bias, alive_out), xc, w.t()), std::nullopt, gates, act);
-  }
-  // The bias joins the epilogue's pass: addmm would first copy it into every row of z.
   const OptTensor b = bias.has_value() ? OptTensor(gather_vector(*bias, alive_out)) : std::nullopt;
-  return epilogue_forward(at::mm(xc, w.t()), b, gates, act);
+  auto [z, epilogue_bias] = gemm_leaving_bias(xc, w.t(), b);
+  return epilogue_forward(std::move(z), epilogue_bias, gates, act);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_linear_bwd(
