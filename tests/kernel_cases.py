@@ -147,14 +147,30 @@ def bn_gate_act_case(gen, device, dtype, kind, training, activation, with_theta,
     return Case(args, [i for i in (0, 1, 2, 5) if args[i] is not None], mutated=[3, 4])
 
 
-def run(fn, case: Case, grad_y_seed: int):
-    """fn(*args) on fresh leaves; returns (y, grads by position, mutated tensors after the call)."""
+def in_place_case(gen, device, op: str, gated: bool) -> Case:
+    """A case of `op` whose output no backward reads, so it may be updated in place: with a gate (the
+    backward reads pre), or with neither gate nor activation (nothing is read)."""
+    activation = "relu" if gated else "none"
+    if op == "gate_apply":
+        return gate_apply_case(gen, device, torch.float32, "subset", True, True, False)
+    if op == "gated_linear":
+        return gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, activation, gated)
+    if op == "gated_conv2d":
+        return gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, activation, gated, False)
+    return bn_gate_act_case(gen, device, torch.float32, "subset", True, activation, gated, False)
+
+
+def run(fn, case: Case, grad_y_seed: int, add_to_output: bool = False):
+    """fn(*args) on fresh leaves; returns (y, grads by position, mutated tensors after the call).
+    add_to_output: y += a random tensor before the backward (as residual blocks do to a layer's output)."""
     args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in case.args]
     for i in case.grad_args:
         args[i].requires_grad_(True)
     y = fn(*args)
     gen = torch.Generator().manual_seed(grad_y_seed)
     grad_y = torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
+    if add_to_output:
+        y += torch.randn(y.shape, generator=gen).to(y.dtype).to(y.device)
     leaves = [args[i] for i in case.grad_args]
     grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True) if y.requires_grad else [None] * len(leaves)
     grads = {i: (torch.zeros_like(args[i]) if g is None else g) for i, g in zip(case.grad_args, grads)}

@@ -16,7 +16,8 @@ import torch
 import cadk.kernels as kernels
 from cadk.kernels import philox, reference
 from kernel_cases import (ALIVE_KINDS, RESIDUAL_LAYOUTS, Case, assert_close, bn_gate_act_case, choice, data_seed,
-                          gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, randn, run)
+                          gate_apply_case, gated_conv2d_case, gated_linear_case, gated_residual_case, in_place_case,
+                          randn, run)
 
 
 def _backend_params():
@@ -367,6 +368,25 @@ def test_deterministic_for_fixed_seed(backend, gen):
     gates = _gates_via_op(module, device, seed, 32, theta, torch.arange(64))
     assert not torch.equal(gates, _gates_via_op(module, device, seed + 1, 32, theta, torch.arange(64))), \
         "a new seed must resample the gates"
+
+
+IN_PLACE_OPS = [("gate_apply", True)] + [(op, gated) for op in ("gated_linear", "gated_conv2d", "bn_gate_act")
+                                           for gated in (True, False)]
+
+
+@pytest.mark.parametrize("op,gated", IN_PLACE_OPS, ids=lambda v: v if isinstance(v, str) else ("gated" if v else "plain"))
+def test_output_updated_in_place(backend, gen, op, gated):
+    """A layer's output may be updated in place (out += shortcut, as torchvision's blocks do after a batch
+    norm) wherever no backward reads it: with a gate (the backward reads pre), and with neither gate nor
+    activation (nothing is saved). Autograd refused both where an op saved or returned a view of its output.
+    The gradients are those of the same op's plain run (d(y + s)/dy = 1)."""
+    module, device = backend
+    fn, case = getattr(module, op), in_place_case(gen, device, op, gated)
+    y, grads, _ = run(fn, case, 1)
+    y_added, grads_added, _ = run(fn, case, 1, add_to_output=True)
+    assert y_added.shape == y.shape
+    for i in case.grad_args:
+        assert torch.equal(grads_added[i], grads[i]), f"{op}: gradient {i} changed by the in-place update"
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv"])

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 from cadk.kernels import available_backends, philox  # noqa: E402
 from cadk.kernels import reference as ref  # noqa: E402
 from cadk.kernels import triton_backend as tb  # noqa: E402
+from kernel_cases import in_place_case, run  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not tb.supports(DEVICE):
@@ -623,3 +624,16 @@ def test_compiled_bn_model_takes_new_batch_sizes_in_its_power_of_two(monkeypatch
         compiled(torch.randn(n, 2, 3, 3, device=DEVICE)).sum().backward()
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[-1] == counts[1], f"graphs after each batch size: {counts}"
+
+
+
+@pytest.mark.parametrize("op,gated", [("gate_apply", True), ("gated_linear", False), ("gated_conv2d", True),
+                                      ("bn_gate_act", False), ("bn_gate_act", True)])
+def test_registered_op_output_updated_in_place(op, gated, monkeypatch):
+    """test_kernels' test_output_updated_in_place runs the eager path; this runs the registered ops."""
+    monkeypatch.setattr(tb, "_eager", lambda tensors: False)
+    fn, case = getattr(tb, op), in_place_case(torch.Generator().manual_seed(3), DEVICE, op, gated)
+    _, grads, _ = run(fn, case, 1)
+    _, grads_added, _ = run(fn, case, 1, add_to_output=True)
+    for i in case.grad_args:
+        assert torch.equal(grads_added[i], grads[i]), f"{op}: gradient {i} changed by the in-place update"

@@ -320,7 +320,13 @@ def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor
     store_pre = has_gate and store_pre
     dense = z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))
     reuse_z = reuse_z and dense
-    y3 = z3 if reuse_z and not has_gate else torch.empty_like(z3)
+    # y is allocated whole and written through its [N, A, S] view: returning a view of a temporary
+    # would make autograd refuse in-place updates of the output (out += shortcut).
+    if reuse_z and not has_gate:
+        y = z
+    else:
+        y = torch.empty_like(z) if dense else torch.empty_like(z, memory_format=torch.contiguous_format)
+    y3 = _nas(y)
     pre3 = (z3 if reuse_z else torch.empty_like(z3)) if store_pre else y3.new_empty(0)
     if z3.numel() > 0:
         n, a, s = z3.shape
@@ -333,7 +339,7 @@ def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor
             *_strides(z3), *_strides(y3),
             HAS_NORM=mean is not None, HAS_SHIFT=shift is not None, RELU=relu,
             HAS_GATE=has_gate, TRAINING=training, STORE_PRE=store_pre, **blocks)
-    return y3.view(z.shape), (pre3.view(z.shape) if store_pre else pre3)
+    return y, (pre3.view(z.shape) if store_pre else pre3)
 
 
 def _channel_bwd(grad_y: Tensor, pre: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor,
@@ -698,8 +704,18 @@ def _backward_op(ctx, name: str):
     return _BODIES[name] if getattr(ctx, "eager", False) else getattr(torch.ops.cadk, f"triton_{name}")
 
 
-def _saved_pre(theta: Optional[Tensor], y: Tensor, pre: Tensor) -> Tensor:
-    return y if theta is None else pre  # without a gate, y is pre
+def _saved_pre(theta: Optional[Tensor], activation: str, y: Tensor, pre: Tensor) -> Optional[Tensor]:
+    """What a backward reads as pre: pre; y without a gate (there y is pre); nothing without a gate and
+    an activation, where no backward reads it (then y may be updated in place: out += shortcut)."""
+    if theta is None:
+        return y if _is_relu(activation) else None
+    return pre
+
+
+def _saved(ctx, grad_y: Tensor) -> tuple:
+    """ctx.saved_tensors with grad_y standing in for an unsaved pre (same shape; its values go unread)."""
+    saved = ctx.saved_tensors
+    return saved if saved[2] is not None else (*saved[:2], grad_y, *saved[3:])
 
 
 def _gate_apply_setup(ctx, inputs, output):
@@ -730,7 +746,7 @@ def _dense_setup(ctx, inputs, output):
     x, weight, bias, theta, alive_in, alive_out, seed = inputs[:7]
     y, pre = output
     ctx.mark_non_differentiable(pre)
-    ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), theta, alive_in, alive_out, seed)
+    ctx.save_for_backward(x, weight, _saved_pre(theta, inputs[-2], y, pre), theta, alive_in, alive_out, seed)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.has_theta = theta is not None  # saved_tensors may be read once only (non-reentrant checkpoint)
     ctx.args = inputs[7:]  # (activation, training) or (stride, padding, dilation, activation, training)
@@ -750,13 +766,13 @@ def _dense_grads(ctx, grads):
 
 
 def _linear_backward(ctx, grad_y, _grad_pre):
-    grads = _backward_op(ctx, "gated_linear_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
+    grads = _backward_op(ctx, "gated_linear_bwd")(grad_y, *_saved(ctx, grad_y), *ctx.args,
                                                      ctx.bias_dtype is not None, *_needs_grad(ctx))
     return _dense_grads(ctx, grads)
 
 
 def _conv_backward(ctx, grad_y, _grad_pre):
-    grads = _backward_op(ctx, "gated_conv2d_bwd")(grad_y, *ctx.saved_tensors, *ctx.args,
+    grads = _backward_op(ctx, "gated_conv2d_bwd")(grad_y, *_saved(ctx, grad_y), *ctx.args,
                                                      ctx.bias_dtype is not None, *_needs_grad(ctx))
     return _dense_grads(ctx, grads)
 
@@ -765,7 +781,7 @@ def _bn_setup(ctx, inputs, output):
     x, weight, bias, _rm, _rv, theta, alive, seed, eps, activation, training = inputs
     y, pre, mean, var = output
     ctx.mark_non_differentiable(pre, mean, var)
-    ctx.save_for_backward(x, weight, _saved_pre(theta, y, pre), mean, var, theta, alive, seed)
+    ctx.save_for_backward(x, weight, _saved_pre(theta, activation, y, pre), mean, var, theta, alive, seed)
     ctx.args = (eps, activation, training)
     ctx.bias_dtype = bias.dtype
     ctx.has_theta = theta is not None
@@ -773,7 +789,7 @@ def _bn_setup(ctx, inputs, output):
 
 def _bn_backward(ctx, grad_y, _grad_pre, _grad_mean, _grad_var):
     grad_x, grad_w, grad_b, grad_theta = _backward_op(ctx, "bn_gate_act_bwd")(
-        grad_y, *ctx.saved_tensors, *ctx.args)
+        grad_y, *_saved(ctx, grad_y), *ctx.args)
     return (grad_x, grad_w, grad_b.to(ctx.bias_dtype), None, None, grad_theta if ctx.has_theta else None,
             None, None, None, None, None)
 
