@@ -12,7 +12,8 @@ random order: a variant's time depends on what the one before it left in the cac
                     the floor under the contract the gated ops keep (parameters and gradients stay
                     full-size, so optimizer state and DDP buckets keep their shapes), without gates.
 and prints medians with the ratios gated/floor, gated/masked and gated/full-size. `--layers residual` times a residual
-block's gated output instead (the Residual class below: fused op, unfused ops, masked, floor). `sequence` is the
+block's gated output instead (the Residual class below: fused op, unfused ops, masked, floor), `conv-bn` a
+conv-BN-ReLU layer (the ConvBN class: the fused BN op, the unfused ops, masked, floor). `sequence` is the
 linear layer on [N, T, features] inputs, as GatedLinear runs them (one gate per example and unit, the positions
 through a 1x1 gated conv on a channels-last view); N x T equals the linear layer's batch.
 
@@ -62,6 +63,8 @@ SIZES = {
               "conv1x1": dict(batch=128, c_in=1024, c_out=1024, hw=14),
               "residual": dict(batch=128, c_in=128, c_out=128, hw=56)},
 }
+for _shapes in SIZES.values():  # a conv-BN-ReLU layer on the 3x3 conv's shapes
+    _shapes["conv-bn"] = _shapes["conv3x3"]
 
 
 def alive_subset(full: int, keep: float, gen: torch.Generator) -> torch.Tensor:
@@ -176,6 +179,73 @@ class Layer:
                 weight.grad = torch.zeros_like(weight).index_put_((ao[:, None], ai), w.grad)
             bias.grad = torch.zeros_like(bias).index_copy_(0, ao, b.grad)
         return _with_leaves(leaves, step, self.frozen)
+
+
+class ConvBN:
+    """A conv-BN-ReLU layer (3x3 conv without bias, BatchNorm2d in training, ReLU, unit gate), as
+    GatedConv2d(batch_norm=True) runs it: gated[<backend>] the gated conv, then the fused bn_gate_act
+    (statistics over the alive channels, gate and ReLU in one pass); unfused[<backend>] the gated conv,
+    then F.batch_norm on the alive channels' parameters, ReLU and the backend's gate_apply; masked the
+    full-size conv, BN and ReLU times a 0/1 channel mask; floor the compacted conv, BN and ReLU."""
+
+    def __init__(self, spec: dict, keep: float, device, dtype, fmt, gen):
+        self.conv = Layer("conv3x3", spec, keep, device, dtype, fmt, gen)
+        # BN parameters and statistics in float32 (float64 for float64 data), as nn.BatchNorm2d keeps them
+        c_out, opts = spec["c_out"], dict(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        self.gamma, self.beta = torch.rand(c_out, **opts) + 0.5, torch.randn(c_out, **opts) * 0.1
+        self.running = [(torch.zeros(c_out, **opts), torch.ones(c_out, **opts)) for _ in range(4)]
+        ao = self.conv.alive_out
+        self.gamma_compact, self.beta_compact = self.gamma[ao].clone(), self.beta[ao].clone()
+
+    @staticmethod
+    def _bn_relu(z, gamma, beta, stats):
+        return F.relu(F.batch_norm(z, *stats, gamma, beta, training=True))
+
+    def _gated_conv(self, module, x, w):
+        c = self.conv
+        return module.gated_conv2d(x, w, None, None, c.alive_in, c.alive_out, c.seed, (1, 1), (1, 1), (1, 1),
+                                   "none", True)
+
+    def gated(self, backend: str):
+        module, c = backend_module(backend), self.conv
+        leaves, stats = [c.x, c.weight, self.gamma, self.beta, c.theta], self.running[0]
+
+        def step():
+            x, w, gamma, beta, th = leaves
+            y = module.bn_gate_act(self._gated_conv(module, x, w), gamma, beta, *stats, th, c.alive_out, c.seed,
+                                   0.1, 1e-5, "relu", True)
+            y.backward(c.grad_y)
+        return _with_leaves(leaves, step)
+
+    def unfused(self, backend: str):
+        module, c = backend_module(backend), self.conv
+        leaves = [c.x, c.weight, self.gamma, self.beta, c.theta]
+        stats = [s[c.alive_out] for s in self.running[1]]  # F.batch_norm updates copies of the alive entries
+
+        def step():
+            x, w, gamma, beta, th = leaves
+            pre = self._bn_relu(self._gated_conv(module, x, w), gamma.index_select(0, c.alive_out),
+                                beta.index_select(0, c.alive_out), stats)
+            module.gate_apply(pre, th, c.alive_out, c.seed, True).backward(c.grad_y)
+        return _with_leaves(leaves, step)
+
+    def masked(self):
+        c, stats = self.conv, self.running[2]
+        leaves, mask = [c.x_full, c.weight, self.gamma, self.beta], c.mask_out.view(1, -1, 1, 1)
+
+        def step():
+            x, w, gamma, beta = leaves
+            (self._bn_relu(F.conv2d(x, w, padding=1), gamma, beta, stats) * mask).backward(c.grad_full)
+        return _with_leaves(leaves, step)
+
+    def floor(self):
+        c = self.conv
+        leaves, stats = [c.x, c.w_compact, self.gamma_compact, self.beta_compact], [s[c.alive_out] for s in self.running[3]]
+
+        def step():
+            x, w, gamma, beta = leaves
+            self._bn_relu(F.conv2d(x, w, padding=1), gamma, beta, stats).backward(c.grad_y)
+        return _with_leaves(leaves, step)
 
 
 class Residual:
@@ -325,7 +395,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
                    help="layout of conv activations and weights")
-    p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, conv1x1, residual, sequence")
+    p.add_argument("--layers", default="linear,conv3x3", help="comma list of linear, conv3x3, conv1x1, conv-bn, residual, sequence")
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--frozen-weight", action="store_true",
                    help="linear and conv layers with weight and bias that need no gradient (a frozen layer, or "
@@ -359,8 +429,8 @@ def main(argv=None) -> list[dict]:
     for kind in args.layers.split(","):
         repeats = args.repeats or _default_repeats(kind, args.device, size)
         for keep in map(float, args.keeps.split(",")):
-            if kind == "residual":
-                layer = Residual(specs[kind], keep, args.device, dtype, fmt, gen)
+            if kind in ("residual", "conv-bn"):
+                layer = (Residual if kind == "residual" else ConvBN)(specs[kind], keep, args.device, dtype, fmt, gen)
                 steps = {f"gated[{b}]": layer.gated(b) for b in backends}
                 steps.update({f"unfused[{b}]": layer.unfused(b) for b in backends})
             else:

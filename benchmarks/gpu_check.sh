@@ -128,6 +128,9 @@ for spec in "fp32:" "large_bf16:--size large --dtype bfloat16"; do
   # shellcheck disable=SC2086
   step "residual_${spec%%:*}" 90 "${BENCH[@]}" --layers residual --backends "$GPU_BACKENDS" ${spec#*:} \
     --json "$OUT/bench_kernels_cuda_residual_${spec%%:*}.json"
+  # shellcheck disable=SC2086
+  step "conv_bn_${spec%%:*}" 90 "${BENCH[@]}" --layers conv-bn --backends "$GPU_BACKENDS" ${spec#*:} \
+    --json "$OUT/bench_kernels_cuda_conv_bn_${spec%%:*}.json"
 done
 # A gated ResNet-20 training step (half of every layer's units pruned at random) against plain models.
 TRAIN_STEP=(benchmarks/bench_train_step.py --random-keep 0.5 --device cuda --rounds 5 --repeats 10)

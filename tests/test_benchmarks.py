@@ -67,6 +67,33 @@ def test_bench_kernels_residual_tiny():
     assert "unfused[reference]" in stdout and "gated[reference]" in stdout and "floor" in stdout
 
 
+def test_bench_kernels_conv_bn_variants_compute_one_layer():
+    """conv-bn: with every gate on (theta = 1) the gated and unfused variants give the floor's gradients at
+    the alive entries (BN statistics over the alive channels only), zeros elsewhere; the run prints them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    layer = bench_kernels.ConvBN(bench_kernels.SIZES["tiny"]["conv-bn"], 0.5, "cpu", torch.float64,
+                                 torch.channels_last, torch.Generator().manual_seed(0))
+    layer.conv.theta.fill_(1.0)
+    floor = layer.floor()
+    floor()
+    _, w_compact, gamma_compact, beta_compact = floor.leaves
+    rows, cols = layer.conv.alive_out, layer.conv.alive_in
+    for step in (layer.gated("reference"), layer.unfused("reference")):
+        step()
+        _, weight, gamma, beta, _ = step.leaves
+        assert torch.allclose(weight.grad[rows][:, cols], w_compact.grad)
+        for full, compact in ((gamma, gamma_compact), (beta, beta_compact)):
+            assert torch.allclose(full.grad[rows], compact.grad.to(full.dtype))
+            assert full.grad.count_nonzero() <= rows.numel()
+    stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--layers", "conv-bn",
+                  "--repeats", "1", "--warmup", "1")
+    assert "unfused[reference]" in stdout and "gated[reference]" in stdout and "floor" in stdout
+
+
 def test_bench_train_step_random_pruning():
     stdout = _run("benchmarks/bench_train_step.py", "--random-keep", "0.5", "--batch", "2", "--rounds", "1",
                   "--repeats", "1")
