@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import cadk.kernels as kernels
-from cadk.kernels.reference import gate_examples
+from cadk.kernels.reference import gate_examples, linear_over_positions
 from cadk.utils import atomic_write_json, keep_freed_memory
 
 KEEPS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -125,9 +125,8 @@ class Layer:
                 y = module.gated_conv2d(x, w, b, th, self.alive_in, self.alive_out, self.seed, (1, 1),
                                         (self.padding,) * 2, (1, 1), "relu", True)
             elif self.kind == "sequence":  # as GatedLinear runs [N, T, features]
-                x4 = x.unsqueeze(2).permute(0, 3, 1, 2)
-                y = module.gated_conv2d(x4, w[:, :, None, None], b, th, self.alive_in, self.alive_out, self.seed,
-                                        (1, 1), (0, 0), (1, 1), "relu", True).permute(0, 2, 3, 1).squeeze(2)
+                y = linear_over_positions(module.gated_conv2d, module.gated_linear, x, w, b, th, self.alive_in,
+                                          self.alive_out, self.seed, "relu", True)
             else:
                 default = getattr(module, "LINEAR_MATMUL", None)
                 if matmul:

@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .philox import sample_gates
 
@@ -107,6 +108,25 @@ def gate_examples(gate_apply_fn, branch: torch.Tensor, theta: torch.Tensor, aliv
         n, c, h, w = branch.shape
         return gated.view(n, h, w, c).permute(0, 3, 1, 2)
     return gated.view(branch.shape)
+
+
+def linear_over_positions(gated_conv2d_fn, gated_linear_fn, x: torch.Tensor, weight: torch.Tensor, bias, theta,
+                          alive_in: torch.Tensor, alive_out: torch.Tensor, seed: torch.Tensor, activation: str,
+                          training: bool) -> torch.Tensor:
+    """gated_linear over x [N, *positions, features] with a backend's ops: one gate per example and unit,
+    shared by the example's positions (as a conv shares it over H x W), so it runs as a 1x1 gated conv on
+    a channels-last [N, features, P, 1] view (no copy either way)."""
+    features, positions = x.shape[-1], math.prod(x.shape[1:-1])
+    if guard_or_false(x.shape[0] * positions == 0):
+        # No example or no position (nn.Linear takes both): no rows for the 2-D op, whose empty output and
+        # zero parameter gradients these are. A conv over no positions would be refused.
+        y = gated_linear_fn(x.reshape(0, features), weight, bias, theta, alive_in, alive_out, seed, activation,
+                            training)
+        return y.reshape(*x.shape[:-1], y.shape[1])
+    x4 = x.reshape(x.shape[0], positions, 1, features).permute(0, 3, 1, 2)
+    y4 = gated_conv2d_fn(x4, weight[:, :, None, None], bias, theta, alive_in, alive_out, seed, (1, 1), (0, 0),
+                         (1, 1), activation, training)
+    return y4.permute(0, 2, 3, 1).reshape(*x.shape[:-1], y4.shape[1])
 
 
 def gated_residual(shortcut: torch.Tensor, branch: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor,

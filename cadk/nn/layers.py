@@ -10,11 +10,10 @@ import math
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.modules.utils import _pair
 
 from .. import kernels as K
-from ..kernels.reference import check_activation
+from ..kernels.reference import check_activation, linear_over_positions
 from .gates import UnitGate
 
 
@@ -201,17 +200,8 @@ class GatedLinear(GatedLayer):
                 f"(the alive inputs of its in_gate), got shape {tuple(x.shape)}; check that in_gate is the "
                 f"gate of the layer that produces this input")
         theta, seed = self._theta_and_seed()
-        positions = math.prod(x.shape[1:-1])
-        if guard_or_false(x.shape[0] * positions == 0):
-            # No example or no position (nn.Linear takes both): no rows for the 2-D op, whose empty output
-            # and zero parameter gradients these are. A conv over no positions would be refused.
-            y = K.gated_linear(x.reshape(0, expected), self.weight, self.bias, theta, self.alive_in(),
-                               self.alive_out(), seed, self.activation, self.training)
-            return y.reshape(*x.shape[:-1], y.shape[1])
-        x4 = x.reshape(x.shape[0], positions, 1, expected).permute(0, 3, 1, 2)
-        y4 = K.gated_conv2d(x4, self.weight[:, :, None, None], self.bias, theta, self.alive_in(),
-                            self.alive_out(), seed, (1, 1), (0, 0), (1, 1), self.activation, self.training)
-        return y4.permute(0, 2, 3, 1).reshape(*x.shape[:-1], y4.shape[1])
+        return linear_over_positions(K.gated_conv2d, K.gated_linear, x, self.weight, self.bias, theta,
+                                     self.alive_in(), self.alive_out(), seed, self.activation, self.training)
 
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
