@@ -637,3 +637,18 @@ def test_registered_op_output_updated_in_place(op, gated, monkeypatch):
     _, grads_added, _ = run(fn, case, 1, add_to_output=True)
     for i in case.grad_args:
         assert torch.equal(grads_added[i], grads[i]), f"{op}: gradient {i} changed by the in-place update"
+
+
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
+def test_unsaved_output_backward_takes_an_expanded_grad(op):
+    """Without gate and activation the backward gets grad_y in place of the unsaved output: an expanded
+    grad_y (from y.sum()) with zero strides gives the reference's gradients."""
+    case = in_place_case(torch.Generator().manual_seed(5), DEVICE, op, gated=False)
+    grads = []
+    for module in (tb, ref):
+        args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in case.args]
+        leaves = [args[i].requires_grad_(True) for i in case.grad_args]
+        getattr(module, op)(*args).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
