@@ -91,6 +91,20 @@ def test_conv_backward_of_channels_last_1x1_stride_2_keeps_the_heap_intact():
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
+def test_training_forward_without_backward_does_not_keep_the_weight_alive():
+    """A training forward whose graph is dropped without a backward (a skipped step, an evaluation with
+    gradients on) leaves its gathered weight in the cache until evicted, but not the layer's weight."""
+    from cadk.nn import GatedLinear
+
+    layer, x = GatedLinear(64, 48, theta_init=0.7), torch.randn(8, 64, requires_grad=True)
+    layer.gate.prune(torch.arange(0, layer.out_units, 2))
+    layer.train()(x)
+    ref = weakref.ref(layer.weight)
+    del layer
+    gc.collect()
+    assert ref() is None, "the cache of a forward without backward still holds the layer's weight"
+
+
 def test_training_forward_under_inference_mode_keeps_nothing():
     """A training forward under torch.inference_mode (gates sampled at inference, batch-norm statistics
     recalibrated) gets no backward: no cache keeps its gathered weight or the weight itself."""

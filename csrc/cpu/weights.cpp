@@ -418,19 +418,25 @@ Tensor gather_into(const Tensor& weight, const Tensor& alive_in, const Tensor& a
 
 // The weight's identity and version counter stand for its contents, as for autograd's saved
 // tensors; holding the weight keeps its identity from passing to a new tensor.
+// The weight is held weakly: a forward that gets no backward must not keep its layer's weight alive
+// until the entry is evicted. The weak reference keeps the TensorImpl's address from being reused, so
+// comparing addresses cannot match a new tensor to a dead one.
 struct WeightKey {
-  Tensor weight;
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  const c10::TensorImpl* impl = nullptr;
   int64_t version = 0;
   const void* data = nullptr;
   std::vector<int64_t> alive_in, alive_out;
   bool operator==(const WeightKey& o) const {
-    return weight.is_same(o.weight) && version == o.version && data == o.data && alive_in == o.alive_in &&
+    return impl == o.impl && version == o.version && data == o.data && alive_in == o.alive_in &&
            alive_out == o.alive_out;
   }
 };
 
 WeightKey weight_key(const Tensor& weight, const Tensor& alive_in, const Tensor& alive_out) {
-  return {weight, weight._version(), weight.data_ptr(), index_list(alive_in), index_list(alive_out)};
+  return {c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+          weight.unsafeGetTensorImpl(), weight._version(), weight.data_ptr(), index_list(alive_in),
+          index_list(alive_out)};
 }
 
 KeptForBackward<WeightKey>& kept_weights() {
