@@ -201,21 +201,35 @@ class Run:
         return s
 
     def load(self, s: dict) -> None:
+        if not isinstance(s, dict) or not isinstance(s.get("config"), dict):
+            raise CheckpointError("the checkpoint is not a cadk checkpoint (no 'config' entry; a bare state_dict "
+                                  "or another program's file?): delete it or start without --resume")
+        needed = ["model", "opt", "step", "epoch", "history", "gen"]
+        if self.cost is not None:
+            needed += ["theta_opt", "cost", "pruner"]
+        missing = [key for key in needed if key not in s]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {missing}: it is incomplete or corrupt; delete it or start "
+                                  "without --resume")
         saved = s["config"]
         for key in ("model", "data", "dense"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
                                       f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["opt"])
-        if self.cost is not None:
-            self.theta_opt.load_state_dict(s["theta_opt"])
-            self.cost.load_state_dict(s["cost"])
-            self.pruner.load_state_dict(s["pruner"])
-        self.step, self.epoch, self.history = s["step"], s["epoch"], s["history"]
-        self.gen.set_state(s["gen"])
-        if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
-            _set_torch_rng_state(s["torch_rng"])
+        try:
+            self.model.load_state_dict(s["model"])
+            self.opt.load_state_dict(s["opt"])
+            if self.cost is not None:
+                self.theta_opt.load_state_dict(s["theta_opt"])
+                self.cost.load_state_dict(s["cost"])
+                self.pruner.load_state_dict(s["pruner"])
+            self.step, self.epoch, self.history = int(s["step"]), int(s["epoch"]), list(s["history"])
+            self.gen.set_state(s["gen"])
+            if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
+                _set_torch_rng_state(s["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
+                                  "or from another version: delete it or start without --resume") from e
 
 
 def _torch_rng_state() -> dict:

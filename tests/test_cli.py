@@ -60,3 +60,24 @@ def test_info_and_module_entry_point():
     env = dict(os.environ, CADK_BACKEND="reference")
     res = subprocess.run([sys.executable, "-m", "cadk", "info"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "cpu: active backend reference (CADK_BACKEND=reference)" in res.stdout
+
+
+@pytest.mark.parametrize("damage", ["foreign-dict", "list", "bare-state-dict", "missing-entry", "mismatched-model"])
+def test_resume_from_a_foreign_or_incomplete_checkpoint_is_a_clear_error(fmnist, tmp_path, capsys, damage):
+    """A checkpoint torch.load reads but that is not a whole cadk checkpoint for this run (another
+    program's dict, a bare state_dict, a missing entry, model entries that do not fit) is an error line
+    naming the problem, not a traceback."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1"]
+    assert main(args) == 0
+    path = out / "checkpoint.pt"
+    good = torch.load(path, weights_only=False)
+    content = {"foreign-dict": {"foo": 1}, "list": [1, 2, 3], "bare-state-dict": good["model"],
+               "missing-entry": {k: v for k, v in good.items() if k != "opt"},
+               "mismatched-model": {**good, "model": {k: v[:1] if v.dim() else v for k, v in good["model"].items()}},
+               }[damage]
+    torch.save(content, path)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "Traceback" not in err and "--resume" in err

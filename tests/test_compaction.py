@@ -95,3 +95,71 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": ""})
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def _dtype_models():
+    from cadk.nn import GatedConv2d, GatedLinear, GatedSequential
+
+    def mlp():
+        return GatedSequential(GatedLinear(5, 6, activation="relu"), GatedLinear(6, 3, gate=False))
+    return [("linear", mlp, (4, 5)), ("linear-positions", mlp, (4, 7, 5)),
+            ("conv-bn", lambda: GatedSequential(GatedConv2d(3, 6, 3, padding=1, batch_norm=True, activation="relu"),
+                                                GatedConv2d(6, 4, 3, bias=True, activation="none")), (2, 3, 7, 7)),
+            ("resnet20", lambda: cadk.build_model("resnet20", 1, 10), (2, 1, 10, 10))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,build,shape", _dtype_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_compacted_model_keeps_the_gated_models_dtype(name, build, shape, dtype):
+    """A float64 or bfloat16 gated model compacts into plain modules of its dtype (they were float32 and
+    refused its inputs), with the gate scale folded in without rounding a float64 theta to float32."""
+    gen = torch.Generator().manual_seed(0)
+    model = build()
+    randomize_bn(model, gen)
+    random_thetas(model, gen, binary=False, p_zero=0.0)
+    for g in gates_of(model):
+        if g.kind == "unit" and g.num_units > 2:
+            g.prune(torch.tensor([1]))
+    model = model.to(dtype).eval()
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    plain = cadk.compact(model)
+    assert {p.dtype for p in plain.parameters()} == {dtype}
+    with torch.no_grad():
+        want, got = model(x), plain(x)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+class _GatedTrunkPlainHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from cadk.nn import GatedConv2d
+
+        self.c1 = GatedConv2d(3, 6, 3, activation="relu")
+        self.c2 = GatedConv2d(6, 6, 1, gate=False, in_gate=self.c1.gate)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.c2(self.c1(x)).mean((2, 3))))
+
+
+def test_compacted_plain_children_own_their_parameters():
+    """Modules without a compact() of their own (a custom parent, plain children) are copied with their own
+    parameters and buffers: fine-tuning or converting the compacted model leaves the gated one alone."""
+    torch.manual_seed(0)
+    model = _GatedTrunkPlainHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+    plain = cadk.compact(model)
+    torch.testing.assert_close(plain(x), want)
+    gated_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert not any(id(t) in gated_ids for t in [*plain.parameters(), *plain.buffers()])
+    with torch.no_grad():
+        plain.head.weight.add_(1.0)
+        plain.norm.bias.add_(1.0)
+    plain.double()
+    assert model.head.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)

@@ -12,14 +12,25 @@ from ..nn import GatedLayer, UnitGate
 from ..utils import atomic_write
 
 
-def compact_module(module: nn.Module) -> nn.Module:
-    """The plain equivalent of `module`: its own compact() if it has one, else a copy with children compacted."""
+def compact_module(module: nn.Module, _memo: dict | None = None) -> nn.Module:
+    """The plain equivalent of `module`: its own compact() if it has one, else a copy with children compacted.
+
+    The copy owns its parameters, buffers and registries (hooks, ...): training or converting the compacted
+    model leaves the gated one alone. Tensors shared within the model stay shared in the copy."""
+    if module is None:
+        return None
     if hasattr(module, "compact"):
         return module.compact()
     if isinstance(module, UnitGate):
         raise TypeError("a UnitGate cannot be compacted on its own; compact the model that uses it")
+    memo = {} if _memo is None else _memo
     out = copy.copy(module)
-    out._modules = {name: compact_module(child) for name, child in module._modules.items()}
+    for key, value in module.__dict__.items():  # registries (hooks, ...) of its own, not the gated module's
+        if isinstance(value, dict):
+            out.__dict__[key] = copy.copy(value)
+    out._parameters = copy.deepcopy(module._parameters, memo)
+    out._buffers = copy.deepcopy(module._buffers, memo)
+    out._modules = {name: compact_module(child, memo) for name, child in module._modules.items()}
     return out
 
 

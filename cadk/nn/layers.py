@@ -132,9 +132,9 @@ class GatedLayer(nn.Module):
 
         theta * act(z) == act(theta * z) holds for theta >= 0 and act in {relu, none}."""
         keep = self.keep_out()
-        scale = torch.full((keep.numel(),), float(extra), device=self._all_out.device)
-        if self.out_gate is not None:
-            scale = scale * self.out_gate.theta.detach()[keep]
+        scale = torch.full((keep.numel(),), float(extra), dtype=torch.float64, device=self._all_out.device)
+        if self.out_gate is not None:  # float64: a float64 model's theta and block theta are not rounded
+            scale = scale * self.out_gate.theta.detach()[keep].double()
         return scale
 
     def prune_masks(self):
@@ -205,12 +205,13 @@ class GatedLinear(GatedLayer):
 
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
-        lin = nn.Linear(keep_in.numel(), keep_out.numel(), bias=self.bias is not None)
+        lin = nn.Linear(keep_in.numel(), keep_out.numel(), bias=self.bias is not None, device=self.weight.device,
+                        dtype=self.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight[keep_out][:, keep_in] * scale[:, None])
             if self.bias is not None:
                 lin.bias.copy_(self.bias[keep_out] * scale)
-        return _with_activation(lin.to(self.weight.device), self.activation)
+        return _with_activation(lin, self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -277,7 +278,8 @@ class GatedConv2d(GatedLayer):
     def compact(self, extra_scale: float = 1.0) -> nn.Module:
         keep_in, keep_out, scale = self.keep_in(), self.keep_out(), self.out_scale(extra_scale)
         conv = nn.Conv2d(keep_in.numel(), keep_out.numel(), self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None).to(self.weight.device)
+                         self.dilation, bias=self.bias is not None, device=self.weight.device,
+                         dtype=self.weight.dtype)
         fold_into_conv = self.bn is None
         with torch.no_grad():
             w = self.weight[keep_out][:, keep_in]
@@ -286,7 +288,8 @@ class GatedConv2d(GatedLayer):
                 conv.bias.copy_(self.bias[keep_out] * (scale if fold_into_conv else 1))
         if fold_into_conv:
             return _with_activation(conv, self.activation)
-        bn = nn.BatchNorm2d(keep_out.numel(), eps=self.bn.eps, momentum=self.bn.momentum).to(conv.weight.device)
+        bn = nn.BatchNorm2d(keep_out.numel(), eps=self.bn.eps, momentum=self.bn.momentum,
+                            device=self.bn.weight.device, dtype=self.bn.weight.dtype)
         with torch.no_grad():
             bn.weight.copy_(self.bn.weight[keep_out] * scale)
             bn.bias.copy_(self.bn.bias[keep_out] * scale)
