@@ -152,3 +152,44 @@ def test_settle_keeps_the_best_unit_of_a_gate_below_the_threshold():
     pruner.settle(0.5, [opt, topt])
     assert gate.alive_mask.tolist() == [False, False, False, False, True, False]
     assert gate.theta.tolist() == [0, 0, 0, 0, 1, 0]
+
+
+def _block_with_shifted_bn():
+    from cadk.nn import GatedBasicBlock
+
+    torch.manual_seed(0)
+    block = GatedBasicBlock(8, 8, 1, in_gate=None)
+    with torch.no_grad():  # a BN shift makes a branch over no channels visible: relu(x + theta_B * shift)
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.normal_()
+    return block
+
+
+def test_block_whose_inner_units_are_all_pruned_by_hand_is_a_pruned_block():
+    """METHOD.md: a block whose internal units are all pruned is a pruned block, also when they were pruned
+    by hand (UnitGate.prune): it computes relu(shortcut), compacts to it, and costs what that costs."""
+    block = _block_with_shifted_bn()
+    block.internal_gates()[0].prune(torch.ones(8, dtype=torch.bool))
+    assert block.is_pruned and block.layer_gate.theta.item() == 0.0
+    block.eval()
+    x = torch.randn(2, 8, 5, 5)
+    plain = cadk.compact(block)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), F.relu(x))
+        torch.testing.assert_close(plain(x), F.relu(x))
+    flops, params = cadk.ComplexityModel(block, x).expected()
+    assert (float(flops), float(params)) == (cadk.flop_count(plain, x), cadk.param_count(plain))
+
+
+def test_loaded_state_with_an_emptied_inner_gate_prunes_the_block():
+    """A state_dict whose inner gate has no unit left but whose layer gate is alive (edited by hand, or
+    saved before the rule) loads as a pruned block."""
+    block, state = _block_with_shifted_bn(), _block_with_shifted_bn().state_dict()
+    gate_key = next(k for k in state if k.endswith("alive_mask") and "layer_gate" not in k and state[k].numel() == 8)
+    state[gate_key] = torch.zeros(8, dtype=torch.bool)
+    block.load_state_dict(state)
+    assert block.is_pruned
+    with torch.no_grad():
+        x = torch.randn(2, 8, 5, 5)
+        torch.testing.assert_close(block.eval()(x), F.relu(x))

@@ -51,6 +51,15 @@ class GatedResidualBlock(nn.Module):
         self.layer_gate = UnitGate(1, theta_init, kind="layer")
         for conv in self.branch:
             conv.set_block_gate(self.layer_gate)
+        # A block whose inner units are all pruned is a pruned block (METHOD.md), however they were pruned:
+        # by hand (UnitGate.prune) or in a loaded state_dict.
+        for gate in self.internal_gates():
+            gate.prunes_with_it.append(self.layer_gate)
+        self.register_load_state_dict_post_hook(lambda block, _keys: block._prune_if_emptied())
+
+    def _prune_if_emptied(self) -> None:
+        if not self.layer_gate.is_pruned and any(g.is_pruned for g in self.internal_gates()):
+            self.layer_gate.prune(torch.ones_like(self.layer_gate.alive_mask))
 
     @staticmethod
     def _shortcut(in_planes, out_planes, stride, in_gate, theta_init) -> GatedConv2d | None:

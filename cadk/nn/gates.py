@@ -51,6 +51,9 @@ class UnitGate(nn.Module):
         self.register_buffer("sample_seed", self.seed.clone(), persistent=False)
         # alive_mask as 1/0 in theta's dtype, for the theta optimizers' masking (foreach ops need it)
         self.register_buffer("alive_factor", torch.ones(num_units), persistent=False)
+        # Gates pruned along once every unit of this one is (a block's layer gate, for its inner gates): a
+        # plain list, so they are not registered as submodules of this gate.
+        self.prunes_with_it: list[UnitGate] = []
         self.refresh()  # alive_idx
 
     @property
@@ -90,6 +93,10 @@ class UnitGate(nn.Module):
         self.alive_mask &= ~mask.to(self.alive_mask.device)
         self.theta[~self.alive_mask] = 0.0
         self.refresh()
+        if self.is_pruned:
+            for other in self.prunes_with_it:
+                if not other.is_pruned:
+                    other.prune(torch.ones_like(other.alive_mask))
 
     @torch.compiler.disable  # maybe_mark_dynamic cannot be traced: a prune inside a compiled function runs eagerly
     @torch.no_grad()
