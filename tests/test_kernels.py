@@ -1089,3 +1089,79 @@ def test_release_cached_memory_changes_no_result(gen):
     kernels.release_cached_memory()
     step(cpp_backend, False)
     assert torch.equal(got[1], held), "a gradient the caller holds changed"
+
+
+def _permuted_dense(kind: str, gen) -> torch.Tensor:
+    """Dense inputs in neither NCHW nor channels-last order, 3 channels."""
+    if kind == "ncl-transposed":
+        return torch.randn(4, 6, 3, generator=gen).transpose(1, 2)
+    if kind == "nc-transposed":
+        return torch.randn(3, 8, generator=gen).t()
+    return torch.randn(3, 4, 2, 3, generator=gen).transpose(0, 1)  # NCHW with N and C swapped
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("kind", ["ncl-transposed", "nc-transposed", "n-c-swapped"])
+def test_bn_gate_act_on_permuted_dense_input(backend, gen, kind, activation, training):
+    """x dense in another order (a transposed [N, L, C], ...): pre is saved in y's layout, so the ReLU mask
+    and theta's estimate read the values written (the Triton backend stored pre in y's order into a buffer
+    of x's order: wrong gradients)."""
+    module, device = backend
+    x = _permuted_dense(kind, gen).to(device)
+    units, alive = 5, torch.tensor([0, 2, 3], device=device)
+    weight, bias = torch.rand(units, generator=gen) + 0.5, torch.randn(units, generator=gen)
+    theta = torch.rand(units, generator=gen) * 0.8 + 0.1
+    args = [x, weight.to(device), bias.to(device), torch.zeros(units, device=device), torch.ones(units, device=device),
+            theta.to(device), alive, torch.tensor(7), 0.1, 1e-5, activation, training]
+    case = Case(args, [0, 1, 2, 5], mutated=[3, 4])
+    (y, grads, stats), (y_ref, grads_ref, stats_ref) = (run(m.bn_gate_act, case, 3) for m in (module, reference))
+    assert_close(y, y_ref, "y", torch.float32)
+    for i in case.grad_args:
+        assert_close(grads[i], grads_ref[i], f"grad {i}", torch.float32)
+
+
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d"])
+@pytest.mark.parametrize("bias_kind", ["short", "dtype", "rank"])
+def test_malformed_bias_is_refused(backend, op, bias_kind):
+    """A bias of the wrong length, dtype or rank is refused by name: a kernel reads bias[alive_out[j]]
+    through a raw pointer, so a short bias was read out of bounds on the Triton backend."""
+    module, device = backend
+    storage = torch.zeros(6, device=device)
+    storage[5] = 1000.0  # what a one-short bias would read past its end
+    bias = {"short": storage[:5], "dtype": torch.zeros(6, device=device, dtype=torch.float64),
+            "rank": torch.zeros(6, 1, device=device)}[bias_kind]
+    alive_in, alive_out = torch.tensor([0, 1], device=device), torch.tensor([0, 2, 5], device=device)
+    seed = torch.tensor(1)
+    with pytest.raises((RuntimeError, ValueError, IndexError), match="bias"):
+        if op == "gated_linear":
+            module.gated_linear(torch.randn(3, 2, device=device), torch.randn(6, 4, device=device), bias, None,
+                                alive_in, alive_out, seed, "none", True)
+        else:
+            module.gated_conv2d(torch.randn(2, 2, 5, 5, device=device), torch.randn(6, 4, 3, 3, device=device), bias,
+                                None, alive_in, alive_out, seed, 1, 1, 1, "none", True)
+
+
+@pytest.mark.parametrize("empty", ["no-filter", "no-example", "no-input-channel"])
+def test_conv_kernel_larger_than_input_is_refused(backend, empty):
+    """Also where no convolution runs (no filter, example or input channel alive), a kernel larger than the
+    padded input is refused as F.conv2d refuses it, not answered with an empty or negative-size output."""
+    module, device = backend
+    none = torch.zeros(0, dtype=torch.int64)
+    x, alive_in, alive_out = {"no-filter": (torch.randn(2, 2, 2, 2), torch.tensor([0, 1]), none),
+                              "no-example": (torch.randn(0, 2, 1, 1), torch.tensor([0, 1]), torch.tensor([0, 2])),
+                              "no-input-channel": (torch.randn(2, 0, 1, 1), none, torch.tensor([0, 2]))}[empty]
+    with pytest.raises(RuntimeError, match="(?i)kernel"):
+        module.gated_conv2d(x.to(device), torch.randn(6, 4, 3, 3, device=device), None, torch.rand(6, device=device),
+                            alive_in.to(device), alive_out.to(device), torch.tensor(1))
+
+
+def test_bn_vector_of_the_wrong_size_is_named(backend):
+    """A BN weight of 5 entries for 6 units (its running statistics) is reported as the weight's fault, not
+    as an alive list out of range."""
+    module, device = backend
+    c = 6
+    with pytest.raises(RuntimeError, match="weight"):
+        module.bn_gate_act(torch.randn(3, 3, 2, device=device), torch.randn(5, device=device),
+                           torch.randn(c, device=device), torch.zeros(c, device=device), torch.ones(c, device=device),
+                           torch.rand(c, device=device), torch.tensor([0, 2, 5], device=device), torch.tensor(1))

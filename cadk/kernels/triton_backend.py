@@ -193,8 +193,8 @@ def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.devic
            lambda: f"batch {n} x {units} units exceeds the 2^31 Philox counter range; split the batch")
 
 
-def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor, theta: Optional[Tensor],
-                 layout: str, weight_layout: str) -> None:
+def _check_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], alive_in: Tensor, alive_out: Tensor,
+                 theta: Optional[Tensor], layout: str, weight_layout: str) -> None:
     """Checks shared by gated_linear and gated_conv2d."""
     dims = layout.count(",") + 1
     _check_input(x, layout, x.dim() == dims)
@@ -205,6 +205,11 @@ def _check_dense(x: Tensor, weight: Tensor, alive_in: Tensor, alive_out: Tensor,
     _check_alive(alive_in, x.shape[1], weight.shape[1], "alive_in", x.device)
     _check_alive(alive_out, alive_out.shape[0], weight.shape[0], "alive_out", x.device)
     _check_gate(theta, x.shape[0], weight.shape[0], x.device)
+    if bias is not None:  # the kernels read bias[alive_out[a]] through a raw pointer
+        _check(bias.dim() == 1 and bias.numel() == weight.shape[0] and bias.dtype == x.dtype,
+               lambda: f"bias must be a {x.dtype} vector of the {weight.shape[0]} output units, got shape "
+                       f"{tuple(bias.shape)} and {bias.dtype}")
+        _check(bias.device == x.device, lambda: f"bias is on {bias.device} but x on {x.device}; move it")
 
 
 def _is_relu(activation: str) -> bool:
@@ -327,7 +332,9 @@ def _channel_fwd(z: Tensor, theta: Optional[Tensor], alive: Tensor, seed: Tensor
     else:
         y = torch.empty_like(z) if dense else torch.empty_like(z, memory_format=torch.contiguous_format)
     y3 = _nas(y)
-    pre3 = (z3 if reuse_z else torch.empty_like(z3)) if store_pre else y3.new_empty(0)
+    # The kernel stores pre at y's offsets: a buffer of its own takes y3's strides (z3's differ when z is
+    # dense in another order, e.g. a transposed [N, C, L]); a reused z has y's strides (y = empty_like(z)).
+    pre3 = (z3 if reuse_z else torch.empty_like(y3)) if store_pre else y3.new_empty(0)
     if z3.numel() > 0:
         n, a, s = z3.shape
         blocks, rows, grid = _plan(z3)
@@ -529,7 +536,7 @@ def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
-    _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
+    _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
     bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     n, k, a = x.shape[0], x.shape[1], alive_out.numel()
@@ -589,14 +596,18 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, stride: list[int],
                      padding: list[int], dilation: list[int], activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
-    _check_dense(x, weight, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
+    _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
                  "[out, in, kh, kw]")
     bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     b = _gather_vec(bias, alive_out)
     if x.shape[0] == 0 or x.shape[1] == 0 or alive_out.numel() == 0:
         # No conv to run; torch's conv rejects zero output channels and mis-shapes zero inputs.
-        z = x.new_zeros((x.shape[0], alive_out.numel(), *_conv_out_hw(x, weight, stride, padding, dilation)))
+        hw = _conv_out_hw(x, weight, stride, padding, dilation)
+        _check(hw[0] > 0 and hw[1] > 0,
+               lambda: f"gated_conv2d: padded input {tuple(x.shape[2:])} + 2 * {tuple(padding)} is smaller than the "
+                       f"(dilated) kernel {tuple(weight.shape[2:])}: Kernel size can't be greater than actual input size")
+        z = x.new_zeros((x.shape[0], alive_out.numel(), *hw))
         shift = b
     else:
         # The bias goes to the conv, which adds it before rounding to x's dtype as F.conv2d does.
@@ -638,8 +649,9 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
 
 def _check_bn_vectors(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
                       device: torch.device) -> None:
-    """The kernels index these by unit: one entry per unit each, 1-D, on x's device."""
-    units = weight.numel()
+    """The kernels index these by unit: one entry per unit each, 1-D, on x's device. The running
+    statistics (buffers of the BN layer) give the unit count, so a wrong-sized weight is named as such."""
+    units = running_mean.numel()
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check(v.dim() == 1 and v.numel() == units and v.is_floating_point(),
                lambda: f"bn_gate_act: {name} must be a float vector of the {units} units, got shape "
@@ -652,11 +664,11 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
                     theta: Optional[Tensor], alive: Tensor, seed: Tensor, eps: float, activation: str,
                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_input(x, "[N, alive.numel(), ...]", x.dim() >= 2)
+    _check_bn_vectors(weight, bias, running_mean, running_var, x.device)  # first: the others take its count
     _check_alive(alive, x.shape[1], weight.numel(), "alive", x.device)
     _check_gate(theta, x.shape[0], weight.numel(), x.device)
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
-    _check_bn_vectors(weight, bias, running_mean, running_var, x.device)
     weight, bias, theta, alive = _dense(weight, bias, theta, alive)
     mean, var, scale, shift = _bn_coefficients(x, weight, bias, running_mean, running_var, alive, eps, training)
     y, pre = _channel_fwd(x, theta, alive, _seed_on(seed, x.device), training, _is_relu(activation),

@@ -10,12 +10,14 @@
 namespace cadk::cpu::CADK_ISA {
 namespace {
 
-void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
+void check_bn(const Tensor& x, const Tensor& alive, const OptTensor& theta,
               const Tensor& seed, std::initializer_list<std::pair<const Tensor*, const char*>> vectors) {
   check_cpu(x, "x");
   check_compute_dtype(x, "x");
   TORCH_CHECK(x.dim() >= 2, "cadk bn_gate_act: x must be [N, alive.numel(), ...], got shape ", x.sizes());
-  const int64_t units = weight.numel();
+  // The first vector gives the unit count: in the forward the running statistics (buffers of the BN
+  // layer), so a weight or bias of the wrong size is named as such.
+  const int64_t units = vectors.begin()->first->numel();
   for (const auto& [t, name] : vectors) check_vector(*t, units, name);
   check_vector(theta, units, "theta");
   check_alive(alive, x.size(1), units, "alive");
@@ -110,8 +112,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed,
-           {{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}});
+  check_bn(x, alive, theta, seed,
+           {{&running_mean, "running_mean"}, {&running_var, "running_var"}, {&weight, "weight"}, {&bias, "bias"}});
   const Act act = parse_activation(activation);
   const Tensor xc = in_format(x, format_of(x));
   const Rows v = rows_of(xc);
@@ -192,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
     const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed, {{&weight, "weight"}});
+  check_bn(x, alive, theta, seed, {{&weight, "weight"}});
   const Act act = parse_activation(activation);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && pre.sizes() == x.sizes(), "cadk bn_gate_act: grad_y ",
               grad_y.sizes(), " and pre ", pre.sizes(), " must both match x ", x.sizes());

@@ -236,12 +236,14 @@ __global__ void running_stats_kernel(run_t* running_mean, int64_t mean_stride, r
   update_running_stats(running_mean, mean_stride, running_var, var_stride, j, mean[c], var[c], momentum, unbias);
 }
 
-void check_bn(const Tensor& x, const Tensor& weight, const Tensor& alive, const OptTensor& theta,
+void check_bn(const Tensor& x, const Tensor& alive, const OptTensor& theta,
               const Tensor& seed, std::initializer_list<std::pair<const Tensor*, const char*>> vectors) {
   TORCH_CHECK(x.is_cuda(), "cadk bn_gate_act: x must be a CUDA tensor here, got ", x.device());
   check_float(x, "x");
   TORCH_CHECK(x.dim() >= 2, "cadk bn_gate_act: x must be [N, alive.numel(), ...], got shape ", x.sizes());
-  const int64_t units = weight.numel();
+  // The first vector gives the unit count: in the forward the running statistics (buffers of the BN
+  // layer), so a weight or bias of the wrong size is named as such.
+  const int64_t units = vectors.begin()->first->numel();
   for (const auto& [t, name] : vectors) check_vector(*t, units, x, name);
   check_vector(theta, units, x, "theta");
   check_alive(alive, x.size(1), units, x, "alive");
@@ -285,8 +287,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
     const Tensor& running_var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed,
-           {{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}});
+  check_bn(x, alive, theta, seed,
+           {{&running_mean, "running_mean"}, {&running_var, "running_var"}, {&weight, "weight"}, {&bias, "bias"}});
   const bool relu = parse_relu(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = format_of(x);
@@ -329,7 +331,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& pre, const Tensor& mean,
     const Tensor& var, const OptTensor& theta, const Tensor& alive, const Tensor& seed, double eps,
     c10::string_view activation, bool training) {
-  check_bn(x, weight, alive, theta, seed, {{&weight, "weight"}});
+  check_bn(x, alive, theta, seed, {{&weight, "weight"}});
   check_cuda(grad_y, x, "grad_y");
   check_cuda(pre, x, "pre");
   check_cuda(mean, x, "mean");
