@@ -204,6 +204,13 @@ class Run:
         if not isinstance(s, dict) or not isinstance(s.get("config"), dict):
             raise CheckpointError("the checkpoint is not a cadk checkpoint (no 'config' entry; a bare state_dict "
                                   "or another program's file?): delete it or start without --resume")
+        # The settings first: a whole checkpoint of another run (e.g. --dense, which has no theta_opt, cost,
+        # pruner) is a mismatch to name, not an incomplete file to delete.
+        saved = s["config"]
+        for key in ("model", "data", "dense"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
+                                      f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
         needed = ["model", "opt", "step", "epoch", "history", "gen"]
         if self.cost is not None:
             needed += ["theta_opt", "cost", "pruner"]
@@ -211,11 +218,6 @@ class Run:
         if missing:
             raise CheckpointError(f"the checkpoint lacks {missing}: it is incomplete or corrupt; delete it or start "
                                   "without --resume")
-        saved = s["config"]
-        for key in ("model", "data", "dense"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
-                                      f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
         try:
             self.model.load_state_dict(s["model"])
             self.opt.load_state_dict(s["opt"])
@@ -227,6 +229,8 @@ class Run:
             self.gen.set_state(s["gen"])
             if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
                 _set_torch_rng_state(s["torch_rng"])
+        except torch.OutOfMemoryError:  # a RuntimeError, but no fault of the checkpoint: not one to delete
+            raise
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
                                   "or from another version: delete it or start without --resume") from e

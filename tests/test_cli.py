@@ -81,3 +81,29 @@ def test_resume_from_a_foreign_or_incomplete_checkpoint_is_a_clear_error(fmnist,
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "Traceback" not in err and "--resume" in err
+
+
+def test_resume_names_a_settings_mismatch_before_missing_entries(fmnist, tmp_path, capsys):
+    """A whole checkpoint of a --dense run (which has no theta optimizer, cost or pruner) resumed without
+    --dense is a settings mismatch to name, not an incomplete file to delete."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    assert main([*base, "--dense"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "dense=True" in err and "corrupt" not in err, err
+
+
+def test_out_of_memory_while_resuming_is_not_called_a_corrupt_checkpoint(fmnist, tmp_path, capsys, monkeypatch):
+    """torch.OutOfMemoryError is a RuntimeError, but no fault of the checkpoint: it propagates as itself."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    assert main(base) == 0
+
+    def out_of_memory(self, state):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", out_of_memory)
+    capsys.readouterr()
+    with pytest.raises(torch.OutOfMemoryError):
+        main([*base, "--epochs", "2", "--resume"])
+    assert "delete it" not in capsys.readouterr().err

@@ -163,3 +163,31 @@ def test_compacted_plain_children_own_their_parameters():
     assert model.head.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
+
+
+def test_compaction_keeps_tensors_and_modules_shared_across_children():
+    """One deepcopy memo for the whole compaction: plain children of a GatedSequential that share a weight, or
+    one module reached twice, stay shared in the copy (each child's own memo had untied them)."""
+    from cadk.nn import GatedLinear, GatedSequential
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = GatedSequential(a, b, GatedLinear(4, 3, gate=False)).eval()
+    plain = cadk.compact(model)
+    assert plain[0].weight is plain[1].weight and plain[0].weight is not model[0].weight
+    assert cadk.param_count(plain) == cadk.param_count(model)
+    lin = nn.Linear(5, 5)
+    twice = GatedSequential(GatedSequential(lin, GatedLinear(5, 5, activation="relu"), GatedLinear(5, 3, gate=False)),
+                            lin)
+    plain = cadk.compact(twice.eval())
+    assert plain[0][0].weight is plain[1].weight
+
+
+def test_compacted_plain_module_has_registries_of_its_own():
+    """Dicts and sets of a copied module (hooks, _non_persistent_buffers_set) are its own."""
+    model = _GatedTrunkPlainHead().eval()
+    plain = cadk.compact(model)
+    plain.norm.register_buffer("scratch", torch.zeros(1), persistent=False)
+    plain.head.register_forward_hook(lambda *args: None)
+    assert "scratch" not in model.norm._non_persistent_buffers_set and not model.head._forward_hooks

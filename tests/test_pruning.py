@@ -193,3 +193,21 @@ def test_loaded_state_with_an_emptied_inner_gate_prunes_the_block():
     with torch.no_grad():
         x = torch.randn(2, 8, 5, 5)
         torch.testing.assert_close(block.eval()(x), F.relu(x))
+
+
+def test_whole_gated_model_pickles_and_its_blocks_keep_the_rule():
+    """torch.save(model) pickles the blocks' load hook (a lambda could not be pickled); the loaded copy's
+    inner gates prune the copy's own layer gates."""
+    import io
+
+    model = cadk.build_model("resnet20", 3, 10).eval()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), model(x))
+    blocks = [m for m in loaded.modules() if hasattr(m, "internal_gates")]
+    gate = blocks[1].internal_gates()[0]
+    gate.prune(torch.ones_like(gate.alive_mask))
+    assert blocks[1].is_pruned and not [m for m in model.modules() if hasattr(m, "internal_gates")][1].is_pruned

@@ -2,6 +2,7 @@
 with pruned units, filters and blocks physically removed and the surviving theta folded into weights."""
 from __future__ import annotations
 
+import contextvars
 import copy
 
 import torch
@@ -12,25 +13,40 @@ from ..nn import GatedLayer, UnitGate
 from ..utils import atomic_write
 
 
-def compact_module(module: nn.Module, _memo: dict | None = None) -> nn.Module:
+# The deepcopy memo of the compaction in progress: compact() methods (GatedSequential, GatedVGG, ...) call
+# compact_module once per child, and every call must share one memo for tensors shared across children
+# (tied weights, a module used twice) to stay shared in the copy.
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cadk_compact_memo", default=None)
+
+
+def compact_module(module: nn.Module) -> nn.Module:
     """The plain equivalent of `module`: its own compact() if it has one, else a copy with children compacted.
 
     The copy owns its parameters, buffers and registries (hooks, ...): training or converting the compacted
-    model leaves the gated one alone. Tensors shared within the model stay shared in the copy."""
+    model leaves the gated one alone. Tensors shared within the model stay shared in the copy: the outermost
+    call starts the deepcopy memo that every nested call shares."""
     if module is None:
         return None
+    memo = _MEMO.get()
+    token = _MEMO.set({} if memo is None else memo)
+    try:
+        return _compact_module(module, _MEMO.get())
+    finally:
+        _MEMO.reset(token)
+
+
+def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
     if hasattr(module, "compact"):
         return module.compact()
     if isinstance(module, UnitGate):
         raise TypeError("a UnitGate cannot be compacted on its own; compact the model that uses it")
-    memo = {} if _memo is None else _memo
     out = copy.copy(module)
     for key, value in module.__dict__.items():  # registries (hooks, ...) of its own, not the gated module's
-        if isinstance(value, dict):
+        if isinstance(value, (dict, set)):  # sets too: _non_persistent_buffers_set
             out.__dict__[key] = copy.copy(value)
     out._parameters = copy.deepcopy(module._parameters, memo)
     out._buffers = copy.deepcopy(module._buffers, memo)
-    out._modules = {name: compact_module(child, memo) for name, child in module._modules.items()}
+    out._modules = {name: compact_module(child) for name, child in module._modules.items()}
     return out
 
 

@@ -41,6 +41,10 @@ class _ZeroGrads(torch.autograd.Function):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.likes))
 
 
+def _prune_if_emptied_after_load(block: "GatedResidualBlock", _incompatible_keys) -> None:
+    block._prune_if_emptied()
+
+
 class GatedResidualBlock(nn.Module):
     """Shared machinery; subclasses build `branch` (a list of GatedConv2d) and `shortcut`."""
 
@@ -55,7 +59,9 @@ class GatedResidualBlock(nn.Module):
         # by hand (UnitGate.prune) or in a loaded state_dict.
         for gate in self.internal_gates():
             gate.prunes_with_it.append(self.layer_gate)
-        self.register_load_state_dict_post_hook(lambda block, _keys: block._prune_if_emptied())
+        # A module-level function, not a lambda: the hook lives in the module's __dict__, which torch.save(model)
+        # and pickle must be able to pickle.
+        self.register_load_state_dict_post_hook(_prune_if_emptied_after_load)
 
     def _prune_if_emptied(self) -> None:
         if not self.layer_gate.is_pruned and any(g.is_pruned for g in self.internal_gates()):
