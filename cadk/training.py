@@ -90,6 +90,11 @@ class Run:
             self.warmup_steps = int(cfg.warmup_epochs * self.steps_per_epoch)
             settle = self._settle_epoch()
             self.settle_step = int(settle * self.steps_per_epoch) if settle > 0 else None
+            if self.settle_step is not None and self.settle_step <= self.warmup_steps:
+                raise ValueError(f"settling at epoch {settle:g} comes before the warm-up ends ({cfg.warmup_epochs:g} "
+                                 "epochs): no structure would have been learnt, and rounding thetas that all sit "
+                                 "at 1 prunes everything; pass a later --settle-epoch, a shorter --warmup-epochs, "
+                                 "or --settle-epoch 0")
             self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
         self.step = 0
         self.epoch = 0
@@ -166,8 +171,12 @@ class Run:
         threshold = self.cost.settle_threshold()
         events = self.pruner.settle(threshold, [self.opt, self.theta_opt])
         flops, params = self.cost.deployed_ratios()
+        over = ""
+        if self.cost.target is not None and (flops if self.cost.target_kind == "flops" else params) > self.cost.target:
+            over = (f"; over the {100 * self.cost.target:.0f}% budget: the structures left all sit at theta 1, which "
+                    "rounding keeps (train longer or with a larger --lam before settling)")
         return events + [f"settled at theta > {threshold:.3f}: FLOPs {100 * flops:.1f}%, params {100 * params:.1f}% "
-                         "of dense; thetas fixed at 1 from here on"]
+                         f"of dense{over}; thetas fixed at 1 from here on"]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> float:

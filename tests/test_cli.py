@@ -107,3 +107,12 @@ def test_out_of_memory_while_resuming_is_not_called_a_corrupt_checkpoint(fmnist,
     with pytest.raises(torch.OutOfMemoryError):
         main([*base, "--epochs", "2", "--resume"])
     assert "delete it" not in capsys.readouterr().err
+
+
+def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
+    """--epochs 2 with a budget settles at 0.8 epochs by default, inside the 1-epoch warm-up: every theta is
+    still 1 and rounding would prune the whole network. An error line says what to change."""
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), "--epochs", "2",
+                 "--batch-size", "32", "--target-flops", "0.4", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "warm-up" in err and "--settle-epoch" in err

@@ -147,6 +147,12 @@ def test_cost_rejects_bad_knobs():
         cadk.ComplexityCost(model, x, target_flops=0.0)
     with pytest.raises(ValueError, match="no cadk gated layers"):
         cadk.ComplexityModel(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    for knobs in ({"lam": float("nan")}, {"alpha": float("nan")}, {"lam": float("inf")}):  # NaN passed lam < 0
+        with pytest.raises(ValueError, match="finite"):
+            cadk.ComplexityCost(model, x, **knobs)
+    for lam_lr in (-0.02, float("nan")):  # the budget controller would run the wrong way
+        with pytest.raises(ValueError, match="lam_lr"):
+            cadk.ComplexityCost(model, x, target_flops=0.5, lam_lr=lam_lr)
 
 
 @pytest.mark.parametrize("input_grad", [False, True], ids=["data", "hidden"])
@@ -164,3 +170,39 @@ def test_training_step_flops_match_plain_layer(input_grad):
             layer(x).sum().backward()
         counts.append(fc.get_total_flops())
     assert counts[0] == counts[1]
+
+
+class _StreamNet(nn.Module):
+    """A residual stream with a stream -> stream layer: one gate on its input and its output side."""
+
+    def __init__(self):
+        super().__init__()
+        from cadk.nn import GatedLinear
+
+        self.a = GatedLinear(4, 5, activation="relu")
+        self.b = GatedLinear(5, 5, activation="relu", gate=self.a.gate, in_gate=self.a.gate)
+        self.fc = GatedLinear(5, 3, gate=False, in_gate=self.a.gate)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.fc(h + self.b(h))
+
+
+def test_expected_cost_of_a_layer_with_one_gate_on_both_sides_is_the_mean_over_structures():
+    """Its k x k pairs have mean E[k^2] = n^2 - sum theta^2 + n, not n^2 (xi_j * xi_j = xi_j): checked against
+    the exact mean over all 2^5 structures, each counted by the same model at 0/1 thetas."""
+    import itertools
+
+    net = _StreamNet()
+    cm = cadk.ComplexityModel(net, torch.randn(2, 4))
+    gate, p = net.a.gate, torch.tensor([0.9, 0.2, 0.5, 0.7, 0.4])
+    with torch.no_grad():
+        gate.theta.copy_(p)
+    want_flops = want_params = 0.0
+    for bits in itertools.product([0.0, 1.0], repeat=5):
+        xi = torch.tensor(bits)
+        weight = float(torch.prod(torch.where(xi > 0, p, 1 - p)))
+        flops, params = cm.expected({gate: xi})
+        want_flops, want_params = want_flops + weight * float(flops), want_params + weight * float(params)
+    flops, params = (float(v.detach()) for v in cm.expected())
+    assert flops == pytest.approx(want_flops) and params == pytest.approx(want_params)

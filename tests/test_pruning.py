@@ -211,3 +211,81 @@ def test_whole_gated_model_pickles_and_its_blocks_keep_the_rule():
     gate = blocks[1].internal_gates()[0]
     gate.prune(torch.ones_like(gate.alive_mask))
     assert blocks[1].is_pruned and not [m for m in model.modules() if hasattr(m, "internal_gates")][1].is_pruned
+
+
+def test_settle_meets_the_budget_its_threshold_claims_when_the_guard_keeps_a_unit():
+    """The threshold is chosen on the network settle leaves: the last-unit guard keeps the best unit of a
+    gate the threshold would empty, which the choice had counted as width 0 (twice the budget here)."""
+    from cadk.models.small import GatedVGG
+
+    torch.manual_seed(0)
+    model, x = GatedVGG([8, 8], 1, 10), torch.randn(2, 1, 16, 16)
+    cost = cadk.ComplexityCost(model, x, target_flops=0.15)
+    first, second = (m.out_gate for m in model.features)
+    with torch.no_grad():
+        first.theta.fill_(0.9)
+        second.theta.fill_(0.6)
+    threshold = cost.settle_threshold()
+    cadk.Pruner(model).settle(threshold)
+    flops, _ = cost.deployed_ratios()
+    assert cadk.flop_count(cadk.compact(model.eval()), x[:1]) == pytest.approx(flops * cost.complexity.dense_flops)
+    assert flops <= 0.15, f"settled at theta > {threshold:.3f} to {flops:.3f} of dense FLOPs, budget 0.15"
+
+
+def test_settle_threshold_with_no_theta_above_one_half():
+    """Nothing left to round away above 1/2: the threshold is 1/2 (an IndexError before)."""
+    model = cadk.build_model("mlp", 1, 10, image_size=8, hidden=(32,))
+    cost = cadk.ComplexityCost(model, torch.randn(2, 1, 8, 8), target_params=0.001)
+    with torch.no_grad():
+        for g in gates_of(model):
+            g.theta.fill_(0.4)
+    assert cost.settle_threshold() == 0.5
+
+
+def test_pruned_block_leaves_the_optimizer_step():
+    """A pruned block's parameters, its last conv's BN included (keyed by the stream gate, which stays alive),
+    and its thetas' optimizer moments are zeroed: SGD with momentum and weight decay no longer moves them."""
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    weights, gates = cadk.split_parameters(model)
+    opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    theta_opt = cadk.ThetaAdam(gates, lr=0.01)
+    pruner = cadk.Pruner(model, patience=1, every=1)
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+
+    def step():
+        opt.zero_grad()
+        theta_opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        theta_opt.step()
+        pruner.step([opt, theta_opt])
+
+    step()
+    step()
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.layer_gate.theta.zero_()
+    pruner.step([opt, theta_opt])
+    assert block.is_pruned
+    bn = block.branch[-1].bn
+    before = [p.detach().clone() for p in (bn.weight, bn.bias)]
+    for _ in range(3):
+        step()
+    for b, p in zip(before, (bn.weight, bn.bias)):
+        assert torch.equal(b, p.detach()), "a pruned block's parameters still move in the optimizer step"
+    for g in [block.layer_gate, *block.internal_gates()]:
+        assert all(theta_opt.state[g.theta][k].abs().sum() == 0 for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_settle_keeps_structures_at_theta_one_when_rounding_cannot_meet_the_budget():
+    """All thetas at 1 but four units at 0.7, budget 90% of FLOPs: removing the four misses it. The threshold
+    keeps every structure at theta 1 (over budget) instead of jumping to 1 and pruning the whole network."""
+    model, x = cadk.build_model("resnet20", 1, 10), torch.randn(2, 1, 16, 16)
+    cost = cadk.ComplexityCost(model, x, target_flops=0.9)
+    with torch.no_grad():
+        model.blocks[0].branch[0].gate.theta[:4] = 0.7
+    threshold = cost.settle_threshold()
+    assert threshold == pytest.approx(0.7)
+    cadk.Pruner(model).settle(threshold)
+    assert all(not b.is_pruned for b in model.blocks) and cost.deployed_ratios()[0] > 0.9

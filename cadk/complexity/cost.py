@@ -48,8 +48,10 @@ class ComplexityCost:
                  lam_lr: float = 0.02, ramp_steps: int = 0):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta (FLOPs vs params weight) must lie in [0, 1], got {beta}")
-        if alpha < 0 or lam < 0:
-            raise ValueError(f"lam and alpha must be >= 0, got lam={lam}, alpha={alpha}")
+        if not (0 <= alpha < math.inf and 0 <= lam < math.inf):  # NaN fails every comparison
+            raise ValueError(f"lam and alpha must be finite and >= 0, got lam={lam}, alpha={alpha}")
+        if not 0 <= lam_lr < math.inf:
+            raise ValueError(f"lam_lr must be finite and >= 0, got {lam_lr}")
         if target_flops is not None and target_params is not None:
             raise ValueError("give one budget: target_flops or target_params, not both")
         target = target_flops if target_flops is not None else target_params
@@ -85,29 +87,44 @@ class ComplexityCost:
         self._adapt_lam(stats)
         return stats
 
-    def deployed_ratios(self, above: float = 0.0) -> tuple[float, float]:
+    def deployed_ratios(self, above: float = 0.0, guard: bool = False) -> tuple[float, float]:
         """FLOPs and params ratios of the network that keeps every alive structure with theta > `above`
-        (0: what compaction would produce now; 0.5: what rounding the thetas would give)."""
+        (0: what compaction would produce now; 0.5: what rounding the thetas would give). With `guard`,
+        a unit gate left with no unit keeps its best alive unit, as `Pruner.settle` does (last-unit guard)."""
         with torch.no_grad():
-            kept = {g: (g.theta > above).to(g.theta.dtype) for g in self.complexity.gates()}
+            kept = {}
+            for g in self.complexity.gates():
+                k = (g.theta > above) & g.alive_mask
+                if guard and g.kind == "unit" and g.num_alive > 0 and not bool(k.any()):
+                    k = k.clone()
+                    k[torch.where(g.alive_mask, g.theta, torch.full_like(g.theta, -1.0)).argmax()] = True
+                kept[g] = k.to(g.theta.dtype)
             flops, params = self.complexity.expected(kept)
         return float(flops) / self.complexity.dense_flops, float(params) / self.complexity.dense_params
 
     def settle_threshold(self) -> float:
         """The smallest theta threshold >= ROUND_AT such that keeping only the structures with theta above
-        it meets the final budget (ROUND_AT without a budget): what `Pruner.settle` is given."""
+        it meets the final budget (ROUND_AT without a budget): what `Pruner.settle` is given.
+
+        Structures at theta = 1 always stay (rounding keeps them): where removing every fractional one
+        still misses the budget, the threshold keeps exactly those, over budget, rather than remove
+        structures the thetas have all chosen (which would leave next to nothing of the network)."""
         if self.target is None:
             return ROUND_AT
         index = 0 if self.target_kind == "flops" else 1
-        if self.deployed_ratios(ROUND_AT)[index] <= self.target:
+        # guard=True: the network Pruner.settle leaves, which keeps the best unit of a gate it would empty
+        if self.deployed_ratios(ROUND_AT, guard=True)[index] <= self.target:
             return ROUND_AT
         with torch.no_grad():
-            values = torch.cat([g.theta[g.alive_mask & (g.theta > ROUND_AT)] for g in self.complexity.gates()])
+            values = torch.cat([g.theta[g.alive_mask & (g.theta > ROUND_AT) & (g.theta < 1)]
+                                for g in self.complexity.gates()])
         candidates = torch.unique(values).tolist()  # sorted: rounding above candidates[i] keeps fewer
-        lo, hi = 0, len(candidates) - 1  # the largest candidate keeps nothing above it
+        if not candidates:  # nothing fractional above 1/2 is left to round away: the budget cannot be met
+            return ROUND_AT
+        lo, hi = 0, len(candidates) - 1  # the largest keeps only theta = 1: taken if nothing smaller meets it
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.deployed_ratios(candidates[mid])[index] <= self.target:
+            if self.deployed_ratios(candidates[mid], guard=True)[index] <= self.target:
                 hi = mid
             else:
                 lo = mid + 1

@@ -9,7 +9,8 @@ expected n_in live inputs and n_out live outputs inside a block with layer gate 
 
 with n = sum of theta over alive units of the gate (or the fixed width for ungated sides). At theta in
 {0, 1} this is exactly the count of the compacted network; for fractional theta it is the mean over
-structures sampled from the gates (the polynomial is multilinear: no gate multiplies itself).
+structures sampled from the gates: the polynomial is multilinear, except in a layer with one gate on
+both sides (stream -> stream), whose k x k pairs have mean E[k^2] = n^2 - sum theta^2 + n.
 """
 from __future__ import annotations
 
@@ -41,8 +42,15 @@ class LayerTerm:
         n_in = self._n(self.layer.in_gate, self.layer.in_units, theta)
         n_out = self._n(self.layer.out_gate, self.layer.out_units, theta)
         block = 1.0 if self.layer.block_gate is None else self._n(self.layer.block_gate, 1, theta)
-        flops = 2 * self.macs_per_pair * n_in * n_out * block
-        params = (self.weights_per_pair * n_in * n_out + self.extra_per_out * n_out) * block
+        pairs = n_in * n_out
+        gate = self.layer.out_gate
+        if gate is not None and gate is self.layer.in_gate:
+            # one gate on both sides (e.g. a stream -> stream layer): E[k^2] = n^2 - sum theta^2 + n, since
+            # xi_j * xi_j = xi_j; keeps the polynomial the mean over sampled structures (equal at 0/1 thetas)
+            t = (gate.theta if theta is None else theta[gate]) * gate.alive_mask
+            pairs = pairs - (t.double() ** 2).sum() + n_out
+        flops = 2 * self.macs_per_pair * pairs * block
+        params = (self.weights_per_pair * pairs + self.extra_per_out * n_out) * block
         return torch.as_tensor(flops, dtype=torch.float64), torch.as_tensor(params, dtype=torch.float64)
 
     def dense_params(self) -> int:

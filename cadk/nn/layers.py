@@ -141,6 +141,8 @@ class GatedLayer(nn.Module):
         """(tensor, keep mask broadcastable to it) for every parameter touched by pruned units."""
         out_keep = self._keep_mask(self.out_gate, self.out_units)
         in_keep = self._keep_mask(self.in_gate, self.in_units)
+        if self.block_gate is not None and self.block_gate.is_pruned:  # the whole branch left the network
+            out_keep, in_keep = torch.zeros_like(out_keep), torch.zeros_like(in_keep)
         view = (-1,) + (1,) * (self.weight.dim() - 1)
         yield self.weight, out_keep.view(view) & in_keep.view((1, -1) + (1,) * (self.weight.dim() - 2))
         if self.bias is not None:

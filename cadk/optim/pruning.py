@@ -87,6 +87,11 @@ class Pruner:
                     for buf in opt.state.get(tensor, {}).values():
                         if torch.is_tensor(buf) and buf.shape == tensor.shape:
                             buf.mul_(keep)
+        for g in self.gates:  # pruned thetas' moments (their theta is pinned at 0 by the projection)
+            for opt in optimizers:
+                for buf in opt.state.get(g.theta, {}).values():
+                    if torch.is_tensor(buf) and buf.shape == g.theta.shape:
+                        buf.mul_(g.alive_mask)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}
