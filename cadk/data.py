@@ -9,6 +9,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +53,15 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DatasetError(f"cannot read IDX file {path}: {e}; the file is missing or corrupt") from e
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip header with a damaged stream
+        raise DatasetError(f"cannot read IDX file {path}: {e}; the file is missing or corrupt "
+                           "(re-download or reinstall it)") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetError(f"{path} is not a uint8 IDX file (bad magic {raw[:4].hex()})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated: its header names {ndim} dimensions but the file holds "
+                           f"{len(raw)} bytes; the file is corrupt (re-download or reinstall it)")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -102,13 +107,23 @@ def _cifar_part(paths: list[str], label_key: bytes) -> tuple[torch.Tensor, torch
     xs, ys = [], []
     for p in paths:
         d = _unpickle(p)
-        if b"data" not in d or label_key not in d:
+        if not isinstance(d, dict) or b"data" not in d or label_key not in d:
             raise DatasetError(f"{p} lacks the keys b'data' and {label_key!r}: not a CIFAR batch of this kind")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(d[label_key]) != len(data):
-            raise DatasetError(f"{p}: expected data [N, 3072] and N labels, got {data.shape}")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        try:
+            raw = np.asarray(d[b"data"])
+            labels = np.asarray(d[label_key])
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{p}: data or labels are not arrays ({e}): not a CIFAR batch") from e
+        if (raw.ndim != 2 or raw.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(raw)
+                or not (np.issubdtype(raw.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer))):
+            raise DatasetError(f"{p}: expected integer data [N, 3072] and N integer labels, got data "
+                               f"{raw.shape} {raw.dtype}, labels {labels.shape} {labels.dtype}: corrupt or not a "
+                               "CIFAR 'python version' batch")
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetError(f"{p}: pixel values span [{raw.min()}, {raw.max()}], not [0, 255]: corrupt or not "
+                               "a CIFAR 'python version' batch")
+        xs.append(raw.astype(np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(labels.astype(np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -140,7 +155,26 @@ LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "cifar1
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)}")
-    return LOADERS[name](data_dir)
+    return _checked(LOADERS[name](data_dir), data_dir)
+
+
+def _checked(ds: Dataset, data_dir: str | None) -> Dataset:
+    """Splits that training and evaluation can use: non-empty, same image shape, labels in range (an
+    out-of-range training label fails deep inside cross_entropy, an out-of-range test label silently
+    counts as wrong)."""
+    where = f" in {data_dir}" if data_dir else ""
+    for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
+        if len(x) == 0:
+            raise DatasetError(f"{ds.name} {split} split{where} is empty: the files are truncated or not this "
+                               "dataset; re-download it")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= ds.num_classes):
+            raise DatasetError(f"{ds.name} {split} labels{where} span [{int(y.min())}, {int(y.max())}], outside "
+                               f"[0, {ds.num_classes - 1}]: the label files are corrupt or belong to another "
+                               "dataset (check --data and --data-dir)")
+    if ds.train_x.shape[1:] != ds.test_x.shape[1:]:
+        raise DatasetError(f"{ds.name} train and test images{where} disagree: {tuple(ds.train_x.shape[1:])} vs "
+                           f"{tuple(ds.test_x.shape[1:])}; the files come from different datasets")
+    return ds
 
 
 # ---- batching -----------------------------------------------------------------------------------------

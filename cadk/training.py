@@ -102,7 +102,7 @@ class Run:
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     def _settle_epoch(self) -> float:
-        return self.cfg.settle_epoch if self.cfg.settle_epoch is not None else 0.4 * self.cfg.epochs
+        return _settle_epoch(self.cfg.settle_epoch, self.cfg.epochs)
 
     def _ramp_epochs(self) -> float:
         cfg = self.cfg
@@ -206,7 +206,7 @@ class Run:
              "torch_rng": _torch_rng_state()}
         if self.cost is not None:
             s.update(theta_opt=self.theta_opt.state_dict(), cost=self.cost.state_dict(),
-                     pruner=self.pruner.state_dict())
+                     pruner=self.pruner.state_dict(), settle_step=self.settle_step)
         return s
 
     def load(self, s: dict) -> None:
@@ -235,6 +235,8 @@ class Run:
                 self.cost.load_state_dict(s["cost"])
                 self.pruner.load_state_dict(s["pruner"])
             self.step, self.epoch, self.history = int(s["step"]), int(s["epoch"]), list(s["history"])
+            if self.cost is not None:
+                self._resume_settling(s)
             self.gen.set_state(s["gen"])
             if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
                 _set_torch_rng_state(s["torch_rng"])
@@ -243,6 +245,26 @@ class Run:
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
                                   "or from another version: delete it or start without --resume") from e
+
+    def _resume_settling(self, s: dict) -> None:
+        """The settle step comes from --epochs/--settle-epoch/--batch-size, which a resumed run may change: a run
+        that has settled stays settled (its thetas were fixed at 1; recomputing the step un-settled it and
+        rounded the structure a second time), and one whose new settle step has already passed settles now
+        (it was never rounded, and `settled` would have frozen its fractional thetas)."""
+        if "settle_step" in s:
+            saved = s["settle_step"]
+        else:  # checkpoints from before the settle step was saved: the saved settings give it
+            epoch = _settle_epoch(s["config"].get("settle_epoch"), s["config"].get("epochs", self.cfg.epochs))
+            saved = int(epoch * self.steps_per_epoch) if epoch > 0 else None
+        if saved is not None and self.step >= saved:
+            self.settle_step = int(saved)
+        elif self.settle_step is not None and self.settle_step <= self.step:
+            self.settle_step = self.step + 1
+
+
+def _settle_epoch(settle_epoch: float | None, epochs: float) -> float:
+    """The epoch at which the structure is rounded: --settle-epoch, by default 40% of the run."""
+    return settle_epoch if settle_epoch is not None else 0.4 * epochs
 
 
 def _torch_rng_state() -> dict:
@@ -279,7 +301,21 @@ def _format_epoch(rec: dict) -> str:
     return line
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot mean anything, naming the flag, before any data is read or file written."""
+    for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("threads", cfg.threads, 0),
+                             ("max_steps_per_epoch", cfg.max_steps_per_epoch, 0)):
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("lr", "weight_decay", "warmup_epochs", "theta_lr", "prune_eps"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out-dir {cfg.out_dir} is an existing file, not a folder: pass another --out-dir")
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = D.load_dataset(cfg.data, cfg.data_dir)

@@ -14,6 +14,9 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have given it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -116,3 +116,38 @@ def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
                  "--batch-size", "32", "--target-flops", "0.4", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "warm-up" in err and "--settle-epoch" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
+                                        ("--batch-size", "-5"), ("--threads", "-1"),
+                                        ("--max-steps-per-epoch", "-1"), ("--lr", "nan")])
+def test_nonsense_flag_value_is_an_error_naming_the_flag(fmnist, tmp_path, capsys, flag, value):
+    """Before: tracebacks (IndexError, ZeroDivisionError, RuntimeError), misleading errors, or a NaN run
+    that exited 0; --epochs 0 wrote the model files and no report."""
+    out = tmp_path / "o"
+    rc = main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cadk: error:" in err and flag in err, err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_out_dir_that_is_a_file_is_an_error(fmnist, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "f"), *TINY]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_settle_point_of_the_run(fmnist, tmp_path, capsys):
+    """The settle step is saved: a settled run resumed with more epochs stays settled (it was un-settled and
+    rounded a second time), and a run resumed with flags whose settle point has passed settles at once (it
+    was counted as settled without ever being rounded)."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "a"), *TINY]
+    assert main([*base, "--epochs", "2"]) == 0
+    assert "settled at" in capsys.readouterr().out
+    assert main([*base, "--epochs", "4", "--resume"]) == 0
+    assert "settled at" not in capsys.readouterr().out
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "b"), *TINY]
+    assert main([*base, "--epochs", "2", "--settle-epoch", "5"]) == 0
+    assert "settled at" not in capsys.readouterr().out
+    assert main([*base, "--epochs", "4", "--settle-epoch", "1", "--resume"]) == 0
+    assert "settled at" in capsys.readouterr().out

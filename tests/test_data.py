@@ -98,3 +98,73 @@ def test_augment_keeps_shape_and_content():
     out = D.augment(x, 2, gen)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert D.augment(x, 0, torch.Generator().manual_seed(1)).sum() == x.sum()  # flips only move pixels
+
+
+def test_corrupt_idx_files_are_dataset_errors(tmp_path):
+    """A header shorter than its dimension count, and a gzip file with a damaged stream (zlib.error), are
+    DatasetErrors naming the file as corrupt, not struct/zlib tracebacks."""
+    header = tmp_path / "h.idx"
+    header.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">I", 5))  # says 3 dims, holds 1
+    with pytest.raises(D.DatasetError, match="truncated"):
+        D.read_idx(str(header))
+    make_fashion_mnist(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = bytearray(images.read_bytes())
+    for i in range(20, 40):  # a valid gzip header, a damaged deflate stream
+        raw[i] ^= 0xFF
+    images.write_bytes(bytes(raw))
+    with pytest.raises(D.DatasetError, match="corrupt"):
+        D.read_idx(str(images))
+
+
+def test_labels_out_of_range_empty_splits_and_mismatched_images_are_refused(tmp_path):
+    """An out-of-range training label failed deep inside cross_entropy, an out-of-range test label counted as
+    wrong (0% accuracy), an empty test split divided by zero, and test images of another size loaded."""
+    make_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.full(64, 200))
+    with pytest.raises(D.DatasetError, match="labels"):
+        D.load_dataset("fashion-mnist", str(tmp_path))
+    make_fashion_mnist(tmp_path, n_test=0)
+    with pytest.raises(D.DatasetError, match="empty"):
+        D.load_dataset("fashion-mnist", str(tmp_path))
+    make_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((32, 32, 32)))
+    with pytest.raises(D.DatasetError, match="disagree"):
+        D.load_dataset("fashion-mnist", str(tmp_path))
+
+
+@pytest.mark.parametrize("batch", [{b"data": np.zeros((20, 3072), np.uint8), b"labels": [50] * 20},
+                                   {b"data": np.zeros((20, 3072), np.uint8), b"labels": [-1] * 20},
+                                   {b"data": np.full((20, 3072), 300), b"labels": [1] * 20},
+                                   5, {b"data": np.zeros((20, 3072), np.uint8), b"labels": 5}],
+                         ids=["label-50", "label-minus-1", "pixel-300", "not-a-dict", "labels-not-a-list"])
+def test_malformed_cifar_batch_is_a_dataset_error(tmp_path, batch):
+    """Labels outside the classes, pixels outside [0, 255] (they wrapped around), and batches of the wrong
+    types (a TypeError before) are DatasetErrors."""
+    make_cifar(tmp_path, 10)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(D.DatasetError):
+        D.load_dataset("cifar10", str(tmp_path))
+
+
+def test_atomic_write_gives_the_mode_open_would_and_leaves_nothing_on_error(tmp_path):
+    """mkstemp's 0600 made every checkpoint, report and model readable by its owner only."""
+    import os
+    import stat
+
+    from cadk.utils import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "r.json"), lambda f: f.write(b"{}"))
+        assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(tmp_path / "x"), interrupted)
+    assert os.listdir(tmp_path) == ["r.json"]
