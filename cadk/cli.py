@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         return _info()
     from .data import DatasetError
-    from .training import CheckpointError, TrainConfig, train
+    from .training import CheckpointError, TrainConfig, TrainingDiverged, train
     from .utils import keep_freed_memory
 
     if not args.system_malloc:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out_dir = f"runs/{cfg.model}-{cfg.data}-{'dense' if cfg.dense else 'cadk'}-s{cfg.seed}"
     try:
         train(cfg)
-    except (DatasetError, CheckpointError, ValueError) as e:
+    except (DatasetError, CheckpointError, TrainingDiverged, ValueError) as e:
         print(f"cadk: error: {e}", file=sys.stderr)
         return 2
     return 0

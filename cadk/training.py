@@ -63,6 +63,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops (the last epoch's checkpoint stays as it was)."""
+
+
 class Run:
     """Everything that lives across epochs: model, optimizers, cost, pruner, history."""
 
@@ -152,7 +156,12 @@ class Run:
             self.step += 1
             if learning_structure and self.step == self.settle_step:
                 events += self.settle()
-            losses += float(loss.detach()) * len(yb)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"training diverged at epoch {self.epoch + 1}, step {self.step}: the loss is "
+                                       f"{value}; lower --lr (or --theta-lr, --lam) and start again, or --resume from "
+                                       "the last epoch's checkpoint with lower rates")
+            losses += value * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             seen += len(yb)
             if stats:
@@ -297,7 +306,8 @@ def _format_epoch(rec: dict) -> str:
         line += f" | compacted now: FLOPs {100 * rec['deployed_flops']:.1f}% params {100 * rec['deployed_params']:.1f}%"
     if rec.get("blocks_alive") is not None:
         widths = " ".join(f"{w['alive']}" for w in rec["widths"])
-        line += f" | blocks {rec['blocks_alive']}/{rec['blocks_total']} | lam {rec['lam']:.3f} | widths {widths}"
+        blocks = f" | blocks {rec['blocks_alive']}/{rec['blocks_total']}" if rec["blocks_total"] else ""
+        line += f"{blocks} | lam {rec['lam']:.3f} | widths {widths}"
     return line
 
 

@@ -151,3 +151,26 @@ def test_resume_keeps_the_settle_point_of_the_run(fmnist, tmp_path, capsys):
     assert "settled at" not in capsys.readouterr().out
     assert main([*base, "--epochs", "4", "--settle-epoch", "1", "--resume"]) == 0
     assert "settled at" in capsys.readouterr().out
+
+
+def test_diverged_training_stops_with_an_error_and_keeps_the_last_checkpoint(fmnist, tmp_path, capsys):
+    """A NaN loss stopped nothing before: the run went on and wrote NaN into report.json (not JSON). It now
+    ends with an error line naming the step and the fix; the last epoch's checkpoint is left as it was."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY]
+    assert main([*args, "--epochs", "1", "--dense"]) == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--dense", "--resume", "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "--lr" in err
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    report = (out / "report.json").read_text()
+    assert "NaN" not in report and "Infinity" not in report
+
+
+def test_model_without_blocks_logs_no_block_count(fmnist, tmp_path, capsys):
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY,
+                 "--epochs", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "widths" in log and "blocks 0/0" not in log
