@@ -95,10 +95,11 @@ class Run:
             settle = self._settle_epoch()
             self.settle_step = int(settle * self.steps_per_epoch) if settle > 0 else None
             if self.settle_step is not None and self.settle_step <= self.warmup_steps:
-                raise ValueError(f"settling at epoch {settle:g} comes before the warm-up ends ({cfg.warmup_epochs:g} "
-                                 "epochs): no structure would have been learnt, and rounding thetas that all sit "
-                                 "at 1 prunes everything; pass a later --settle-epoch, a shorter --warmup-epochs, "
-                                 "or --settle-epoch 0")
+                raise ValueError(f"settling at epoch {settle:g} (step {self.settle_step}) comes before the warm-up "
+                                 f"ends ({cfg.warmup_epochs:g} epochs, step {self.warmup_steps}, at "
+                                 f"{self.steps_per_epoch} steps per epoch): no structure would have been learnt, and "
+                                 "rounding thetas that all sit at 1 prunes everything; pass a later --settle-epoch, "
+                                 "a shorter --warmup-epochs, or --settle-epoch 0")
             self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
         self.step = 0
         self.epoch = 0
