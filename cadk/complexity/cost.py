@@ -96,8 +96,7 @@ class ComplexityCost:
             for g in self.complexity.gates():
                 k = (g.theta > above) & g.alive_mask
                 if guard and g.kind == "unit" and g.num_alive > 0 and not bool(k.any()):
-                    k = k.clone()
-                    k[torch.where(g.alive_mask, g.theta, torch.full_like(g.theta, -1.0)).argmax()] = True
+                    k[g.best_alive()] = True
                 kept[g] = k.to(g.theta.dtype)
             flops, params = self.complexity.expected(kept)
         return float(flops) / self.complexity.dense_flops, float(params) / self.complexity.dense_params

@@ -139,6 +139,10 @@ class UnitGate(nn.Module):
         self.refresh()
         return self
 
+    def best_alive(self) -> torch.Tensor:
+        """The alive unit with the largest theta: the one the last-unit guard keeps."""
+        return torch.where(self.alive_mask, self.theta.detach(), torch.full_like(self.theta.detach(), -1.0)).argmax()
+
     def keep_idx(self) -> torch.Tensor:
         """Units that survive compaction: alive and theta > 0 (theta == 0 contributes nothing).
 

@@ -60,8 +60,7 @@ class Pruner:
         events = []
         for g, doomed in doomed_of.items():
             if g.kind == "unit" and doomed.sum() == g.num_alive and g.num_alive > 0:
-                keep = torch.where(g.alive_mask, g.theta, torch.full_like(g.theta, -1.0)).argmax()
-                doomed[keep] = False
+                doomed[g.best_alive()] = False
             if doomed.any():
                 g.prune(doomed)
                 events.append(f"pruned {self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
@@ -83,18 +82,20 @@ class Pruner:
         for layer in self.layers:
             for tensor, keep in layer.prune_masks():
                 tensor.mul_(keep)
-                for opt in optimizers:
-                    for buf in opt.state.get(tensor, {}).values():
-                        if torch.is_tensor(buf) and buf.shape == tensor.shape:
-                            buf.mul_(keep)
+                _mask_state(optimizers, tensor, keep)
         for g in self.gates:  # pruned thetas' moments (their theta is pinned at 0 by the projection)
-            for opt in optimizers:
-                for buf in opt.state.get(g.theta, {}).values():
-                    if torch.is_tensor(buf) and buf.shape == g.theta.shape:
-                        buf.mul_(g.alive_mask)
+            _mask_state(optimizers, g.theta, g.alive_mask)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
+
+
+def _mask_state(optimizers, tensor: torch.Tensor, keep: torch.Tensor) -> None:
+    """Multiply `tensor`'s per-element optimizer state (momentum, Adam moments) by `keep`."""
+    for opt in optimizers:
+        for buf in opt.state.get(tensor, {}).values():
+            if torch.is_tensor(buf) and buf.shape == tensor.shape:
+                buf.mul_(keep)
