@@ -14,9 +14,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have given it
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have given it
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -26,6 +24,21 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by setting it, which
+    for an instant changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the safer value for the instant it is set
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_json(path: str, obj) -> None:

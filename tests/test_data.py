@@ -1,5 +1,6 @@
 """Dataset readers on small files in the standard formats, and their errors."""
 import gzip
+import os
 import pickle
 import struct
 
@@ -150,7 +151,6 @@ def test_malformed_cifar_batch_is_a_dataset_error(tmp_path, batch):
 
 def test_atomic_write_gives_the_mode_open_would_and_leaves_nothing_on_error(tmp_path):
     """mkstemp's 0600 made every checkpoint, report and model readable by its owner only."""
-    import os
     import stat
 
     from cadk.utils import atomic_write
@@ -168,3 +168,20 @@ def test_atomic_write_gives_the_mode_open_would_and_leaves_nothing_on_error(tmp_
     with pytest.raises(KeyboardInterrupt):
         atomic_write(str(tmp_path / "x"), interrupted)
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_atomic_write_reads_the_umask_without_changing_it(tmp_path, monkeypatch):
+    """Setting the umask to read it changes it, for an instant, for every thread of the process."""
+    import stat
+
+    from cadk.utils import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "umask", lambda mask: pytest.fail("atomic_write set the process's umask"))
+            atomic_write(str(tmp_path / "m"), lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m").st_mode) == 0o640
