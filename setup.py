@@ -120,6 +120,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
             "matplotlib",
             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        extras_require={"images": ["pillow"]},  # --data imagenet / imagefolder decode images with Pillow
         entry_points={"console_scripts": ["cadk = cadk.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

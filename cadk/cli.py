@@ -35,13 +35,20 @@ def _info() -> int:
 
 
 def _train_parser(sub) -> None:
+    from .data import DATASETS
     from .training import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train + prune + compact a gated model on real data, with a report")
     p.add_argument("--model", default=d.model, help="resnet20/32/44/56/110, resnet18/34/50, vgg11/16, mlp")
-    p.add_argument("--data", default=d.data, choices=["fashion-mnist", "cifar10", "cifar100"])
+    p.add_argument("--data", default=d.data, choices=DATASETS,
+                   help="imagenet: ILSVRC2012 class folders; imagefolder: any class-folder dataset (README)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="imagenet/imagefolder: side of the square crops the model sees")
+    p.add_argument("--workers", type=int, default=None,
+                   help="imagenet/imagefolder: processes decoding images (default: min(8, CPU count); 0: none, "
+                        "decode in the training process)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -2,6 +2,7 @@
 
 - fashion-mnist: IDX files (optionally .gz), by default from the Debian package dataset-fashion-mnist.
 - cifar10 / cifar100: the "python version" pickle batches (data_batch_1..5 + test_batch; train + test).
+ImageNet and other class-folder datasets do not fit in memory: cadk.images streams them from disk.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pickle
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +26,25 @@ FASHION_MNIST_HELP = ("install it with `apt-get update && apt-get install -y dat
 
 class DatasetError(RuntimeError):
     """A dataset is missing or malformed; the message says how to fix it."""
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [B, C, H, W], int64 labels [B]
+
+
+class TrainingData(Protocol):
+    """What training reads from a dataset: Dataset (in memory) and images.FolderDataset (streamed) have it."""
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int
+    image_size: int
+    num_train: int
+
+    def example(self) -> torch.Tensor: ...  # two training images, uint8
+    def train_batches(self, epoch: int, batch_size: int, generator: torch.Generator,
+                      augmented: bool = True) -> Iterator[Batch]: ...
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -44,6 +65,25 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return self.train_x.shape[-1]
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_x)
+
+    def example(self) -> torch.Tensor:
+        return self.train_x[:2]
+
+    def train_batches(self, epoch: int, batch_size: int, generator: torch.Generator,
+                      augmented: bool = True) -> Iterator[Batch]:
+        """One epoch of shuffled (and augmented) batches, all drawn from `generator`, whose state checkpoints
+        keep; `epoch` is not needed. The draws come in the order they always have: the permutation, then
+        each batch's crops as it is taken."""
+        pad = 4 if self.image_size >= 32 else 2
+        for x, y in batches(self.train_x, self.train_y, batch_size, True, generator):
+            yield (augment(x, pad, generator) if augmented else x), y
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        return batches(self.test_x, self.test_y, batch_size, False)
 
 
 # ---- IDX (MNIST family) -------------------------------------------------------------------------------
@@ -150,11 +190,20 @@ def load_cifar100(data_dir: str | None) -> Dataset:
 
 
 LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "cifar100": load_cifar100}
+FOLDER_DATASETS = ("imagenet", "imagefolder")  # streamed from class folders by cadk.images
+DATASETS = (*LOADERS, *FOLDER_DATASETS)
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | None = None, image_size: int = 224, workers: int | None = None,
+                 seed: int = 0) -> TrainingData:
+    """The dataset `name` from data_dir; image_size, workers (None: images.default_workers()) and seed
+    (of crops and order) apply to the streamed folder datasets only."""
+    if name in FOLDER_DATASETS:
+        from .images import load_image_folder
+
+        return load_image_folder(name, data_dir, image_size, workers, seed)
     if name not in LOADERS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return _checked(LOADERS[name](data_dir), data_dir)
 
 
@@ -178,7 +227,7 @@ def _checked(ds: Dataset, data_dir: str | None) -> Dataset:
 
 
 # ---- batching -----------------------------------------------------------------------------------------
-def normalize(x: torch.Tensor, ds: Dataset) -> torch.Tensor:
+def normalize(x: torch.Tensor, ds: TrainingData) -> torch.Tensor:
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     return (x.float() / 255.0 - mean) / std

@@ -30,6 +30,8 @@ class TrainConfig:
     model: str = "resnet20"
     data: str = "fashion-mnist"
     data_dir: str | None = None
+    image_size: int = 224         # crops of the streamed folder datasets (imagenet, imagefolder)
+    workers: int | None = None    # their decoding processes; None: min(8, CPU count)
     epochs: int = 15
     batch_size: int = 128
     lr: float = 0.1
@@ -70,18 +72,18 @@ class TrainingDiverged(RuntimeError):
 class Run:
     """Everything that lives across epochs: model, optimizers, cost, pruner, history."""
 
-    def __init__(self, cfg: TrainConfig, ds: D.Dataset):
+    def __init__(self, cfg: TrainConfig, ds: D.TrainingData):
         self.cfg, self.ds = cfg, ds
         torch.manual_seed(cfg.seed)
         kw = {"image_size": ds.image_size} if cfg.model == "mlp" else {}
         gated = build_model(cfg.model, ds.in_channels, ds.num_classes, seed=cfg.seed, **kw)
-        self.example = D.normalize(ds.train_x[:2], ds)
+        self.example = D.normalize(ds.example(), ds)
         self.model = compact(gated).train() if cfg.dense else gated
         self.model = self.model.to(memory_format=torch.channels_last)
         weights, gates = split_parameters(self.model)
         self.opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                    nesterov=True)
-        self.steps_per_epoch = math.ceil(len(ds.train_x) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(ds.num_train / cfg.batch_size)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -127,14 +129,12 @@ class Run:
         cfg, ds, model = self.cfg, self.ds, self.model
         model.train()
         losses, correct, seen, events, stats = 0.0, 0, 0, [], {}
-        it = D.batches(ds.train_x, ds.train_y, cfg.batch_size, True, self.gen)
+        it = ds.train_batches(self.epoch, cfg.batch_size, self.gen, cfg.augment)
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    dynamic_ncols=True, mininterval=2.0)
         start = time.perf_counter()
         for _ in bar:
             xb, yb = next(it)
-            if cfg.augment:
-                xb = D.augment(xb, 4 if ds.image_size >= 32 else 2, self.gen)
             x = D.normalize(xb, ds).contiguous(memory_format=torch.channels_last)
             self._set_lr()
             out = model(x)
@@ -192,11 +192,12 @@ class Run:
     def evaluate(self, model: nn.Module | None = None) -> float:
         model = model or self.model
         model.eval()
-        correct = 0
-        for xb, yb in D.batches(self.ds.test_x, self.ds.test_y, 500, False):
+        correct = seen = 0
+        for xb, yb in self.ds.eval_batches(_eval_batch_size(self.ds.image_size, self.cfg.batch_size)):
             x = D.normalize(xb, self.ds).contiguous(memory_format=torch.channels_last)
             correct += int((model(x).argmax(1) == yb).sum())
-        return correct / len(self.ds.test_x)
+            seen += len(yb)
+        return correct / seen
 
     def structure(self) -> dict:
         if self.cost is None:
@@ -272,6 +273,12 @@ class Run:
             self.settle_step = self.step + 1
 
 
+def _eval_batch_size(image_size: int, batch_size: int) -> int:
+    """500 images up to 32x32; about as many pixels for larger ones, but never fewer images than a training
+    batch (which fits in memory with its gradients)."""
+    return min(500, max(batch_size, 500 * 32 * 32 // image_size ** 2))
+
+
 def _settle_epoch(settle_epoch: float | None, epochs: float) -> float:
     """The epoch at which the structure is rounded: --settle-epoch, by default 40% of the run."""
     return settle_epoch if settle_epoch is not None else 0.4 * epochs
@@ -315,7 +322,8 @@ def _format_epoch(rec: dict) -> str:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot mean anything, naming the flag, before any data is read or file written."""
     for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("threads", cfg.threads, 0),
-                             ("max_steps_per_epoch", cfg.max_steps_per_epoch, 0)):
+                             ("max_steps_per_epoch", cfg.max_steps_per_epoch, 0), ("image_size", cfg.image_size, 1),
+                             ("workers", 0 if cfg.workers is None else cfg.workers, 0)):
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     for name in ("lr", "weight_decay", "warmup_epochs", "theta_lr", "prune_eps"):
@@ -329,7 +337,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = D.load_dataset(cfg.data, cfg.data_dir)
+    ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed)
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cadk.cli import main
-from test_data import make_fashion_mnist
+from test_data import CLASSES, make_fashion_mnist, make_image_folder, needs_pillow
 
 TINY = ["--epochs", "2", "--batch-size", "32", "--max-steps-per-epoch", "3", "--warmup-epochs", "0.3",
         "--prune-every", "1", "--patience", "1", "--lam", "20", "--theta-lr", "0.5", "--threads", "1"]
@@ -120,7 +120,8 @@ def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
                                         ("--batch-size", "-5"), ("--threads", "-1"),
-                                        ("--max-steps-per-epoch", "-1"), ("--lr", "nan")])
+                                        ("--max-steps-per-epoch", "-1"), ("--lr", "nan"), ("--workers", "-1"),
+                                        ("--image-size", "0")])
 def test_nonsense_flag_value_is_an_error_naming_the_flag(fmnist, tmp_path, capsys, flag, value):
     """Before: tracebacks (IndexError, ZeroDivisionError, RuntimeError), misleading errors, or a NaN run
     that exited 0; --epochs 0 wrote the model files and no report."""
@@ -174,3 +175,54 @@ def test_model_without_blocks_logs_no_block_count(fmnist, tmp_path, capsys):
                  "--epochs", "2"]) == 0
     log = capsys.readouterr().out
     assert "widths" in log and "blocks 0/0" not in log
+
+
+IMAGES = ["--data", "imagefolder", "--model", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+          "--warmup-epochs", "0.3", "--prune-every", "1", "--patience", "1", "--threads", "1"]
+
+
+@needs_pillow
+def test_imagefolder_run_writes_report_and_compacted_model(tmp_path, capsys):
+    data, out = str(make_image_folder(tmp_path / "images", val="flat")), tmp_path / "run"
+    assert main(["train", *IMAGES, "--data-dir", data, "--epochs", "1", "--out-dir", str(out)]) == 0
+    assert "epoch   1 |" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["image_size"] == 32 and len(report["history"]) == 1
+    assert 0 <= report["test_acc_compact"] <= 1 and report["flops"] <= report["dense_flops"]
+    small = torch.jit.load(report["artifacts"]["torchscript"])
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@needs_pillow
+def test_resumed_imagefolder_run_sees_the_batches_of_an_uninterrupted_one(tmp_path):
+    """Order and crops come from (seed, epoch, index): a run stopped after epoch 1 and resumed ends with the
+    numbers of one that ran through (resuming restarts at the epoch boundary)."""
+    from cadk.training import TrainConfig, train
+
+    data = str(make_image_folder(tmp_path / "images"))
+    cfg = dict(data="imagefolder", data_dir=data, model="resnet18", image_size=32, batch_size=4, workers=0, epochs=2,
+               warmup_epochs=0.3, prune_every=1, patience=1, threads=1)
+    whole = train(TrainConfig(**cfg, out_dir=str(tmp_path / "whole")), log=lambda line: None)
+
+    def stop_in_epoch_2(line):
+        if line.startswith("epoch   2"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg, out_dir=str(tmp_path / "parts")), log=stop_in_epoch_2)
+    resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path / "parts"), resume=True), log=lambda line: None)
+    drop = ("epoch_time",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in whole["history"]]
+    assert resumed["test_acc_compact"] == whole["test_acc_compact"] and resumed["flops"] == whole["flops"]
+
+
+@needs_pillow
+def test_corrupt_image_in_a_worker_is_an_error_line_naming_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "images")
+    bad = data / "train" / CLASSES[2] / "zz_broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    args = ["train", *IMAGES, "--model", "mlp", "--dense", "--workers", "2", "--epochs", "1"]
+    assert main([*args, "--data-dir", str(data), "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"cadk: error: cannot read image {bad}" in err, err
+    assert "Traceback" not in err and "DataLoader worker" not in err, err

@@ -2,6 +2,7 @@
 import gzip
 import os
 import pickle
+import shutil
 import struct
 
 import numpy as np
@@ -185,3 +186,212 @@ def test_atomic_write_reads_the_umask_without_changing_it(tmp_path, monkeypatch)
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "m").st_mode) == 0o640
+
+
+def test_in_memory_training_batches_draw_as_before():
+    """Dataset.train_batches draws the permutation, then each batch's crops, from the run's generator in the
+    order the training loop did before it existed: runs on in-memory data give the same numbers."""
+    x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    ds = D.Dataset("t", x, torch.arange(10), x[:4], torch.arange(4), 10, (0.5,), (0.5,))
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = list(ds.train_batches(0, 4, gen))
+    ref = [(D.augment(xb, 2, ref_gen), yb) for xb, yb in D.batches(x, torch.arange(10), 4, True, ref_gen)]
+    assert len(got) == len(ref) == 3
+    for (a, ya), (b, yb) in zip(got, ref):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
+    assert torch.equal(next(ds.eval_batches(500))[0], x[:4]) and ds.num_train == 10
+
+
+# ---- image folders (ImageNet layouts) ----------------------------------------------------------------------
+try:
+    import PIL  # noqa: F401
+    HAVE_PILLOW = True
+except ImportError:
+    HAVE_PILLOW = False
+needs_pillow = pytest.mark.skipif(not HAVE_PILLOW, reason="Pillow is not installed (pip install pillow); CI installs it")
+CLASSES = ["n02", "n01", "n10"]  # made in this order; their indices follow sorted order
+SIZES = [(37, 23), (23, 37), (64, 9), (16, 16)]  # odd sizes, and one far wider than any allowed crop
+
+
+def write_image(path, size, mode="RGB", seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze(-1 if channels == 1 else ())
+    Image.fromarray(pixels, mode).save(path)
+
+
+def make_image_folder(root, val="folders", per_class=4):
+    """3 classes x per_class training images (one grayscale JPEG, one PNG with alpha) and 2 validation images
+    per class, in class folders or flat with LOC_val_solution.csv (val="flat")."""
+    rows = ["ImageId,PredictionString"]
+    for c, name in enumerate(CLASSES):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            mode, ext = [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "png"), ("RGB", "JPEG")][i % 4]
+            write_image(root / "train" / name / f"{name}_{i}.{ext}", SIZES[i % 4], mode, seed=10 * c + i)
+        for i in range(2):
+            image_id = f"ILSVRC2012_val_{2 * c + i:08d}"
+            folder = root / "val" / (name if val == "folders" else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            write_image(folder / f"{image_id}.JPEG", SIZES[i], seed=100 + 2 * c + i)
+            rows.append(f"{image_id},{name} 1 2 10 12 {name} 3 4 5 6")
+    if val == "flat":
+        (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@needs_pillow
+@pytest.mark.parametrize("val", ["folders", "flat"])
+def test_image_folder_labels_follow_sorted_class_folders(tmp_path, val):
+    make_image_folder(tmp_path, val)
+    (tmp_path / "train" / CLASSES[0] / "notes.txt").write_text("not an image")
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=0)
+    assert ds.classes == sorted(CLASSES) and ds.num_classes == 3 and ds.num_train == 12
+    assert [ds.classes[label] for label in ds.train.labels] == [f.decode().split("/")[0] for f in ds.train.files]
+    assert list(ds.train.labels) == [0] * 4 + [1] * 4 + [2] * 4
+    # flat: val_0..5 are labelled n02, n02, n01, n01, n10, n10 by the csv
+    assert list(ds.test.labels) == ([1, 1, 0, 0, 2, 2] if val == "flat" else [0, 0, 1, 1, 2, 2])
+    x, y = next(ds.eval_batches(6))
+    assert x.shape == (6, 3, 16, 16) and x.dtype == torch.uint8 and torch.equal(y, torch.from_numpy(ds.test.labels))
+
+
+@needs_pillow
+def test_kaggle_root_is_found(tmp_path):
+    """The Kaggle archive unpacks to ILSVRC/Data/CLS-LOC/{train,val} beside LOC_val_solution.csv."""
+    make_image_folder(tmp_path / "ILSVRC" / "Data" / "CLS-LOC", val="flat")
+    (tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "LOC_val_solution.csv").rename(tmp_path / "LOC_val_solution.csv")
+    ds = D.load_dataset("imagefolder", str(tmp_path), workers=0)
+    assert len(ds.test.labels) == 6 and ds.test.labels.max() == 2
+
+
+@needs_pillow
+def test_crops_stay_inside_the_image_and_views_are_rgb_uint8(tmp_path):
+    from cadk import images as I
+
+    rng = np.random.default_rng(0)
+    for w, h in [(37, 23), (23, 37), (500, 375), (1, 1), (3, 200)]:
+        for _ in range(200):
+            left, top, right, bottom = I.train_box(w, h, rng)
+            assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        left, top, right, bottom = I.eval_box(w, h, 224)
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        assert right - left == pytest.approx(min(w, h) * 224 / 256)
+    # no crop of 8-100% of the area at aspect 3/4-4/3 fits 100x2: the centre crop at aspect 4/3
+    assert I.train_box(100, 2, rng) == (48, 0, 51, 2)
+    areas = [(r - l) * (b - t) / (500 * 375) for l, t, r, b in (I.train_box(500, 375, rng) for _ in range(500))]
+    assert 0.07 < min(areas) and max(areas) <= 1 and np.mean(areas) < 0.7
+    make_image_folder(tmp_path)
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=20, workers=0)
+    for epoch in (0, None):  # training and evaluation views of RGB, grayscale and RGBA images
+        for i in range(4):
+            x, label, error = I.Images(ds.train, 20, 0, epoch)[i]
+            assert x.shape == (3, 20, 20) and x.dtype == torch.uint8 and x.is_contiguous() and error == ""
+    gray = I.Images(ds.train, 20, 0)[1][0]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+@needs_pillow
+def test_batches_depend_on_seed_and_epoch_only(tmp_path):
+    """The same (seed, epoch) gives the same batches with or without worker processes, and in a resumed run;
+    another epoch gives another order and other crops."""
+    make_image_folder(tmp_path)
+    serial = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=0, seed=5)
+    parallel = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=2, seed=5)
+    epoch0 = list(serial.train_batches(0, 5, None))
+    assert [len(y) for _, y in epoch0] == [5, 5, 2]
+    for (a, ya), (b, yb) in zip(epoch0, parallel.train_batches(0, 5, None)):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    again = list(serial.train_batches(0, 5, None))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(epoch0, again))
+    epoch1 = list(serial.train_batches(1, 5, None))
+    assert not torch.equal(torch.cat([y for _, y in epoch0]), torch.cat([y for _, y in epoch1]))
+    from cadk.images import Images
+
+    views = [torch.stack([Images(serial.train, 16, 5, epoch)[i][0] for i in range(12)]) for epoch in (0, 1)]
+    assert not torch.equal(views[0], views[1])  # other crops and flips
+    order = np.random.default_rng([5, 0]).permutation(12)
+    assert torch.equal(torch.cat([x for x, _ in epoch0]), views[0][order])
+    plain = torch.cat([x for x, _ in serial.train_batches(0, 5, None, augmented=False)])
+    assert torch.equal(plain, torch.stack([Images(serial.train, 16, 5)[i][0] for i in order]))  # evaluation views
+
+
+@needs_pillow
+@pytest.mark.parametrize("damage,message", [
+    ("no-data-dir", "--data-dir"),
+    ("missing-folder", "is not a folder"),
+    ("no-train", "train is missing"),
+    ("flat-train", "holds no class folders"),
+    ("empty-class", "holds no images"),
+    ("val-class-not-in-train", "no counterpart in the train folder"),
+    ("empty-val", "neither class folders nor images"),
+    ("flat-val-without-csv", "LOC_val_solution.csv"),
+    ("csv-not-imagenet", "ImageId,PredictionString"),
+    ("csv-missing-a-row", "has no row for"),
+    ("csv-class-not-in-train", "n99, which has no folder"),
+    ("imagenet-with-3-classes", "1000 classes"),
+])
+def test_image_folder_errors_name_the_problem_and_the_fix(tmp_path, damage, message):
+    make_image_folder(tmp_path, val="flat" if damage.startswith(("flat-val", "csv")) else "folders")
+    data_dir, name = str(tmp_path), "imagefolder"
+    csv = tmp_path / "LOC_val_solution.csv"
+    if damage == "no-data-dir":
+        data_dir = None
+    elif damage == "missing-folder":
+        data_dir = str(tmp_path / "nowhere")
+    elif damage == "no-train":
+        shutil.rmtree(tmp_path / "train")
+    elif damage == "flat-train":
+        shutil.rmtree(tmp_path / "train")
+        (tmp_path / "train").mkdir()
+        write_image(tmp_path / "train" / "a.JPEG", (8, 8))
+    elif damage == "empty-class":
+        (tmp_path / "train" / "n05").mkdir()
+    elif damage == "val-class-not-in-train":
+        (tmp_path / "val" / "n99").mkdir()
+        write_image(tmp_path / "val" / "n99" / "a.JPEG", (8, 8))
+    elif damage == "empty-val":
+        shutil.rmtree(tmp_path / "val")
+        (tmp_path / "val").mkdir()
+    elif damage == "flat-val-without-csv":
+        csv.unlink()
+    elif damage == "csv-not-imagenet":
+        csv.write_text("a,b\n1,2\n")
+    elif damage == "csv-missing-a-row":
+        csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")
+    elif damage == "csv-class-not-in-train":
+        csv.write_text(csv.read_text().replace("ILSVRC2012_val_00000000,n02", "ILSVRC2012_val_00000000,n99"))
+    elif damage == "imagenet-with-3-classes":
+        name = "imagenet"
+    with pytest.raises(D.DatasetError, match=message) as info:
+        D.load_dataset(name, data_dir, workers=0)
+    if damage == "imagenet-with-3-classes":
+        assert "--data imagefolder" in str(info.value)
+
+
+def test_folder_datasets_without_pillow_say_how_to_install_it(tmp_path, monkeypatch):
+    from cadk import images
+
+    monkeypatch.setattr(images, "Image", None)
+    with pytest.raises(D.DatasetError, match="pip install pillow"):
+        D.load_dataset("imagenet", str(tmp_path))
+
+
+@needs_pillow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_a_dataset_error_naming_the_file(tmp_path, workers):
+    """Found when it is decoded, in a worker process or not: the error is the DatasetError's own message."""
+    make_image_folder(tmp_path)
+    bad = tmp_path / "train" / CLASSES[2] / "zz_broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (tmp_path / "train" / CLASSES[1] / "unreadable.JPEG").mkdir()  # not a file: skipped, like other non-images
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=workers)
+    assert ds.num_train == 13
+    with pytest.raises(D.DatasetError) as info:
+        for _ in ds.train_batches(0, 4, None):
+            pass
+    text = str(info.value)
+    assert str(bad) in text and "replace or delete it" in text
+    assert "Traceback" not in text and "DataLoader worker" not in text
