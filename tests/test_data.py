@@ -218,19 +218,19 @@ def write_image(path, size, mode="RGB", seed=0):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode]
     pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze(-1 if channels == 1 else ())
     Image.fromarray(pixels, mode).save(path)
 
 
 def make_image_folder(root, val="folders", per_class=4):
-    """3 classes x per_class training images (one grayscale JPEG, one PNG with alpha) and 2 validation images
-    per class, in class folders or flat with LOC_val_solution.csv (val="flat")."""
+    """3 classes x per_class training images (RGB, grayscale and CMYK JPEGs, a PNG with alpha) and 2 validation
+    images per class, in class folders or flat with LOC_val_solution.csv (val="flat")."""
     rows = ["ImageId,PredictionString"]
     for c, name in enumerate(CLASSES):
         (root / "train" / name).mkdir(parents=True)
         for i in range(per_class):
-            mode, ext = [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "png"), ("RGB", "JPEG")][i % 4]
+            mode, ext = [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "png"), ("CMYK", "JPEG")][i % 4]
             write_image(root / "train" / name / f"{name}_{i}.{ext}", SIZES[i % 4], mode, seed=10 * c + i)
         for i in range(2):
             image_id = f"ILSVRC2012_val_{2 * c + i:08d}"
@@ -285,7 +285,7 @@ def test_crops_stay_inside_the_image_and_views_are_rgb_uint8(tmp_path):
     assert 0.07 < min(areas) and max(areas) <= 1 and np.mean(areas) < 0.7
     make_image_folder(tmp_path)
     ds = D.load_dataset("imagefolder", str(tmp_path), image_size=20, workers=0)
-    for epoch in (0, None):  # training and evaluation views of RGB, grayscale and RGBA images
+    for epoch in (0, None):  # training and evaluation views of RGB, grayscale, RGBA and CMYK images
         for i in range(4):
             x, label, error = I.Images(ds.train, 20, 0, epoch)[i]
             assert x.shape == (3, 20, 20) and x.dtype == torch.uint8 and x.is_contiguous() and error == ""
