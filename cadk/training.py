@@ -240,10 +240,12 @@ class Run:
                                   "without --resume")
         try:
             self.model.load_state_dict(s["model"])
-            self.opt.load_state_dict(s["opt"])
+            _load_keeping_settings(self.opt, s["opt"])
             if self.cost is not None:
-                self.theta_opt.load_state_dict(s["theta_opt"])
+                _load_keeping_settings(self.theta_opt, s["theta_opt"])
                 self.cost.load_state_dict(s["cost"])
+                if self.cost.target is None:  # a fixed lam is a setting; in target mode it is state (adapted)
+                    self.cost.lam = float(self.cfg.lam)
                 self.pruner.load_state_dict(s["pruner"])
             self.step, self.epoch, self.history = int(s["step"]), int(s["epoch"]), list(s["history"])
             if self.cost is not None:
@@ -277,6 +279,23 @@ def _eval_batch_size(image_size: int, batch_size: int) -> int:
     """500 images up to 32x32; about as many pixels for larger ones, but never fewer images than a training
     batch (which fits in memory with its gradients)."""
     return min(500, max(batch_size, 500 * 32 * 32 // image_size ** 2))
+
+
+def _load_keeping_settings(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer's state (momentum, Adam moments) but keep this run's settings: load_state_dict also
+    brings back the saved lr, weight decay, ..., which silently overrode the flags of a resumed run."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
+
+
+def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
+    """The settings a resumed run changes, for the log: they apply from its first step on."""
+    ignore = ("resume", "history", "out_dir", "data_dir", "threads")
+    changes = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in ignore and saved[k] != v]
+    return f"; from here on with {', '.join(changes)}" if changes else ""
 
 
 def _settle_epoch(settle_epoch: float | None, epochs: float) -> float:
@@ -344,8 +363,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume:
         if not os.path.exists(ckpt):
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
-        run.load(load_checkpoint(ckpt))
-        log(f"resumed from {ckpt} at epoch {run.epoch}")
+        state = load_checkpoint(ckpt)
+        run.load(state)
+        log(f"resumed from {ckpt} at epoch {run.epoch}{_changed_settings(state['config'], cfg)}")
     if run.cost is not None:
         c = run.cost.complexity
         log(f"{cfg.model}: dense {c.dense_flops / 1e6:.1f} MFLOPs, {c.dense_params / 1e3:.1f}k params, "

@@ -226,3 +226,27 @@ def test_corrupt_image_in_a_worker_is_an_error_line_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cadk: error: cannot read image {bad}" in err, err
     assert "Traceback" not in err and "DataLoader worker" not in err, err
+
+
+def test_resumed_run_trains_with_its_own_rates(fmnist, tmp_path, monkeypatch):
+    """The error line of a diverged run says to resume with lower rates, but the checkpoint's optimizer and
+    cost states brought back the saved --theta-lr, --weight-decay and (fixed) --lam: the new flags were
+    ignored while report.json listed them."""
+    from cadk.training import Run, TrainConfig, train
+
+    cfg = dict(model="mlp", data_dir=fmnist, batch_size=32, max_steps_per_epoch=2, warmup_epochs=0.3, settle_epoch=0,
+               threads=1, out_dir=str(tmp_path / "run"))
+    train(TrainConfig(**cfg, epochs=1, theta_lr=0.5, weight_decay=5e-4, lam=20.0), log=lambda *a: None)
+    seen = {}
+    original = Run.train_epoch
+
+    def spy(self):
+        seen.update(theta_lr=self.theta_opt.param_groups[0]["lr"],
+                    weight_decay=self.opt.param_groups[0]["weight_decay"], lam=self.cost.lam)
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_epoch", spy)
+    log = []
+    train(TrainConfig(**cfg, epochs=2, theta_lr=1e-4, weight_decay=0.0, lam=0.5, resume=True), log=log.append)
+    assert seen == {"theta_lr": 1e-4, "weight_decay": 0.0, "lam": 0.5}
+    assert "theta_lr 0.5 -> 0.0001" in log[0] and "epochs 1 -> 2" in log[0]  # the change is named, not silent
