@@ -227,7 +227,7 @@ class Run:
         # The settings first: a whole checkpoint of another run (e.g. --dense, which has no theta_opt, cost,
         # pruner) is a mismatch to name, not an incomplete file to delete.
         saved = s["config"]
-        for key in ("model", "data", "dense"):
+        for key in ("model", "data", "dense", "seed"):  # seed: its draws are all in the checkpoint
             if saved.get(key) != getattr(self.cfg, key):
                 raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
                                       f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")

@@ -250,3 +250,14 @@ def test_resumed_run_trains_with_its_own_rates(fmnist, tmp_path, monkeypatch):
     train(TrainConfig(**cfg, epochs=2, theta_lr=1e-4, weight_decay=0.0, lam=0.5, resume=True), log=log.append)
     assert seen == {"theta_lr": 1e-4, "weight_decay": 0.0, "lam": 0.5}
     assert "theta_lr 0.5 -> 0.0001" in log[0] and "epochs 1 -> 2" in log[0]  # the change is named, not silent
+
+
+def test_resume_with_another_seed_is_refused(fmnist, tmp_path, capsys):
+    """The seed only acts at the start (weights, gate keys, data order, all restored from the checkpoint): a
+    resumed run with another --seed went on with the old one while report.json claimed the new."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--seed", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "seed=0" in err, err
