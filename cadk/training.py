@@ -345,9 +345,13 @@ def check_config(cfg: TrainConfig) -> None:
                              ("workers", 0 if cfg.workers is None else cfg.workers, 0)):
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("lr", "weight_decay", "warmup_epochs", "theta_lr", "prune_eps"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    for f in dataclasses.fields(cfg):  # every number: a NaN one made report.json invalid JSON, inf ones tracebacks
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("settle_epoch", "ramp_epochs"):  # None: the default; a negative one silently meant 'never'
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is an existing file, not a folder: pass another --out-dir")
 

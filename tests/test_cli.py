@@ -121,7 +121,8 @@ def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
                                         ("--batch-size", "-5"), ("--threads", "-1"),
                                         ("--max-steps-per-epoch", "-1"), ("--lr", "nan"), ("--workers", "-1"),
-                                        ("--image-size", "0")])
+                                        ("--image-size", "0"), ("--settle-epoch", "nan"), ("--settle-epoch", "inf"),
+                                        ("--settle-epoch", "-1"), ("--ramp-epochs", "inf")])
 def test_nonsense_flag_value_is_an_error_naming_the_flag(fmnist, tmp_path, capsys, flag, value):
     """Before: tracebacks (IndexError, ZeroDivisionError, RuntimeError), misleading errors, or a NaN run
     that exited 0; --epochs 0 wrote the model files and no report."""
@@ -261,3 +262,13 @@ def test_resume_with_another_seed_is_refused(fmnist, tmp_path, capsys):
     assert main([*base, "--epochs", "2", "--seed", "1", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "seed=0" in err, err
+
+
+def test_non_finite_value_of_any_float_flag_is_refused(fmnist, tmp_path, capsys):
+    """A --dense run prices nothing, so its --lam was never checked: NaN went into report.json's config,
+    which JSON readers then refuse."""
+    out = tmp_path / "o"
+    args = ["train", "--model", "mlp", "--dense", "--data-dir", fmnist, "--out-dir", str(out), *TINY]
+    rc = main([*args, "--lam", "nan"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lam" in err, err
