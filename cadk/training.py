@@ -258,6 +258,9 @@ class Run:
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
                                   "or from another version: delete it or start without --resume") from e
+        if self.epoch > self.cfg.epochs:  # finish() would report a run of more epochs than its config says
+            raise CheckpointError(f"the checkpoint has {self.epoch} epochs done, more than --epochs {self.cfg.epochs}: "
+                                  f"pass --epochs {self.epoch} or more to resume it")
 
     def _resume_settling(self, s: dict) -> None:
         """The settle step comes from --epochs/--settle-epoch/--batch-size, which a resumed run may change: a run

@@ -272,3 +272,15 @@ def test_non_finite_value_of_any_float_flag_is_refused(fmnist, tmp_path, capsys)
     rc = main([*args, "--lam", "nan"])
     err = capsys.readouterr().err
     assert rc == 2 and "--lam" in err, err
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(fmnist, tmp_path, capsys):
+    """It rewrote report.json with 'epochs': 1 over a history of 2 epochs and the model trained for 2."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY]
+    assert main([*base, "--epochs", "2"]) == 0
+    report = (tmp_path / "run" / "report.json").read_text()
+    capsys.readouterr()
+    assert main([*base, "--epochs", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "--epochs" in err and "corrupt" not in err, err
+    assert (tmp_path / "run" / "report.json").read_text() == report
