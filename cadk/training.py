@@ -258,12 +258,16 @@ class Run:
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
                                   "or from another version: delete it or start without --resume") from e
+        if self.epoch and self.step != self.epoch * self.steps_per_epoch:  # the schedules count steps
+            raise CheckpointError(f"the checkpoint's epochs had {self.step // self.epoch} steps each, this run's have "
+                                  f"{self.steps_per_epoch}: learning rate, warm-up, pruning and settling count steps, "
+                                  "so resume with the run's --batch-size and --max-steps-per-epoch")
         if self.epoch > self.cfg.epochs:  # finish() would report a run of more epochs than its config says
             raise CheckpointError(f"the checkpoint has {self.epoch} epochs done, more than --epochs {self.cfg.epochs}: "
                                   f"pass --epochs {self.epoch} or more to resume it")
 
     def _resume_settling(self, s: dict) -> None:
-        """The settle step comes from --epochs/--settle-epoch/--batch-size, which a resumed run may change: a run
+        """The settle step comes from --epochs/--settle-epoch, which a resumed run may change: a run
         that has settled stays settled (its thetas were fixed at 1; recomputing the step un-settled it and
         rounded the structure a second time), and one whose new settle step has already passed settles now
         (it was never rounded, and `settled` would have frozen its fractional thetas)."""

@@ -284,3 +284,14 @@ def test_resume_with_fewer_epochs_than_done_is_refused(fmnist, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "--epochs" in err and "corrupt" not in err, err
     assert (tmp_path / "run" / "report.json").read_text() == report
+
+
+def test_resume_with_another_batch_size_is_refused(fmnist, tmp_path, capsys):
+    """The schedules count steps: resumed with --batch-size 96 (1 step per epoch instead of 3), the saved step 6
+    was past the new run's 3 steps in all and its last epoch trained at the full learning rate again."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *TINY]
+    assert main([*base, "--epochs", "2", "--max-steps-per-epoch", "0"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--epochs", "3", "--max-steps-per-epoch", "0", "--batch-size", "96", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "--batch-size" in err and "corrupt" not in err, err
