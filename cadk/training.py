@@ -205,7 +205,8 @@ class Run:
         with torch.no_grad():
             _, flops, params = self.cost.value()
         blocks = [m for m in self.model.modules() if isinstance(m, GatedResidualBlock)]
-        deployed_flops, deployed_params = self.cost.deployed_ratios()
+        # guard: compaction keeps one unit of a gate whose alive units all sit at theta 0 (keep_idx)
+        deployed_flops, deployed_params = self.cost.deployed_ratios(guard=True)
         return {"flops": float(flops), "params": float(params), "deployed_flops": deployed_flops,
                 "deployed_params": deployed_params, "widths": self.cost.complexity.per_layer(),
                 "blocks_alive": sum(not b.is_pruned for b in blocks), "blocks_total": len(blocks)}

@@ -295,3 +295,22 @@ def test_resume_with_another_batch_size_is_refused(fmnist, tmp_path, capsys):
     assert main([*base, "--epochs", "3", "--max-steps-per-epoch", "0", "--batch-size", "96", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "--batch-size" in err and "corrupt" not in err, err
+
+
+def test_compacted_now_counts_the_unit_compaction_keeps(fmnist, tmp_path):
+    """A gate whose alive units all sit at theta 0 keeps one unit in the compacted model (a layer cannot have
+    zero width); the epoch line's 'compacted now' and the history counted none (0% FLOPs while report.json's
+    flops_ratio of the very same model was not 0)."""
+    from cadk import data as D
+    from cadk.compaction import compact, flop_count, param_count
+    from cadk.training import Run, TrainConfig
+
+    run = Run(TrainConfig(model="mlp", data_dir=fmnist, settle_epoch=0, out_dir=str(tmp_path)),
+              D.load_dataset("fashion-mnist", fmnist))
+    dense = compact(run.model)
+    with torch.no_grad():
+        run.model.layers[1].gate.theta.zero_()
+    plain, example = compact(run.model), run.example[:1]
+    structure = run.structure()
+    assert structure["deployed_flops"] == pytest.approx(flop_count(plain, example) / flop_count(dense, example))
+    assert structure["deployed_params"] == pytest.approx(param_count(plain) / param_count(dense))
