@@ -22,7 +22,7 @@ from .complexity import ComplexityCost
 from .models import build_model
 from .nn import GatedResidualBlock
 from .optim import Pruner, ThetaAdam, ThetaSGD, split_parameters
-from .utils import atomic_write, atomic_write_json
+from .utils import atomic_write, atomic_write_json, remove_partial_writes
 
 
 @dataclass
@@ -371,6 +371,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed)
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume:
         if not os.path.exists(ckpt):

@@ -1,18 +1,22 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from typing import Callable, IO
 
 
+PARTIAL_PREFIX = ".tmp-"  # the temporary files of atomic_write
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves a
-    half-written file at `path`."""
+    half-written file at `path` (a killed process leaves the temporary one: remove_partial_writes)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have given it
         with os.fdopen(fd, "wb") as f:
@@ -39,6 +43,15 @@ def _umask() -> int:
     umask = os.umask(0o077)  # the safer value for the instant it is set
     os.umask(umask)
     return umask
+
+
+def remove_partial_writes(folder: str) -> None:
+    """Delete the temporary files that atomic_writes killed mid-way (SIGKILL, power loss) left in `folder`:
+    nothing else removes them, and each can be as large as a checkpoint."""
+    for name in os.listdir(folder):
+        if name.startswith(PARTIAL_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 def atomic_write_json(path: str, obj) -> None:

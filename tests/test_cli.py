@@ -314,3 +314,22 @@ def test_compacted_now_counts_the_unit_compaction_keeps(fmnist, tmp_path):
     structure = run.structure()
     assert structure["deployed_flops"] == pytest.approx(flop_count(plain, example) / flop_count(dense, example))
     assert structure["deployed_params"] == pytest.approx(param_count(plain) / param_count(dense))
+
+
+def test_a_new_start_removes_the_partial_file_of_a_killed_write(fmnist, tmp_path):
+    """A run killed while it wrote its checkpoint left the temporary file (as large as a checkpoint) in OUT_DIR
+    for good, one more at each such kill."""
+    import cadk
+
+    out = tmp_path / "run"
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY]
+    assert main([*base, "--epochs", "1"]) == 0
+    killed = ("import os, signal; from cadk.utils import atomic_write; "
+              f"atomic_write({str(out / 'checkpoint.pt')!r}, lambda f: (f.write(b'half'), "
+              "os.kill(os.getpid(), signal.SIGKILL)))")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cadk.__file__)))
+    assert subprocess.run([sys.executable, "-c", killed], env=env).returncode == -9
+    partial = [name for name in os.listdir(out) if name.startswith(".tmp-")]
+    assert partial
+    assert main([*base, "--epochs", "2", "--resume"]) == 0
+    assert not set(partial) & set(os.listdir(out))
