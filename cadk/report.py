@@ -8,14 +8,14 @@ from .utils import atomic_write
 
 
 def plot_run(report: dict, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: pyplot would need a backend, and switching the process to Agg took the
+    # caller's own (a notebook's inline plots) away; savefig renders to PNG without one.
+    from matplotlib.figure import Figure
 
     hist = report["history"]
     epochs = [h["epoch"] for h in hist]
-    fig, (ax_w, ax_f, ax_t) = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1.6, 1, 0.8]})
+    fig = Figure(figsize=(17, 4.5))
+    ax_w, ax_f, ax_t = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.6, 1, 0.8]})
     widths = hist[-1].get("widths") or []
     if widths:
         names = [w["layer"] for w in widths]
@@ -47,6 +47,5 @@ def plot_run(report: dict, path: str) -> str:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
     return path

@@ -333,3 +333,23 @@ def test_a_new_start_removes_the_partial_file_of_a_killed_write(fmnist, tmp_path
     assert partial
     assert main([*base, "--epochs", "2", "--resume"]) == 0
     assert not set(partial) & set(os.listdir(out))
+
+
+def test_report_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    """plot_run switched the process to matplotlib's Agg backend: after an in-process train() (a notebook),
+    the user's own figures no longer showed."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot  # noqa: F401  (with pyplot loaded, matplotlib.use switches the backend)
+
+    from cadk.report import plot_run
+
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        report = {"config": {"model": "mlp", "data": "fashion-mnist"},
+                  "history": [{"epoch": 1, "flops": 1.0, "params": 1.0, "test_acc": 0.5, "epoch_time": 0.1}]}
+        plot_run(report, str(tmp_path / "report.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        matplotlib.use(old)
