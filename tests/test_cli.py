@@ -353,3 +353,17 @@ def test_report_plot_leaves_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
     finally:
         matplotlib.use(old)
+
+
+def test_long_unmet_budget_keeps_the_thetas_moving(fmnist, tmp_path):
+    """While the budget stayed unmet (here: lam rising faster than the thetas can follow), the controller
+    raised lam without bound: the theta gradients overflowed float32, Adam's moments went infinite and the
+    thetas froze where they stood (or turned NaN, with NaN in report.json) while the run went on and exited 0."""
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "8",
+                 "--max-steps-per-epoch", "0", "--lam", "0.1", "--theta-lr", "0.05", "--target-params", "0.0001",
+                 "--lam-lr", "5", "--settle-epoch", "0"]) == 0
+    text = (out / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    expected_params = [epoch["params"] for epoch in json.loads(text)["history"]]
+    assert expected_params[-1] < expected_params[4] - 0.2, expected_params

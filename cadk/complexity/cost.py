@@ -8,7 +8,7 @@ pruned. Layer gates' gradients are scaled by alpha (layer vs unit pruning).
 
 Target mode (cadk's budget controller) makes lam a dual variable, updated every step:
 
-    lam <- max(lam, LAM_FLOOR) * exp(lam_lr * e),   e = min(1, measured / target_t - 1),
+    lam <- min(LAM_CEILING, max(lam, LAM_FLOOR) * exp(lam_lr * e)),   e = min(1, measured / target_t - 1),
                                                      e <= -RELAX_ERROR once measured < target_t
 
 - measured is the network that rounding the thetas would give: every alive structure with
@@ -38,6 +38,7 @@ from .model import ComplexityModel
 
 
 LAM_FLOOR = 1e-3    # lam restarts from here in target mode when it was 0
+LAM_CEILING = 1e8   # and rises no further (see _adapt_lam)
 RELAX_ERROR = 0.25  # smallest relative error lam relaxes by once the budget is met
 ROUND_AT = 0.5      # the controller measures the network that rounding the thetas would give
 
@@ -147,7 +148,10 @@ class ComplexityCost:
         error = min(1.0, measured / target - 1.0)
         if error < 0:  # budget met: relax at least at a quarter of the full rate (see the module doc)
             error = min(error, -RELAX_ERROR)
-        self.lam = max(self.lam, LAM_FLOOR) * math.exp(self.lam_lr * error)
+        # Capped: while the budget stays unmet (thetas slower than lam: a small theta lr, a large lam_lr, a budget
+        # below what rounding reaches) lam rose without bound until lam * dC/dtheta overflowed float32 (Adam's
+        # moments infinite: thetas frozen, or NaN). At the cap the price outweighs any data gradient by far.
+        self.lam = min(LAM_CEILING, max(self.lam, LAM_FLOOR) * math.exp(self.lam_lr * error))
         self.steps += 1
         stats["target"] = target
 
