@@ -366,13 +366,16 @@ def check_config(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
+    ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if not cfg.resume and os.path.exists(ckpt):  # its first epoch would overwrite the saved run without a word
+        raise CheckpointError(f"{cfg.out_dir} holds a run (checkpoint.pt): pass --resume to continue it, another "
+                              "--out-dir for a new run, or delete the folder to start this one again")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed)
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run
-    ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume:
         if not os.path.exists(ckpt):
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")

@@ -367,3 +367,18 @@ def test_long_unmet_budget_keeps_the_thetas_moving(fmnist, tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     expected_params = [epoch["params"] for epoch in json.loads(text)["history"]]
     assert expected_params[-1] < expected_params[4] - 0.2, expected_params
+
+
+def test_fresh_start_over_a_saved_run_is_refused(fmnist, tmp_path, capsys):
+    """A run started again without --resume (after a crash, or another run whose default --out-dir is the same:
+    it names no budget) overwrote the saved run's checkpoint after its first epoch, and its report and models
+    at the end: the earlier run was lost without a word."""
+    out = tmp_path / "run"
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY]
+    assert main([*base, "--epochs", "1"]) == 0
+    saved = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "report.json")}
+    capsys.readouterr()
+    assert main([*base, "--epochs", "1", "--target-flops", "0.5", "--settle-epoch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "--resume" in err and "--out-dir" in err, err
+    assert saved == {name: (out / name).read_bytes() for name in saved}
