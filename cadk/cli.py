@@ -82,6 +82,8 @@ def _train_parser(sub) -> None:
                         "(cadk.utils.keep_freed_memory)")
     p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUT_DIR that holds one (without it, that is refused)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)
 
 

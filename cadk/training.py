@@ -57,6 +57,7 @@ class TrainConfig:
     threads: int = 0
     out_dir: str = "runs/cadk"
     resume: bool = False
+    overwrite: bool = False       # start a new run in an out-dir that holds one
     max_steps_per_epoch: int = 0  # 0 = full epochs; a small value gives quick smoke runs
     history: list = field(default_factory=list, repr=False)
 
@@ -228,8 +229,8 @@ class Run:
         # The settings first: a whole checkpoint of another run (e.g. --dense, which has no theta_opt, cost,
         # pruner) is a mismatch to name, not an incomplete file to delete.
         saved = s["config"]
-        for key in ("model", "data", "dense", "seed"):  # seed: its draws are all in the checkpoint
-            if saved.get(key) != getattr(self.cfg, key):
+        for key in _fixed_settings(self.cfg):
+            if saved.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
                 raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
                                       f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
         needed = ["model", "opt", "step", "epoch", "history", "gen"]
@@ -298,9 +299,16 @@ def _load_keeping_settings(opt: torch.optim.Optimizer, state: dict) -> None:
         group.update(own)
 
 
+def _fixed_settings(cfg: TrainConfig) -> tuple[str, ...]:
+    """What a resumed run must share with its checkpoint: the seed's draws are all in the checkpoint, and
+    the crops of a streamed dataset have the size the model was trained on."""
+    fixed = ("model", "data", "dense", "seed")
+    return fixed + ("image_size",) if cfg.data in D.FOLDER_DATASETS else fixed
+
+
 def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
     """The settings a resumed run changes, for the log: they apply from its first step on."""
-    ignore = ("resume", "history", "out_dir", "data_dir", "threads")
+    ignore = ("resume", "overwrite", "history", "out_dir", "data_dir", "threads", "workers")
     changes = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in ignore and saved[k] != v]
     return f"; from here on with {', '.join(changes)}" if changes else ""
@@ -367,9 +375,11 @@ def check_config(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
-    if not cfg.resume and os.path.exists(ckpt):  # its first epoch would overwrite the saved run without a word
-        raise CheckpointError(f"{cfg.out_dir} holds a run (checkpoint.pt): pass --resume to continue it, another "
-                              "--out-dir for a new run, or delete the folder to start this one again")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    if not (cfg.resume or cfg.overwrite) and os.path.exists(ckpt):  # it would go without a word
+        raise CheckpointError(f"{cfg.out_dir} holds a run (checkpoint.pt): pass --resume to continue it, --overwrite "
+                              "to replace it with this one, or another --out-dir")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed)

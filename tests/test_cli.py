@@ -198,7 +198,7 @@ def test_imagefolder_run_writes_report_and_compacted_model(tmp_path, capsys):
 def test_resumed_imagefolder_run_sees_the_batches_of_an_uninterrupted_one(tmp_path):
     """Order and crops come from (seed, epoch, index): a run stopped after epoch 1 and resumed ends with the
     numbers of one that ran through (resuming restarts at the epoch boundary)."""
-    from cadk.training import TrainConfig, train
+    from cadk.training import CheckpointError, TrainConfig, train
 
     data = str(make_image_folder(tmp_path / "images"))
     cfg = dict(data="imagefolder", data_dir=data, model="resnet18", image_size=32, batch_size=4, workers=0, epochs=2,
@@ -215,6 +215,8 @@ def test_resumed_imagefolder_run_sees_the_batches_of_an_uninterrupted_one(tmp_pa
     assert [{k: v for k, v in h.items() if k not in drop} for h in resumed["history"]] == \
         [{k: v for k, v in h.items() if k not in drop} for h in whole["history"]]
     assert resumed["test_acc_compact"] == whole["test_acc_compact"] and resumed["flops"] == whole["flops"]
+    with pytest.raises(CheckpointError, match="image_size=32"):  # other crops than the model was trained on
+        train(TrainConfig(**{**cfg, "image_size": 40}, out_dir=str(tmp_path / "parts"), resume=True))
 
 
 @needs_pillow
@@ -382,3 +384,7 @@ def test_fresh_start_over_a_saved_run_is_refused(fmnist, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cadk: error:" in err and "--resume" in err and "--out-dir" in err, err
     assert saved == {name: (out / name).read_bytes() for name in saved}
+    assert main([*base, "--epochs", "1", "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert main([*base, "--epochs", "1", "--target-flops", "0.5", "--settle-epoch", "0", "--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["target_flops"] == 0.5
