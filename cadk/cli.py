@@ -76,6 +76,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default of returning freed memory to the system; by default this "
                         "process keeps it, which saves the page faults of each step's activations "

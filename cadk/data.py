@@ -228,8 +228,8 @@ def _checked(ds: Dataset, data_dir: str | None) -> Dataset:
 
 # ---- batching -----------------------------------------------------------------------------------------
 def normalize(x: torch.Tensor, ds: TrainingData) -> torch.Tensor:
-    mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
-    std = torch.tensor(ds.std).view(1, -1, 1, 1)
+    mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255.0 - mean) / std
 
 

@@ -5,6 +5,7 @@ plain network (the compacted gated model at initialisation, i.e. with every gate
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -58,6 +59,7 @@ class TrainConfig:
     out_dir: str = "runs/cadk"
     resume: bool = False
     overwrite: bool = False       # start a new run in an out-dir that holds one
+    device: str | None = None     # where the model trains; None: CUDA when there is a GPU, else the CPU
     max_steps_per_epoch: int = 0  # 0 = full epochs; a small value gives quick smoke runs
     history: list = field(default_factory=list, repr=False)
 
@@ -75,12 +77,13 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, ds: D.TrainingData):
         self.cfg, self.ds = cfg, ds
+        self.device = training_device(cfg.device)
         torch.manual_seed(cfg.seed)
         kw = {"image_size": ds.image_size} if cfg.model == "mlp" else {}
         gated = build_model(cfg.model, ds.in_channels, ds.num_classes, seed=cfg.seed, **kw)
-        self.example = D.normalize(ds.example(), ds)
+        self.example = self._input(ds.example())
         self.model = compact(gated).train() if cfg.dense else gated
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(self.device, memory_format=torch.channels_last)
         weights, gates = split_parameters(self.model)
         self.opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                    nesterov=True)
@@ -112,6 +115,12 @@ class Run:
     def _settle_epoch(self) -> float:
         return _settle_epoch(self.cfg.settle_epoch, self.cfg.epochs)
 
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch as the model takes it: on its device (copied as uint8, a quarter of the bytes),
+        normalised, channels-last."""
+        x = images.to(self.device, non_blocking=True)
+        return D.normalize(x, self.ds).contiguous(memory_format=torch.channels_last)
+
     def _ramp_epochs(self) -> float:
         cfg = self.cfg
         if cfg.ramp_epochs is not None:
@@ -136,7 +145,7 @@ class Run:
         start = time.perf_counter()
         for _ in bar:
             xb, yb = next(it)
-            x = D.normalize(xb, ds).contiguous(memory_format=torch.channels_last)
+            x, yb = self._input(xb), yb.to(self.device, non_blocking=True)
             self._set_lr()
             out = model(x)
             loss = F.cross_entropy(out, yb)
@@ -195,8 +204,7 @@ class Run:
         model.eval()
         correct = seen = 0
         for xb, yb in self.ds.eval_batches(_eval_batch_size(self.ds.image_size, self.cfg.batch_size)):
-            x = D.normalize(xb, self.ds).contiguous(memory_format=torch.channels_last)
-            correct += int((model(x).argmax(1) == yb).sum())
+            correct += int((model(self._input(xb)).argmax(1) == yb.to(self.device)).sum())
             seen += len(yb)
         return correct / seen
 
@@ -299,6 +307,23 @@ def _load_keeping_settings(opt: torch.optim.Optimizer, state: dict) -> None:
         group.update(own)
 
 
+def training_device(name: str | None) -> torch.device:
+    """--device: CUDA by default where there is a GPU; a device that is not there is refused up front."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: cadk trains on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def _fixed_settings(cfg: TrainConfig) -> tuple[str, ...]:
     """What a resumed run must share with its checkpoint: the seed's draws are all in the checkpoint, and
     the crops of a streamed dataset have the size the model was trained on."""
@@ -374,6 +399,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
+    training_device(cfg.device)  # before anything is read or written
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
@@ -395,7 +421,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if run.cost is not None:
         c = run.cost.complexity
         log(f"{cfg.model}: dense {c.dense_flops / 1e6:.1f} MFLOPs, {c.dense_params / 1e3:.1f}k params, "
-            f"{len(c.gates())} gates, backend {__import__('cadk').kernels.backend_for(torch.device('cpu'))}")
+            f"{len(c.gates())} gates, on {run.device}, backend {__import__('cadk').kernels.backend_for(run.device)}")
     while run.epoch < cfg.epochs:
         rec = run.train_epoch()
         run.epoch += 1
@@ -419,11 +445,13 @@ def finish(run: Run, log=print) -> dict:
     acc_plain = acc_gated if cfg.dense else run.evaluate(plain)
     dense_ref = compact(build_model(cfg.model, run.ds.in_channels, run.ds.num_classes,
                                     **({"image_size": run.ds.image_size} if cfg.model == "mlp" else {})))
-    dense_flops, dense_params = flop_count(dense_ref, example), param_count(dense_ref)
+    dense_flops, dense_params = flop_count(dense_ref.to(example.device), example), param_count(dense_ref)
     flops, params = flop_count(plain, example), param_count(plain)
-    paths = save_compact(plain, example, os.path.join(cfg.out_dir, "model_compact"))
+    # saved from the CPU: the files load on any machine, and .to(device) takes them to a GPU
+    paths = save_compact(copy.deepcopy(plain).cpu(), example.cpu(), os.path.join(cfg.out_dir, "model_compact"))
     report = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "history"},
+        "device": str(run.device),
         "test_acc_gated": acc_gated, "test_acc_compact": acc_plain,
         "flops": flops, "params": params, "dense_flops": dense_flops, "dense_params": dense_params,
         "flops_ratio": flops / dense_flops, "params_ratio": params / dense_params,

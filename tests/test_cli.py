@@ -388,3 +388,23 @@ def test_fresh_start_over_a_saved_run_is_refused(fmnist, tmp_path, capsys):
     assert "pass one of them" in capsys.readouterr().err
     assert main([*base, "--epochs", "1", "--target-flops", "0.5", "--settle-epoch", "0", "--overwrite"]) == 0
     assert json.loads((out / "report.json").read_text())["config"]["target_flops"] == 0.5
+
+
+@pytest.mark.parametrize("device,says", [("cuda", "sees no CUDA GPU"), ("meta", "cpu or cuda"), ("gpu0", "not a device")])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_that_is_not_there_is_refused_before_anything_is_written(fmnist, tmp_path, capsys, device, says):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error: --device" in err and says in err, err
+    assert not out.exists()
+
+
+def test_run_on_an_explicit_device_records_it_and_saves_cpu_models(fmnist, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1",
+                 "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == "cpu" and report["config"]["device"] == "cpu"
+    saved = torch.load(report["artifacts"]["checkpoint"], weights_only=False)["state_dict"]
+    assert {t.device.type for t in saved.values()} == {"cpu"}
