@@ -83,6 +83,8 @@ step info 60 "$PYTHON" -m cadk info
 step tests 300 bash -c '
   logs=("$1/tests_cuda.log"); pids=()
   "$0" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda-cuda" >"$1/tests_cuda.log" 2>&1 & pids+=($!)
+  logs+=("$1/tests_train_cuda.log")  # cadk train --device cuda, end to end
+  "$0" -m pytest -q -p no:cacheprovider tests/test_cli.py -k cuda >"$1/tests_train_cuda.log" 2>&1 & pids+=($!)
   if [ "$2" != cuda ]; then
     logs+=("$1/tests_triton.log" "$1/tests_triton_ops.log")
     "$0" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "triton-cuda" >"$1/tests_triton.log" 2>&1 & pids+=($!)

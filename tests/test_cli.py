@@ -408,3 +408,18 @@ def test_run_on_an_explicit_device_records_it_and_saves_cpu_models(fmnist, tmp_p
     assert report["device"] == "cpu" and report["config"]["device"] == "cpu"
     saved = torch.load(report["artifacts"]["checkpoint"], weights_only=False)["state_dict"]
     assert {t.device.type for t in saved.values()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["mlp", "resnet20"])
+def test_cuda_run_trains_prunes_resumes_and_saves_cpu_models(fmnist, tmp_path, model):
+    out = tmp_path / "run"
+    args = ["train", "--model", model, "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--device", "cuda",
+            "--target-flops", "0.5", "--settle-epoch", "0"]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == "cuda" and len(report["history"]) == 2
+    assert report["test_acc_compact"] == report["test_acc_gated"]
+    small = torch.jit.load(report["artifacts"]["torchscript"])
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
