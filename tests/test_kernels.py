@@ -1156,6 +1156,21 @@ def test_conv_kernel_larger_than_input_is_refused(backend, empty):
                             alive_in.to(device), alive_out.to(device), torch.tensor(1))
 
 
+@pytest.mark.parametrize("empty", ["no-filter", "no-input-channel"])
+def test_conv_kernel_larger_than_input_by_less_than_a_stride_is_refused(backend, empty):
+    """A 2x2 input under a 3x3 kernel with stride 2: (2 - 3) // 2 + 1 is 0 output rows, but C++ division
+    rounds -1 / 2 up to 0 and made it 1. Where no convolution runs to refuse it, the op answered with a
+    [N, C, 1, 1] output (the bias alone) instead of refusing the input as F.conv2d does."""
+    module, device = backend
+    none = torch.zeros(0, dtype=torch.int64)
+    x, alive_in, alive_out = {"no-filter": (torch.randn(2, 2, 2, 2), torch.tensor([0, 1]), none),
+                              "no-input-channel": (torch.randn(2, 0, 2, 2), none, torch.tensor([0, 2]))}[empty]
+    with pytest.raises(RuntimeError, match="(?i)kernel"):
+        module.gated_conv2d(x.to(device), torch.randn(6, 4, 3, 3, device=device), torch.randn(6, device=device),
+                            torch.rand(6, device=device), alive_in.to(device), alive_out.to(device), torch.tensor(1),
+                            (2, 2))
+
+
 def test_bn_vector_of_the_wrong_size_is_named(backend):
     """A BN weight of 5 entries for 6 units (its running statistics) is reported as the weight's fault, not
     as an alive list out of range."""
