@@ -262,6 +262,37 @@ def test_strided_inputs_read_as_their_values(backend, gen, op, training):
         assert not buffers[i][..., 1::2].any(), f"{op}: in-place update of argument {i} wrote outside its view"
 
 
+_NAN_CASES = {
+    "gated_linear": lambda gen, dev, training: (
+        gated_linear_case(gen, dev, torch.float32, ("all", "subset"), training, "relu", True), reference.gated_linear),
+    "gated_conv2d": lambda gen, dev, training: (
+        gated_conv2d_case(gen, dev, torch.float32, ("all", "subset"), training, "relu", True, False),
+        reference.gated_conv2d),
+    "bn_gate_act": lambda gen, dev, training: (
+        bn_gate_act_case(gen, dev, torch.float32, "subset", training, "relu", True, False), reference.bn_gate_act),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", list(_NAN_CASES))
+def test_nan_activation_gradients_match_the_reference(backend, gen, op, training):
+    """NaN in x: the outputs it reaches are NaN (ReLU keeps NaN), and torch.relu's backward passes the
+    gradient at a NaN output (it zeroes where the output is <= 0, which NaN is not); the reference's
+    gradients are finite wherever their formulas do not read the NaN. Every gradient must match it, NaN
+    for NaN (the CPU epilogues zeroed the gradient at NaN outputs, and eval BN multiplied x - mean by 0)."""
+    module, device = backend
+    case, ref_fn = _NAN_CASES[op](gen, device, training)
+    case.args[0][0, 0] = float("nan")  # the whole plane: a strided conv skips some positions
+    grad_seed = int(torch.randint(2**31, (1,), generator=gen))
+    y, grads, _ = run(getattr(module, op), case, grad_seed)
+    y_ref, grads_ref, _ = run(ref_fn, case, grad_seed)
+    assert y_ref.isnan().any()
+    for what, got, want in [("output", y, y_ref)] + [(f"grad of argument {i}", grads[i], grads_ref[i])
+                                                      for i in case.grad_args]:
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4, equal_nan=True,
+                                   msg=lambda m: f"{op} {what}: {m}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels", [2, 4, 8, 24])

@@ -227,11 +227,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
           const std::vector<acc_t> mu_runs = kCL ? tiled(mup, C, run) : std::vector<acc_t>{};
           const acc_t* mu_base = kCL ? mu_runs.data() : mup;
           // Gradient reaching z (the normalised value): as the reference, grad_y * xi rounded to the
-          // activation dtype, then the ReLU mask.
+          // activation dtype, then the ReLU mask (zero where pre <= 0 only: a NaN pre passes, as torch.relu's).
           auto grad_z = [](const scalar_t* gyr, const scalar_t* pr, const acc_t* xi, int64_t i) {
             const acc_t dy = acc_t(gyr[i]);
             const acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
-            return kRelu ? (acc_t(pr[i]) > acc_t(0) ? g : acc_t(0)) : g;
+            return kRelu ? (acc_t(pr[i]) <= acc_t(0) ? acc_t(0) : g) : g;
           };
           // Pass 1: sum(g), sum(g * (x - mean)), sum(grad_y * pre) per channel.
           const Tensor sums = reduce_rows(v, 3, [&](int64_t r0, int64_t r1, double* acc) {
@@ -310,7 +310,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_bwd(
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t k = kCL ? i : 0;
                 const acc_t g = grad_z(gyr, pr, xi, i);
-                gxr[i] = round_to<scalar_t>(ac[k] * g + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k]);
+                // Eval reads no x: a NaN x times a zero coefficient would make its gradient NaN.
+                const acc_t gx = ac[k] * g;
+                gxr[i] = round_to<scalar_t>(training ? gx + bc[k] * (acc_t(xr[i]) - mc[k]) + cc_[k] : gx);
               }
             }
           });

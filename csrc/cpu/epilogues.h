@@ -96,9 +96,10 @@ EpilogueGrads epilogue_backward(const Tensor& grad_y, const Tensor& pre, const G
               for (int64_t i = 0; i < count; ++i) {
                 const acc_t dy = acc_t(gy[i]);
                 const acc_t pv = acc_t(p[i]);
-                // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask.
+                // As the reference: grad_y * xi rounded to the activation dtype, then the ReLU mask,
+                // which as torch.relu's zeroes where pre <= 0 only: a NaN pre passes the gradient.
                 acc_t g = kGate ? acc_t(round_to<scalar_t>(dy * xi[kCL ? i : 0])) : dy;
-                if constexpr (kRelu) g = pv > acc_t(0) ? g : acc_t(0);
+                if constexpr (kRelu) g = pv <= acc_t(0) ? acc_t(0) : g;
                 gz[i] = round_to<scalar_t>(g);
                 if constexpr (kCL) {
                   part_theta[i] += dy * pv;
