@@ -37,7 +37,8 @@ CADK_HD void update_running_stats(R* running_mean, int64_t mean_stride, R* runni
 }
 
 // The checks of bn_running_stats_ common to every device (defined in csrc/cpu/bn_gate_act.cpp): running
-// statistics of one floating dtype, batch statistics of one shape in float32 or float64, count > 1.
+// statistics of one floating dtype whose entries do not share memory, batch statistics of one shape in
+// float32 or float64, count > 1.
 void check_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                          const at::Tensor& var, int64_t count);
 

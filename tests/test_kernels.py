@@ -273,6 +273,24 @@ _NAN_CASES = {
 }
 
 
+def test_running_statistics_that_share_memory_are_refused(backend):
+    """Running statistics expanded from one value have one memory location for every channel: a training
+    step's update of the alive channels would leave that location with the last channel's value. The
+    reference's in-place update refuses such a tensor; so must every backend, leaving it as it was."""
+    module, device = backend
+    alive = torch.tensor([0, 3, 4, 8], device=device)
+    x = torch.randn(5, 4, 3, 3, device=device)
+    for shared in ("running_mean", "running_var"):
+        stats = {"running_mean": torch.zeros(9, device=device), "running_var": torch.ones(9, device=device)}
+        stats[shared] = stats[shared][:1].expand(9)
+        before = stats[shared].clone()
+        for op in (reference.bn_gate_act, module.bn_gate_act):
+            with pytest.raises(RuntimeError, match="memory location|share memory"):
+                op(x, None, None, stats["running_mean"], stats["running_var"], None, alive,
+                   torch.tensor(3, device=device), 0.1, 1e-5, "relu", True)
+        assert torch.equal(stats[shared], before)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", list(_NAN_CASES))
 def test_nan_activation_gradients_match_the_reference(backend, gen, op, training):

@@ -695,6 +695,10 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
 def bn_running_stats_(running_mean: Tensor, running_var: Tensor, alive: Tensor, mean: Tensor, var: Tensor,
                       momentum: float, count: int) -> None:
     """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive entries, in one launch."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        # an expanded vector: every entry would take the last write, where the reference's in-place ops refuse
+        _check(t.numel() < 2 or t.stride(0) != 0, lambda: f"bn_running_stats_: entries of {name} share memory "
+               f"(an expanded tensor?), so updating them in place would lose updates; pass {name}.clone()")
     a = alive.numel()
     if a > 0:
         alive, mean, var = _dense(alive, mean, var)

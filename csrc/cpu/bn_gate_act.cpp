@@ -55,6 +55,13 @@ void check_running_stats(const at::Tensor& running_mean, const at::Tensor& runni
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
               "cadk bn_running_stats_: mean and var must be float32 or float64, got ", mean.scalar_type());
   TORCH_CHECK(count > 1, "cadk bn_running_stats_: count (values per channel) must exceed 1, got ", count);
+  // Entries that share memory (an expanded vector) would each take the last write: refused, as the
+  // in-place ops of the reference refuse them.
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"}}) {
+    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "cadk bn_running_stats_: entries of ", name,
+                " share memory (an expanded tensor?), so updating them in place would lose updates; pass a ",
+                "tensor with its own entries (", name, ".clone())");
+  }
 }
 
 namespace cpu {
@@ -66,13 +73,6 @@ void bn_running_stats_(const Tensor& running_mean, const Tensor& running_var, co
     check_cpu(*t, name);
   }
   check_running_stats(running_mean, running_var, mean, var, count);
-  // Entries that share memory (an expanded vector) would each take the last write: refused, as the
-  // in-place ops of the reference refuse them.
-  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"}}) {
-    TORCH_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "cadk bn_running_stats_: entries of ", name,
-                " share memory (an expanded tensor?), so updating them in place would lose updates; pass a ",
-                "tensor with its own entries (", name, ".clone())");
-  }
   check_alive(alive, mean.numel(), running_mean.numel(), "alive");
   const Tensor a = alive.contiguous(), m = mean.contiguous(), v = var.contiguous();
   const int64_t* idx = a.data_ptr<int64_t>();

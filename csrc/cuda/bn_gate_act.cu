@@ -218,7 +218,9 @@ __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t*
         const acc_t dz =
             gated_grad<scalar_t, kRelu>(static_cast<acc_t>(dy[u].v[k]), static_cast<acc_t>(p[u].v[k]), xi[u][k]);
         const acc_t xhat = (static_cast<acc_t>(xv[u].v[k]) - m[k]) * rstd[k];
-        gx.v[k] = static_cast<scalar_t>(scale[k] * (dz - mean_dz[k] - xhat * mean_dz_xhat[k]));
+        // Eval (inv_m 0) reads no x: a NaN x times a zero coefficient would make its gradient NaN.
+        const acc_t centred = inv_m == acc_t(0) ? dz : dz - mean_dz[k] - xhat * mean_dz_xhat[k];
+        gx.v[k] = static_cast<scalar_t>(scale[k] * centred);
       }
       store_row(grad_x, rg.off[u], gx);
     }

@@ -492,11 +492,11 @@ __device__ __forceinline__ scalar_t activate(acc_t v) {
 }
 
 // Gradient reaching the activation's input: grad_y * xi rounded to the activation dtype (as the
-// reference's dy * xi), masked by pre > 0 under ReLU.
+// reference's dy * xi), zeroed where pre <= 0 under ReLU (as torch.relu's backward: a NaN pre passes).
 template <typename scalar_t, bool kRelu, typename acc_t>
 __device__ __forceinline__ acc_t gated_grad(acc_t dy, acc_t pre, float xi) {
   const acc_t g = static_cast<acc_t>(static_cast<scalar_t>(dy * static_cast<acc_t>(xi)));
-  return kRelu && !(pre > acc_t(0)) ? acc_t(0) : g;
+  return kRelu && pre <= acc_t(0) ? acc_t(0) : g;
 }
 
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }

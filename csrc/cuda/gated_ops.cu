@@ -87,8 +87,11 @@ ConvGeometry check_conv(const Tensor& x, const Tensor& weight, const OptTensor& 
     TORCH_CHECK(stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0, "cadk gated_conv2d: need stride > 0, ",
                 "dilation > 0 and padding >= 0, got ", stride, ", ", dilation, ", ", padding);
   }
+  // Floor division, as F.conv2d sizes its output: C++ rounds a negative span toward zero, which made an
+  // input short of the kernel by less than a stride one output row long.
   auto out_size = [&](int d) {
-    return (x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
+    const int64_t span = x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1;
+    return span < 0 ? int64_t(0) : span / stride[d] + 1;
   };
   const int64_t out_h = out_size(0), out_w = out_size(1);
   TORCH_CHECK(out_h > 0 && out_w > 0, "cadk gated_conv2d: input ", x.sizes(), " is smaller than the kernel ",
