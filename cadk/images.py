@@ -55,9 +55,11 @@ def _class_folders(folder: bytes) -> list[bytes]:
 
 
 def _image_names(folder: bytes) -> list[bytes]:
-    # extension first: is_file() then costs no stat on file systems that report entry types
+    # extension first: is_file() then costs no stat on file systems that report entry types. Hidden files are
+    # no images: macOS copies leave an AppleDouble '._<name>.JPEG' beside each image on non-Apple drives.
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.name.lower().endswith(EXTENSIONS) and e.is_file())
+        return sorted(e.name for e in entries
+                      if e.name.lower().endswith(EXTENSIONS) and not e.name.startswith(b".") and e.is_file())
 
 
 def _split(root: bytes, files: list[bytes], labels: list[int]) -> Split:

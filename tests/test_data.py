@@ -395,3 +395,19 @@ def test_corrupt_image_is_a_dataset_error_naming_the_file(tmp_path, workers):
     text = str(info.value)
     assert str(bad) in text and "replace or delete it" in text
     assert "Traceback" not in text and "DataLoader worker" not in text
+
+
+@needs_pillow
+@pytest.mark.parametrize("val", ["folders", "flat"])
+def test_hidden_files_beside_the_images_are_no_images(tmp_path, val):
+    """A copy made on macOS leaves an AppleDouble '._<name>' beside every image (on exFAT and network drives):
+    they were read as images, which stopped training at the first one with 'not an image', and in a flat val
+    folder gave 'the csv belongs to another release'."""
+    make_image_folder(tmp_path, val)
+    apple_double = b"\x00\x05\x16\x07" + bytes(60)
+    (tmp_path / "train" / CLASSES[0] / f"._{CLASSES[0]}_0.JPEG").write_bytes(apple_double)
+    (tmp_path / "val" / (CLASSES[0] if val == "folders" else "") / "._ILSVRC2012_val_00000000.JPEG").write_bytes(
+        apple_double)
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=0)
+    assert ds.num_train == 12 and len(ds.test.labels) == 6
+    assert sum(len(y) for _, y in ds.train_batches(0, 5, None)) == 12
