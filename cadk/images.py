@@ -87,7 +87,7 @@ def read_solution(path: str) -> dict[str, str]:
     """ImageNet's LOC_val_solution.csv: `ImageId,PredictionString` rows, the first token of which is the
     image's class (wnid), followed by its boxes."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's re-save starts with a BOM
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"cannot read {path} ({e}): the file is corrupt; download it again") from e

@@ -411,3 +411,14 @@ def test_hidden_files_beside_the_images_are_no_images(tmp_path, val):
     ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=0)
     assert ds.num_train == 12 and len(ds.test.labels) == 6
     assert sum(len(y) for _, y in ds.train_batches(0, 5, None)) == 12
+
+
+@needs_pillow
+def test_solution_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """A LOC_val_solution.csv saved again by a spreadsheet (UTF-8 with BOM, CRLF lines) was refused as 'not
+    ImageNet's LOC_val_solution.csv': the BOM stuck to 'ImageId'."""
+    make_image_folder(tmp_path, val="flat")
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_text().replace("\n", "\r\n").encode())
+    ds = D.load_dataset("imagefolder", str(tmp_path), workers=0)
+    assert list(ds.test.labels) == [1, 1, 0, 0, 2, 2]
