@@ -159,9 +159,12 @@ def scan(data_dir: str | None) -> tuple[list[str], Split, Split]:
 
 # ---- decoding and crops -------------------------------------------------------------------------------------
 def decode(path: str) -> "Image.Image":
-    """The image at path in RGB (ImageNet holds some grayscale and CMYK JPEGs; alpha is dropped)."""
+    """The image at path in RGB (ImageNet holds some grayscale and CMYK JPEGs; alpha is dropped; 16-bit
+    values are scaled to 8 bits)."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit grayscale (I;16*, or I): convert() clips each value at 255
+                return Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8)).convert("RGB")
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}): the file is unreadable, corrupt "
