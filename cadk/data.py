@@ -195,13 +195,13 @@ DATASETS = (*LOADERS, *FOLDER_DATASETS)
 
 
 def load_dataset(name: str, data_dir: str | None = None, image_size: int = 224, workers: int | None = None,
-                 seed: int = 0) -> TrainingData:
-    """The dataset `name` from data_dir; image_size, workers (None: images.default_workers()) and seed
-    (of crops and order) apply to the streamed folder datasets only."""
+                 seed: int = 0, pin_memory: bool = False) -> TrainingData:
+    """The dataset `name` from data_dir; image_size, workers (None: images.default_workers()), seed
+    (of crops and order) and pin_memory (batches for a CUDA device) apply to the streamed folder datasets only."""
     if name in FOLDER_DATASETS:
         from .images import load_image_folder
 
-        return load_image_folder(name, data_dir, image_size, workers, seed)
+        return load_image_folder(name, data_dir, image_size, workers, seed, pin_memory)
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return _checked(LOADERS[name](data_dir), data_dir)

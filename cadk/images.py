@@ -241,9 +241,10 @@ class FolderDataset:
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(self, name: str, classes: list[str], train: Split, test: Split, image_size: int, workers: int,
-                 seed: int):
+                 seed: int, pin_memory: bool = False):
         self.name, self.classes, self.train, self.test = name, classes, train, test
         self.num_classes, self.image_size, self.workers, self.seed = len(classes), image_size, workers, seed
+        self.pin_memory = pin_memory  # for a CUDA run only: pinning opens a CUDA context, on GPU 0
 
     @property
     def num_train(self) -> int:
@@ -267,7 +268,7 @@ class FolderDataset:
     def _batches(self, images: Images, order, batch_size: int, workers: int | None = None):
         loader = torch.utils.data.DataLoader(images, batch_size, sampler=order,
                                              num_workers=self.workers if workers is None else workers,
-                                             pin_memory=torch.cuda.is_available())
+                                             pin_memory=self.pin_memory)
         for x, y, errors in loader:
             for error in errors:
                 if error:
@@ -280,7 +281,7 @@ def default_workers() -> int:
 
 
 def load_image_folder(name: str, data_dir: str | None, image_size: int = 224, workers: int | None = None,
-                      seed: int = 0) -> FolderDataset:
+                      seed: int = 0, pin_memory: bool = False) -> FolderDataset:
     """--data imagenet (which must have ImageNet's 1000 classes) or imagefolder (any number of classes)."""
     if Image is None:
         raise DatasetError(f"--data {name} decodes images with Pillow, which is not installed: pip install pillow "
@@ -291,4 +292,4 @@ def load_image_folder(name: str, data_dir: str | None, image_size: int = 224, wo
                            f"{len(classes)} class folders: the copy is incomplete or another dataset; for other "
                            "class-folder datasets use --data imagefolder")
     return FolderDataset(name, classes, train, test, image_size, default_workers() if workers is None else workers,
-                         seed)
+                         seed, pin_memory)

@@ -399,7 +399,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
-    training_device(cfg.device)  # before anything is read or written
+    device = training_device(cfg.device)  # before anything is read or written
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                               "to replace it with this one, or another --out-dir")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed)
+    ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed, device.type == "cuda")
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run

@@ -423,3 +423,26 @@ def test_cuda_run_trains_prunes_resumes_and_saves_cpu_models(fmnist, tmp_path, m
     assert report["test_acc_compact"] == report["test_acc_gated"]
     small = torch.jit.load(report["artifacts"]["torchscript"])
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@needs_pillow
+def test_cpu_run_on_a_machine_with_a_gpu_pins_no_memory(tmp_path, monkeypatch):
+    """The image loaders pinned their batches wherever CUDA was available: a --device cpu run opened a CUDA
+    context on GPU 0 (memory taken from whoever uses it; an error where the GPU is in exclusive mode and busy)."""
+    import torch.utils.data
+
+    from cadk.training import TrainConfig, train
+
+    pinned, loader = [], torch.utils.data.DataLoader
+
+    def spy(*args, **kwargs):
+        pinned.append(kwargs.get("pin_memory", False))
+        return loader(*args, **{**kwargs, "pin_memory": False})  # this machine may have no GPU to pin for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
+    data = str(make_image_folder(tmp_path / "images"))
+    train(TrainConfig(data="imagefolder", data_dir=data, model="mlp", dense=True, image_size=16, batch_size=4,
+                      workers=0, epochs=1, threads=1, device="cpu", out_dir=str(tmp_path / "run")),
+          log=lambda line: None)
+    assert pinned and not any(pinned)
