@@ -5,6 +5,7 @@ plain network (the compacted gated model at initialisation, i.e. with every gate
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -339,6 +340,17 @@ def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
     return f"; from here on with {', '.join(changes)}" if changes else ""
 
 
+RUN_FILES = ("checkpoint.pt", "report.json", "report.png", "model_compact.pt", "model_compact.pt2",
+             "model_compact.ts")  # what a run writes in its out-dir
+
+
+def _remove_run(out_dir: str) -> None:
+    """Delete the files of the run in out_dir that --overwrite replaces."""
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+
+
 def _settle_epoch(settle_epoch: float | None, epochs: float) -> float:
     """The epoch at which the structure is rounded: --settle-epoch, by default 40% of the run."""
     return settle_epoch if settle_epoch is not None else 0.4 * epochs
@@ -412,6 +424,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run
+    if cfg.overwrite:  # now, not as this run writes its own: stopped before, it left the old run to --resume
+        _remove_run(cfg.out_dir)
     if cfg.resume:
         if not os.path.exists(ckpt):
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")

@@ -446,3 +446,26 @@ def test_cpu_run_on_a_machine_with_a_gpu_pins_no_memory(tmp_path, monkeypatch):
                       workers=0, epochs=1, threads=1, device="cpu", out_dir=str(tmp_path / "run")),
           log=lambda line: None)
     assert pinned and not any(pinned)
+
+
+def test_overwrite_stopped_in_its_first_epoch_leaves_nothing_of_the_replaced_run(fmnist, tmp_path, capsys):
+    """--overwrite kept the replaced run's checkpoint until its own first one and its report and models until its
+    end: stopped before (Ctrl-C, a crash), the out-dir still held the old run, which the next --resume went on with
+    under the new flags, and report.json described the old run beside the new run's checkpoint."""
+    from cadk.training import TrainConfig, train
+
+    out = tmp_path / "run"
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1"]
+    assert main(base) == 0
+
+    def stop_in_epoch_1(line):
+        if line.startswith("epoch   1"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(model="mlp", data_dir=fmnist, out_dir=str(out), epochs=1, batch_size=32,
+                          max_steps_per_epoch=3, warmup_epochs=0.3, threads=1, lam=5.0, overwrite=True),
+              log=stop_in_epoch_1)
+    assert not [name for name in os.listdir(out) if name.startswith(("checkpoint", "report", "model_compact"))]
+    capsys.readouterr()
+    assert main([*base, "--lam", "5", "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
