@@ -412,6 +412,13 @@ def check_config(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     check_config(cfg)
     device = training_device(cfg.device)  # before anything is read or written
+    # The training GPU is the current one while the run lasts: Triton kernels launch on the current device and
+    # stream, whatever device their tensors are on, and the loaders pin batches for it (cuda:1 ran on GPU 0).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _train(cfg, device, log)
+
+
+def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")

@@ -469,3 +469,36 @@ def test_overwrite_stopped_in_its_first_epoch_leaves_nothing_of_the_replaced_run
     capsys.readouterr()
     assert main([*base, "--lam", "5", "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_run_on_a_second_gpu_makes_it_the_current_device(fmnist, tmp_path, monkeypatch):
+    """Triton kernels launch on the current CUDA device and stream whatever device their tensors are on, and the
+    loaders pin batches for the current device: --device cuda:1 left GPU 0 current, so the Triton backend ran
+    its kernels on GPU 0 with pointers into GPU 1. Simulated: this machine may have no GPU, let alone two."""
+    import contextlib
+
+    from cadk import training
+
+    current = [torch.device("cuda:0")]
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d))
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class Built(Exception):
+        pass
+
+    def run(cfg, ds):
+        raise Built(current[-1])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(training, "Run", run)
+    with pytest.raises(Built) as info:
+        training.train(training.TrainConfig(model="mlp", data_dir=fmnist, device="cuda:1", out_dir=str(tmp_path)))
+    assert info.value.args[0] == torch.device("cuda:1") and current == [torch.device("cuda:0")]
