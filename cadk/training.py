@@ -430,6 +430,12 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed, device.type == "cuda")
     run = Run(cfg, ds)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    with _out_dir_lock(cfg.out_dir):
+        return _run(run, ckpt, log)
+
+
+def _run(run: Run, ckpt: str, log) -> dict:
+    cfg = run.cfg
     remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run
     if cfg.overwrite:  # now, not as this run writes its own: stopped before, it left the old run to --resume
         _remove_run(cfg.out_dir)
@@ -453,6 +459,30 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
             log(f"    {ev}")
         atomic_write(ckpt, lambda f: torch.save(run.state(), f))
     return finish(run, log)
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str):
+    """Hold OUT_DIR/.lock while the run lasts: a second run in the same folder would overwrite the first's
+    checkpoint and delete its partial writes. The system drops the lock when its process dies, so a killed
+    run leaves none behind. Without fcntl (not POSIX) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(out_dir, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise CheckpointError(f"{out_dir} is in use by another cadk train (process {f.read().strip() or '?'}): "
+                                  "wait for it to end or pass another --out-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def finish(run: Run, log=print) -> dict:

@@ -502,3 +502,23 @@ def test_run_on_a_second_gpu_makes_it_the_current_device(fmnist, tmp_path, monke
     with pytest.raises(Built) as info:
         training.train(training.TrainConfig(model="mlp", data_dir=fmnist, device="cuda:1", out_dir=str(tmp_path)))
     assert info.value.args[0] == torch.device("cuda:1") and current == [torch.device("cuda:0")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the out-dir lock uses fcntl")
+def test_second_run_in_an_out_dir_in_use_is_refused(fmnist, tmp_path, capsys):
+    """Two runs started at once in one out-dir (the default names no budget) both trained, each overwriting
+    the other's checkpoint, and one could delete the other's half-written file mid-write."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # the first run, holding the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        (out / ".tmp-of-the-first-run").write_bytes(b"half a checkpoint")
+        assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert "cadk: error:" in err and "in use by another cadk train (process 4242)" in err, err
+        assert (out / ".tmp-of-the-first-run").exists() and not (out / "checkpoint.pt").exists()
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1"]) == 0
