@@ -269,11 +269,23 @@ class FolderDataset:
         loader = torch.utils.data.DataLoader(images, batch_size, sampler=order,
                                              num_workers=self.workers if workers is None else workers,
                                              pin_memory=self.pin_memory)
-        for x, y, errors in loader:
+        for x, y, errors in _worker_deaths_named(loader):
             for error in errors:
                 if error:
                     raise DatasetError(error)
             yield x, y
+
+
+def _worker_deaths_named(loader):
+    """The loader's batches; a worker process that died (most often at the hands of the system's out-of-memory
+    killer) is a DatasetError saying what to change, not a DataLoader traceback."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise DatasetError(f"an image-decoding worker process died ({e}); the system may have run out of memory: "
+                           "pass fewer --workers or a smaller --batch-size") from e
 
 
 def default_workers() -> int:

@@ -397,6 +397,33 @@ def test_corrupt_image_is_a_dataset_error_naming_the_file(tmp_path, workers):
     assert "Traceback" not in text and "DataLoader worker" not in text
 
 
+class _DyingImages:
+    """A split whose decoding kills its worker process, as the out-of-memory killer does."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@needs_pillow
+def test_worker_killed_mid_epoch_is_a_dataset_error_saying_what_to_change(tmp_path, monkeypatch):
+    from cadk import images
+
+    make_image_folder(tmp_path)
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=1)
+    monkeypatch.setattr(images, "Images", lambda *args, **kw: _DyingImages(range(ds.num_train)))
+    with pytest.raises(D.DatasetError, match="worker process died.*fewer --workers"):
+        for _ in ds.train_batches(0, 4, None):
+            pass
+
+
 @needs_pillow
 @pytest.mark.parametrize("val", ["folders", "flat"])
 def test_hidden_files_beside_the_images_are_no_images(tmp_path, val):
