@@ -54,12 +54,22 @@ def _class_folders(folder: bytes) -> list[bytes]:
         return sorted(e.name for e in entries if not e.name.startswith(b".") and e.is_dir())
 
 
-def _image_names(folder: bytes) -> list[bytes]:
-    # extension first: is_file() then costs no stat on file systems that report entry types. Hidden files are
-    # no images: macOS copies leave an AppleDouble '._<name>.JPEG' beside each image on non-Apple drives.
+def _image_names(folder: bytes, nested: bool = False) -> list[bytes]:
+    """The image files in `folder`, and with `nested` in its non-hidden subfolders too (as torchvision's
+    ImageFolder reads a class folder), as sorted paths relative to it."""
+    names, subfolders = [], []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries
-                      if e.name.lower().endswith(EXTENSIONS) and not e.name.startswith(b".") and e.is_file())
+        for e in entries:
+            if e.name.startswith(b"."):  # macOS copies leave an AppleDouble '._<name>.JPEG' beside each image
+                continue
+            # extension first: is_file() then costs no stat on file systems that report entry types
+            if e.name.lower().endswith(EXTENSIONS) and e.is_file():
+                names.append(e.name)
+            elif nested and e.is_dir(follow_symlinks=False):  # a linked folder could lead back up: a loop
+                subfolders.append(e.name)
+    for sub in subfolders:
+        names += [os.path.join(sub, n) for n in _image_names(os.path.join(folder, sub), nested)]
+    return sorted(names)
 
 
 def _split(root: bytes, files: list[bytes], labels: list[int]) -> Split:
@@ -74,7 +84,7 @@ def _scan_class_folders(folder: bytes, index: dict[bytes, int]) -> Split:
         if name not in index:
             raise DatasetError(f"class folder {where} has no counterpart in the train folder: the splits come from "
                                "different datasets or the train folder is incomplete; remove it or add the class")
-        names = _image_names(os.path.join(folder, name))
+        names = _image_names(os.path.join(folder, name), nested=True)
         if not names:
             raise DatasetError(f"class folder {where} holds no images ({', '.join(e.decode() for e in EXTENSIONS)}): "
                                "add its images or remove the folder")

@@ -425,6 +425,25 @@ def test_worker_killed_mid_epoch_is_a_dataset_error_saying_what_to_change(tmp_pa
 
 
 @needs_pillow
+def test_images_in_subfolders_of_a_class_folder_belong_to_that_class(tmp_path):
+    """torchvision's ImageFolder reads a class folder's subfolders too; they were ignored (a class holding only
+    subfolders was refused as empty). Hidden and linked subfolders are not entered (a link can loop)."""
+    make_image_folder(tmp_path)
+    nested = tmp_path / "train" / CLASSES[1] / "batch2" / "more"
+    nested.mkdir(parents=True)
+    write_image(nested / "deep.JPEG", SIZES[0], seed=7)
+    (tmp_path / "train" / CLASSES[1] / ".cache").mkdir()
+    write_image(tmp_path / "train" / CLASSES[1] / ".cache" / "thumb.JPEG", SIZES[0], seed=8)
+    (tmp_path / "train" / CLASSES[1] / "loop").symlink_to(tmp_path / "train" / CLASSES[1])
+    ds = D.load_dataset("imagefolder", str(tmp_path), image_size=16, workers=0)
+    assert ds.num_train == 13
+    i = [f.decode() for f in ds.train.files].index(f"{CLASSES[1]}/batch2/more/deep.JPEG")
+    assert ds.classes[ds.train.labels[i]] == CLASSES[1]
+    x, _ = next(ds.train_batches(0, 13, None))
+    assert x.shape == (13, 3, 16, 16)
+
+
+@needs_pillow
 @pytest.mark.parametrize("val", ["folders", "flat"])
 def test_hidden_files_beside_the_images_are_no_images(tmp_path, val):
     """A copy made on macOS leaves an AppleDouble '._<name>' beside every image (on exFAT and network drives):
