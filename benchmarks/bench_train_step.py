@@ -4,10 +4,12 @@
     python benchmarks/bench_train_step.py --random-keep 0.5 [--model resnet20] [--device cuda]
 
 Loads the run's last checkpoint (or, with --random-keep, builds the model and prunes each unit gate to
-that fraction of its units at random, for machines without a run) and times one training step (forward, backward, weight and theta
-updates) for: the gated model with its pruned structure; the same gated model with every structure
-alive (what the first epoch pays); the dense plain model; the compacted plain model (the floor for the
-pruned structure). Rounds are interleaved and medians reported, so machine noise hits all alike.
+that fraction of its units at random, for machines without a run) and times one training step (forward,
+backward with theta gradients, weight update; thetas stay fixed, as in the first epoch's warm-up and after
+the structure settles) for: the gated model with its pruned structure (what a settled last epoch pays); the
+same gated model with every structure alive (what the first epoch pays); the dense plain model; the
+compacted plain model (the floor for the pruned structure). Rounds are interleaved and medians reported,
+so machine noise hits all alike.
 """
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ from cadk.training import load_checkpoint
 from cadk.utils import keep_freed_memory
 
 
-def _step_fn(model, x, y):
+def _step_fn(model, x, y, warmup: bool = True):
+    """A training step as the trainer takes it in epoch 1 (`warmup`: theta gradients computed, then dropped
+    before the theta optimizer's step, which only projects) or in a settled last epoch (no theta step).
+    Thetas never move in either: one moved off 1 would turn a fixed gate into a sampled one."""
     weights, gates = cadk.split_parameters(model)
     opt = torch.optim.SGD(weights, lr=1e-4, momentum=0.9)
     topt = cadk.ThetaSGD(gates, lr=1e-4) if gates else None
@@ -38,7 +43,9 @@ def _step_fn(model, x, y):
             topt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if topt:
+        if topt and warmup:
+            for g in gates:
+                g.theta.grad = None
             topt.step()
     return step
 
@@ -126,7 +133,7 @@ def main() -> None:
     steps = {}
     for k, m in variants.items():
         m = m.to(device, memory_format=torch.channels_last).train()  # gates rebuild alive lists on the device
-        steps[k] = _step_fn(m, x, y)
+        steps[k] = _step_fn(m, x, y, warmup=k != "gated, pruned (last epoch)")
     for s in steps.values():
         s()  # warm-up
     times = {k: [] for k in steps}

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny settings (their figures are not checked here)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -12,6 +13,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _run(*args: str) -> str:
@@ -121,3 +130,21 @@ def test_bench_kernels_triton_matmul_variants():
     lines = out.stdout.splitlines()
     assert any("linear" in ln and "gated[triton:fused]" in ln for ln in lines)
     assert not any("conv3x3" in ln and "gated[triton:" in ln for ln in lines)
+
+
+def test_bench_train_step_keeps_thetas_fixed():
+    """Epoch 1 (the warm-up drops theta gradients) and a settled last epoch never move theta, so the timed
+    steps must not: a theta moved off 1 turns a fixed gate into a sampled one (Philox draws, random zeros)."""
+    import cadk
+    from cadk.nn import gates_of
+
+    bench = _bench("bench_train_step")
+    model = cadk.build_model("resnet20", 1, 10)
+    bench._random_prune(model, 0.5, torch.Generator().manual_seed(0))
+    before = [g.theta.detach().clone() for g in gates_of(model)]
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    for kw in ({}, {"warmup": False}):  # epoch 1 (the default), a settled last epoch
+        step = bench._step_fn(model.train(), x, y, **kw)
+        step()
+        step()
+        assert all(torch.equal(b, g.theta) for b, g in zip(before, gates_of(model)))
