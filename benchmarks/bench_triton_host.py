@@ -53,7 +53,14 @@ def _steps(tb) -> dict:
             tb.gated_linear(x2, w2, b, theta, alive, alive, seed, "relu", True).sum().backward()
         return step
 
-    return {
+    def fresh(step):  # as after zero_grad(set_to_none=True): no step adds into the last one's gradients
+        def run():
+            for t in (x2, w2, b, theta, x4, w4, gamma, beta, branch):
+                t.grad = None
+            step()
+        return run
+
+    return {name: fresh(step) for name, step in {
         "gated_linear (fused matmul)": linear("fused"),
         "gated_linear (torch matmul)": linear("torch"),
         "gated_conv2d": lambda: tb.gated_conv2d(x4, w4, b, theta, alive, alive, seed, (1, 1), (1, 1), (1, 1),
@@ -62,7 +69,7 @@ def _steps(tb) -> dict:
                                               True).sum().backward(),
         "gate_apply": lambda: tb.gate_apply(x4, theta, alive, seed, True).sum().backward(),
         "gated_residual": lambda: tb.gated_residual(x4, branch, theta, alive[:1], seed, True).sum().backward(),
-    }
+    }.items()}
 
 
 def _median_ms(step, repeats: int, rounds: int = 7) -> float:

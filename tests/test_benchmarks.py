@@ -148,3 +148,26 @@ def test_bench_train_step_keeps_thetas_fixed():
         step()
         step()
         assert all(torch.equal(b, g.theta) for b, g in zip(before, gates_of(model)))
+
+
+def test_bench_triton_host_steps_start_without_gradients():
+    """Each timed step gets fresh gradients, as after the trainer's zero_grad(set_to_none=True): a step that
+    accumulated into the last one's would time an extra add per leaf."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    check = """
+import gc, sys, torch
+sys.path.insert(0, "benchmarks")
+import bench_triton_host as bench
+from cadk.kernels import triton_backend as tb
+bench._stub_launches(tb)
+steps = bench._steps(tb)
+leaves = [t for t in gc.get_objects() if torch.is_tensor(t) and t.is_leaf and t.requires_grad]
+for name, step in steps.items():
+    step()
+    grads = [t.grad for t in leaves]
+    step()
+    assert all(g is None or t.grad is not g for t, g in zip(leaves, grads)), name
+"""
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
