@@ -171,3 +171,35 @@ for name, step in steps.items():
 """
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _compact_run(run_dir: Path, keep: float) -> dict:
+    """A finished run's files as bench_compact reads them: an MLP on Fashion-MNIST, `keep` of its units kept."""
+    import cadk
+
+    model = cadk.build_model("mlp", 1, 10, image_size=28)
+    _bench("bench_train_step")._random_prune(model, keep, torch.Generator().manual_seed(0))
+    run_dir.mkdir()
+    paths = cadk.save_compact(cadk.compact(model), torch.randn(1, 1, 28, 28), str(run_dir / "model_compact"))
+    report = {"config": {"model": "mlp", "data": "fashion-mnist"}, "flops_ratio": keep, "params_ratio": keep,
+              "artifacts": paths}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    return report
+
+
+def _timed_models(monkeypatch, run_dir: Path) -> list:
+    """The models bench_compact times on `run_dir`, dense first, at batch 1 and one round."""
+    bench = _bench("bench_compact")
+    timed = []
+    monkeypatch.setattr(bench, "_time", lambda model, x, repeats: timed.append(model) or 1.0)
+    monkeypatch.setattr(sys, "argv", ["bench_compact.py", str(run_dir), "--batch", "1", "--rounds", "1"])
+    bench.main()
+    return timed[-2:]
+
+
+def test_bench_compact_runs_both_models_alike(tmp_path, monkeypatch):
+    """The dense twin runs through TorchScript as the compacted model does: an eager twin would add
+    Python's per-module calls to the dense side of the speed-up."""
+    _compact_run(tmp_path / "run", 0.5)
+    dense, compacted = _timed_models(monkeypatch, tmp_path / "run")
+    assert isinstance(compacted, torch.jit.ScriptModule) and isinstance(dense, torch.jit.ScriptModule)
