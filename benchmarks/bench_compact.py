@@ -39,7 +39,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report = json.load(open(os.path.join(args.run_dir, "report.json")))
     cfg = report["config"]
-    compacted = torch.jit.load(report["artifacts"]["torchscript"]).eval()
+    # The file in run_dir: the report's path is where the run was written (relative to that process's
+    # working directory), which after a move may hold another run's model.
+    compacted = torch.jit.load(os.path.join(args.run_dir, os.path.basename(report["artifacts"]["torchscript"]))).eval()
     in_ch, classes, size = (1, 10, 28) if cfg["data"] == "fashion-mnist" else (3, 100 if cfg["data"] == "cifar100" else 10, 32)
     kw = {"image_size": size} if cfg["model"] == "mlp" else {}
     dense = cadk.compact(cadk.build_model(cfg["model"], in_ch, classes, **kw)).eval()

@@ -203,3 +203,15 @@ def test_bench_compact_runs_both_models_alike(tmp_path, monkeypatch):
     _compact_run(tmp_path / "run", 0.5)
     dense, compacted = _timed_models(monkeypatch, tmp_path / "run")
     assert isinstance(compacted, torch.jit.ScriptModule) and isinstance(dense, torch.jit.ScriptModule)
+
+
+def test_bench_compact_reads_the_run_directorys_model(tmp_path, monkeypatch):
+    """The compacted model comes from the run directory given, not from the path its report was written
+    with: a run moved aside, with a new run in its old place, timed the new run's model."""
+    report = _compact_run(tmp_path / "run", 0.25)
+    (tmp_path / "run").rename(tmp_path / "old")
+    _compact_run(tmp_path / "run", 1.0)  # the new run where the old one was written
+    _, compacted = _timed_models(monkeypatch, tmp_path / "old")
+    want = torch.jit.load(str(tmp_path / "old" / "model_compact.ts"))
+    assert report["artifacts"]["torchscript"] == str(tmp_path / "run" / "model_compact.ts")
+    assert sum(p.numel() for p in compacted.parameters()) == sum(p.numel() for p in want.parameters())
