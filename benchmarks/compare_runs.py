@@ -4,7 +4,8 @@
 
 Per run: kind (dense / cadk with its budget), seed, test accuracy of the compacted model, FLOPs and
 parameters of the compacted model as a share of the dense one (torch.utils.flop_counter counts), and
-the first and last epoch times with their ratio. Then, per kind, the mean over seeds.
+the first and last epoch times with their ratio. Then, per setting (the whole config but the seed and the
+run's paths), the mean over seeds.
 """
 from __future__ import annotations
 
@@ -34,8 +35,17 @@ def kind_of(report: dict) -> str:
     return f"cadk lam={cfg['lam']}"
 
 
+# Config entries that differ between seeds of one setting without changing what is measured.
+NOT_SETTING = ("seed", "out_dir", "data_dir", "resume", "overwrite")
+
+
+def setting_of(report: dict) -> str:
+    return json.dumps({k: v for k, v in report["config"].items() if k not in NOT_SETTING}, sort_keys=True)
+
+
 def row(report: dict) -> dict:
-    return {"kind": kind_of(report), "seed": report["config"]["seed"], "epochs": report["config"]["epochs"],
+    return {"kind": kind_of(report), "setting": setting_of(report), "seed": report["config"]["seed"],
+            "epochs": report["config"]["epochs"],
             "acc": 100 * report["test_acc_compact"], "flops": 100 * report["flops_ratio"],
             "params": 100 * report["params_ratio"], "first": report["first_epoch_time"],
             "last": report["last_epoch_time"]}
@@ -51,12 +61,13 @@ def cells(r: dict) -> list[str]:
 
 def mean_rows(rows: list[dict]) -> list[dict]:
     out = []
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        group = [r for r in rows if r["kind"] == kind]
+    # Grouped by setting, not kind: runs of another model, dataset or length share a kind.
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        group = [r for r in rows if r["setting"] == setting]
         if len(group) < 2:
             continue
         m = {k: statistics.mean(r[k] for r in group) for k in ("acc", "flops", "params", "first", "last")}
-        out.append({"kind": kind, "seed": "mean", "epochs": group[0]["epochs"], **m})
+        out.append({"kind": group[0]["kind"], "seed": "mean", "epochs": group[0]["epochs"], **m})
     return out
 
 

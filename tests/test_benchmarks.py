@@ -215,3 +215,23 @@ def test_bench_compact_reads_the_run_directorys_model(tmp_path, monkeypatch):
     want = torch.jit.load(str(tmp_path / "old" / "model_compact.ts"))
     assert report["artifacts"]["torchscript"] == str(tmp_path / "run" / "model_compact.ts")
     assert sum(p.numel() for p in compacted.parameters()) == sum(p.numel() for p in want.parameters())
+
+
+def test_compare_runs_means_only_runs_that_differ_by_seed(tmp_path, capsys):
+    """The per-kind mean is over seeds of one setting: runs of other models, data or epoch counts are not
+    averaged into it (the mean row showed the first run's epochs next to times of 15- and 30-epoch runs)."""
+    bench = _bench("compare_runs")
+
+    def run(name, seed, seconds, **cfg):
+        config = {"model": "resnet20", "data": "fashion-mnist", "epochs": 15, "dense": True, "seed": seed,
+                  "out_dir": f"runs/{name}", **cfg}
+        report = {"config": config, "test_acc_compact": 0.9, "flops_ratio": 1.0, "params_ratio": 1.0,
+                  "first_epoch_time": seconds, "last_epoch_time": seconds}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        return str(tmp_path / name)
+
+    runs = [run("a", 0, 100.0), run("b", 1, 120.0), run("c", 2, 900.0, epochs=30), run("d", 3, 500.0, data="cifar10")]
+    bench.main(runs)
+    means = [ln.split() for ln in capsys.readouterr().out.splitlines() if " mean " in ln]
+    assert means == [["dense", "mean", "15", "90.00", "100.0", "100.0", "110", "110", "1.00"]]
