@@ -398,7 +398,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--frozen-weight", action="store_true",
                    help="linear and conv layers with weight and bias that need no gradient (a frozen layer, or "
-                        "thetas learnt on fixed weights), in every variant; the input still needs one")
+                        "thetas learnt on fixed weights), in every variant; the input still needs one (conv-bn "
+                        "and residual keep every gradient)")
     p.add_argument("--backends", default=None,
                    help="comma list (default: all available for the device); triton:fused and triton:torch "
                         "time the Triton backend's linear layer with that LINEAR_MATMUL")
@@ -444,7 +445,7 @@ def main(argv=None) -> list[dict]:
                 gated = name.startswith(("gated", "unfused"))
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
                            threads=torch.get_num_threads(), shape=specs[kind], malloc=malloc,
-                           frozen_weight=args.frozen_weight,
+                           frozen_weight=args.frozen_weight and isinstance(layer, Layer),  # where it applies
                            vs_floor=t / ms["floor"] if gated else None,
                            vs_masked=t / ms["masked"] if gated else None,
                            vs_full_size=t / ms["full-size"] if gated and "full-size" in ms else None)

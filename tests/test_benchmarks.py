@@ -235,3 +235,13 @@ def test_compare_runs_means_only_runs_that_differ_by_seed(tmp_path, capsys):
     bench.main(runs)
     means = [ln.split() for ln in capsys.readouterr().out.splitlines() if " mean " in ln]
     assert means == [["dense", "mean", "15", "90.00", "100.0", "100.0", "110", "110", "1.00"]]
+
+
+def test_bench_kernels_frozen_weight_marks_only_the_layers_it_freezes(tmp_path):
+    """--frozen-weight freezes the linear and conv layers' weight and bias; the conv-BN and residual
+    variants keep every gradient, and their rows must not say otherwise."""
+    _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--layers", "linear,conv-bn,residual",
+         "--repeats", "1", "--warmup", "1", "--frozen-weight", "--json", str(tmp_path / "k.json"))
+    rows = json.loads((tmp_path / "k.json").read_text())
+    assert {(r["layer"], r["frozen_weight"]) for r in rows} == {("linear", True), ("conv-bn", False),
+                                                               ("residual", False)}
