@@ -431,8 +431,9 @@ def main(argv=None) -> list[dict]:
         for keep in map(float, args.keeps.split(",")):
             if kind in ("residual", "conv-bn"):
                 layer = (Residual if kind == "residual" else ConvBN)(specs[kind], keep, args.device, dtype, fmt, gen)
-                steps = {f"gated[{b}]": layer.gated(b) for b in backends}
-                steps.update({f"unfused[{b}]": layer.unfused(b) for b in backends})
+                plain = [b for b in backends if ":" not in b]  # no matmul here for triton:<matmul> to choose
+                steps = {f"gated[{b}]": layer.gated(b) for b in plain}
+                steps.update({f"unfused[{b}]": layer.unfused(b) for b in plain})
             else:
                 layer = Layer(kind, specs[kind], keep, args.device, dtype, fmt, gen, args.frozen_weight)
                 steps = {f"gated[{b}]": layer.gated(b) for b in backends if kind == "linear" or ":" not in b}

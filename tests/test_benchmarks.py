@@ -245,3 +245,16 @@ def test_bench_kernels_frozen_weight_marks_only_the_layers_it_freezes(tmp_path):
     rows = json.loads((tmp_path / "k.json").read_text())
     assert {(r["layer"], r["frozen_weight"]) for r in rows} == {("linear", True), ("conv-bn", False),
                                                                ("residual", False)}
+
+
+def test_bench_kernels_matmul_variants_only_where_there_is_a_matmul():
+    """triton:fused / triton:torch name a LINEAR_MATMUL: residual and conv-BN layers have none, and rows under
+    those names there timed the plain Triton op again."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5",
+                          "--layers", "residual", "--backends", "triton,triton:fused", "--repeats", "1",
+                          "--warmup", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("residual")]
+    assert any("gated[triton]" in ln for ln in rows) and not any("triton:fused" in ln for ln in rows)
