@@ -28,6 +28,13 @@ def _time(model, x, repeats):
     return (time.perf_counter() - start) / repeats
 
 
+def _input_of(cfg: dict) -> tuple[int, int]:
+    """(input channels, image side) of the run's data: image folders are cropped to their --image-size."""
+    if cfg["data"] == "fashion-mnist":
+        return 1, 28
+    return 3, cfg["image_size"] if cfg["data"] in ("imagenet", "imagefolder") else 32
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
@@ -42,13 +49,15 @@ def main() -> None:
     # The file in run_dir: the report's path is where the run was written (relative to that process's
     # working directory), which after a move may hold another run's model.
     compacted = torch.jit.load(os.path.join(args.run_dir, os.path.basename(report["artifacts"]["torchscript"]))).eval()
-    in_ch, classes, size = (1, 10, 28) if cfg["data"] == "fashion-mnist" else (3, 100 if cfg["data"] == "cifar100" else 10, 32)
+    in_ch, size = _input_of(cfg)
+    example = torch.randn(2, in_ch, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        classes = compacted(example).shape[1]  # an image folder's class count is in no file of the run
     kw = {"image_size": size} if cfg["model"] == "mlp" else {}
     dense = cadk.compact(cadk.build_model(cfg["model"], in_ch, classes, **kw)).eval()
     dense = dense.to(memory_format=torch.channels_last)
     # Traced as save_compact traces the compacted model: an eager twin would add Python's per-module calls
     # to the dense side of the speed-up. Batch 2: a batch of 1 would be specialised as a constant.
-    example = torch.randn(2, in_ch, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         dense = torch.jit.trace(dense, example, check_trace=False)
     print(f"{cfg['model']} on {cfg['data']}: compacted FLOPs {100 * report['flops_ratio']:.1f}% and params "

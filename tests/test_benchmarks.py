@@ -173,25 +173,29 @@ for name, step in steps.items():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def _compact_run(run_dir: Path, keep: float) -> dict:
-    """A finished run's files as bench_compact reads them: an MLP on Fashion-MNIST, `keep` of its units kept."""
+def _compact_run(run_dir: Path, keep: float, model: str = "mlp", shape=(1, 10, 28), **cfg) -> dict:
+    """A finished run's files as bench_compact reads them (by default an MLP on Fashion-MNIST), `keep` of its
+    units kept; shape: (input channels, classes, image side)."""
     import cadk
 
-    model = cadk.build_model("mlp", 1, 10, image_size=28)
-    _bench("bench_train_step")._random_prune(model, keep, torch.Generator().manual_seed(0))
+    in_ch, classes, size = shape
+    gated = cadk.build_model(model, in_ch, classes, **({"image_size": size} if model == "mlp" else {}))
+    _bench("bench_train_step")._random_prune(gated, keep, torch.Generator().manual_seed(0))
     run_dir.mkdir()
-    paths = cadk.save_compact(cadk.compact(model), torch.randn(1, 1, 28, 28), str(run_dir / "model_compact"))
-    report = {"config": {"model": "mlp", "data": "fashion-mnist"}, "flops_ratio": keep, "params_ratio": keep,
-              "artifacts": paths}
+    example = torch.randn(1, in_ch, size, size)
+    paths = cadk.save_compact(cadk.compact(gated), example, str(run_dir / "model_compact"))
+    report = {"config": {"model": model, "data": "fashion-mnist", **cfg}, "flops_ratio": keep,
+              "params_ratio": keep, "artifacts": paths}
     (run_dir / "report.json").write_text(json.dumps(report))
     return report
 
 
-def _timed_models(monkeypatch, run_dir: Path) -> list:
-    """The models bench_compact times on `run_dir`, dense first, at batch 1 and one round."""
+def _timed_models(monkeypatch, run_dir: Path, inputs: list | None = None) -> list:
+    """The models bench_compact times on `run_dir`, dense first, at batch 1 and one round (their inputs
+    appended to `inputs`)."""
     bench = _bench("bench_compact")
-    timed = []
-    monkeypatch.setattr(bench, "_time", lambda model, x, repeats: timed.append(model) or 1.0)
+    timed, inputs = [], [] if inputs is None else inputs
+    monkeypatch.setattr(bench, "_time", lambda model, x, repeats: timed.append(model) or inputs.append(x) or 1.0)
     monkeypatch.setattr(sys, "argv", ["bench_compact.py", str(run_dir), "--batch", "1", "--rounds", "1"])
     bench.main()
     return timed[-2:]
@@ -258,3 +262,13 @@ def test_bench_kernels_matmul_variants_only_where_there_is_a_matmul():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("residual")]
     assert any("gated[triton]" in ln for ln in rows) and not any("triton:fused" in ln for ln in rows)
+
+
+def test_bench_compact_image_folder_runs_at_their_image_size(tmp_path, monkeypatch):
+    """An image-folder run is timed on its own crops and classes: its models had been timed on 32x32 inputs,
+    against a 10-class dense twin (a ResNet takes any size, so nothing failed)."""
+    _compact_run(tmp_path / "run", 0.5, "resnet20", (3, 5, 40), data="imagefolder", image_size=40)
+    inputs = []
+    dense, compacted = _timed_models(monkeypatch, tmp_path / "run", inputs)
+    assert {tuple(x.shape) for x in inputs} == {(1, 3, 40, 40)}
+    assert dense(inputs[-1]).shape == compacted(inputs[-1]).shape == (1, 5)
