@@ -49,6 +49,8 @@ def main() -> None:
     # The file in run_dir: the report's path is where the run was written (relative to that process's
     # working directory), which after a move may hold another run's model.
     compacted = torch.jit.load(os.path.join(args.run_dir, os.path.basename(report["artifacts"]["torchscript"]))).eval()
+    # A TorchScript file does not keep the weights' layout: loaded NCHW, they would be converted on every call.
+    compacted = compacted.to(memory_format=torch.channels_last)
     in_ch, size = _input_of(cfg)
     example = torch.randn(2, in_ch, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

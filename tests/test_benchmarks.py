@@ -272,3 +272,11 @@ def test_bench_compact_image_folder_runs_at_their_image_size(tmp_path, monkeypat
     dense, compacted = _timed_models(monkeypatch, tmp_path / "run", inputs)
     assert {tuple(x.shape) for x in inputs} == {(1, 3, 40, 40)}
     assert dense(inputs[-1]).shape == compacted(inputs[-1]).shape == (1, 5)
+
+
+def test_bench_compact_runs_both_models_in_the_inputs_layout(tmp_path, monkeypatch):
+    """Both models' conv weights are channels-last, as the inputs: a TorchScript file does not keep the layout,
+    and a loaded NCHW weight is converted on every call, which the channels-last dense twin does not pay."""
+    _compact_run(tmp_path / "run", 1.0, "resnet20", (1, 10, 28))
+    for model in _timed_models(monkeypatch, tmp_path / "run"):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
