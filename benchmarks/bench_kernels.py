@@ -90,7 +90,7 @@ class Layer:
         self.weight = torch.randn(c_out, c_in, *taps, **opts) * (c_in * (k * k if taps else 1)) ** -0.5
         self.bias = torch.randn(c_out, **opts) * 0.1
         self.theta = torch.full((c_out,), 0.5, device=device)
-        self.seed = torch.tensor(12345, dtype=torch.int64)
+        self.seed = torch.tensor(12345, dtype=torch.int64, device=device)  # where training keeps it: the gate's device
         self.x_full = self._format(torch.randn(*self._shape(n, c_in, spatial, spec), **opts))
         self.mask_out = torch.zeros(c_out, **opts)
         self.mask_out[self.alive_out] = 1
@@ -264,7 +264,7 @@ class Residual:
         self.shortcut_full, self.branch_full = make(c), make(c)
         self.theta = torch.full((1,), 0.9, device=device)
         self.alive = torch.zeros(1, dtype=torch.int64, device=device)
-        self.seed = torch.tensor(12345, dtype=torch.int64)
+        self.seed = torch.tensor(12345, dtype=torch.int64, device=device)  # where training keeps it: the gate's device
         self.xi = (torch.rand(n, 1, 1, 1, generator=gen) < 0.9).to(**opts)
         self.grad_y = torch.randn_like(self.shortcut)
         self.grad_full = torch.randn_like(self.shortcut_full)
