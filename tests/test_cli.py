@@ -522,3 +522,13 @@ def test_second_run_in_an_out_dir_in_use_is_refused(fmnist, tmp_path, capsys):
         assert "cadk: error:" in err and "in use by another cadk train (process 4242)" in err, err
         assert (out / ".tmp-of-the-first-run").exists() and not (out / "checkpoint.pt").exists()
     assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1"]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_pillow
+def test_cuda_imagefolder_run_with_workers_and_pinned_batches(tmp_path):
+    data, out = str(make_image_folder(tmp_path / "images")), tmp_path / "run"
+    args = ["train", *IMAGES, "--workers", "2", "--data-dir", data, "--out-dir", str(out), "--epochs", "1"]
+    assert main([*args, "--device", "cuda"]) == 0  # the last --workers counts: batches pinned from workers
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"] == "cuda" and report["config"]["workers"] == 2
