@@ -509,7 +509,10 @@ def finish(run: Run, log=print) -> dict:
         "first_epoch_time": run.history[0]["epoch_time"], "last_epoch_time": run.history[-1]["epoch_time"],
         "history": run.history, "artifacts": paths,
     }
-    report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, "report.png"))
+    try:
+        report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, "report.png"))
+    except ImportError as e:  # an install without it (pip --no-deps) still gets its model and report
+        log(f"report.png not written: {e} (pip install matplotlib)")
     atomic_write_json(os.path.join(cfg.out_dir, "report.json"), report)
     log(f"final: test acc {100 * acc_plain:.2f}% (compacted) / {100 * acc_gated:.2f}% (gated) | FLOPs "
         f"{flops / 1e6:.2f}M = {100 * report['flops_ratio']:.1f}% of dense | params {params} = "

@@ -532,3 +532,23 @@ def test_cuda_imagefolder_run_with_workers_and_pinned_batches(tmp_path):
     assert main([*args, "--device", "cuda"]) == 0  # the last --workers counts: batches pinned from workers
     report = json.loads((out / "report.json").read_text())
     assert report["device"] == "cuda" and report["config"]["workers"] == 2
+
+
+def test_run_without_matplotlib_writes_everything_but_the_plot(fmnist, tmp_path, monkeypatch, capsys):
+    """An install made with pip --no-deps (as on GPU boxes with their own torch) may lack matplotlib: the run
+    had trained to the end and then failed before writing report.json."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY, "--epochs", "1"]) == 0
+    assert "report.png not written" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "plot" not in report["artifacts"] and not (out / "report.png").exists()
