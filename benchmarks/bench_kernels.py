@@ -405,7 +405,7 @@ def main(argv=None) -> list[dict]:
                         "time the Triton backend's linear layer with that LINEAR_MATMUL")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None,
-                   help="default 15 (on the CPU at the default and large sizes: 41 for linear, 7 for conv)")
+                   help="default 15 (on the CPU at the default and large sizes: 7 for conv3x3, 41 for the others)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.add_argument("--system-malloc", action="store_true",
@@ -446,6 +446,7 @@ def main(argv=None) -> list[dict]:
                 gated = name.startswith(("gated", "unfused"))
                 row = dict(layer=kind, keep=keep, variant=name, ms=t, device=args.device, dtype=args.dtype,
                            threads=torch.get_num_threads(), shape=specs[kind], malloc=malloc,
+                           memory_format=args.memory_format, warmup=args.warmup, repeats=repeats,
                            frozen_weight=args.frozen_weight and isinstance(layer, Layer),  # where it applies
                            vs_floor=t / ms["floor"] if gated else None,
                            vs_masked=t / ms["masked"] if gated else None,

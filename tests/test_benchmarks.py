@@ -37,6 +37,8 @@ def test_bench_kernels_tiny(tmp_path):
     # On glibc the CPU benchmarks keep freed memory (no page faults of recycled activations) unless told not to.
     want = "keeps-freed" if platform.libc_ver()[0] == "glibc" else "system"
     assert f"malloc={want}" in stdout and {r["malloc"] for r in rows} == {want}
+    # how each figure was taken travels with it
+    assert {(r["repeats"], r["warmup"], r["memory_format"]) for r in rows} == {(2, 1, "channels_last")}
     stdout = _run("benchmarks/bench_kernels.py", "--size", "tiny", "--keeps", "0.5", "--layers", "linear",
                   "--repeats", "1", "--warmup", "1", "--system-malloc")
     assert "malloc=system" in stdout
