@@ -18,6 +18,7 @@ import time
 import torch
 
 import cadk
+from cadk.data import FOLDER_DATASETS
 
 
 def _time(model, x, repeats):
@@ -32,7 +33,7 @@ def _input_of(cfg: dict) -> tuple[int, int]:
     """(input channels, image side) of the run's data: image folders are cropped to their --image-size."""
     if cfg["data"] == "fashion-mnist":
         return 1, 28
-    return 3, cfg["image_size"] if cfg["data"] in ("imagenet", "imagefolder") else 32
+    return 3, cfg["image_size"] if cfg["data"] in FOLDER_DATASETS else 32
 
 
 def main() -> None:

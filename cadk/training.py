@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as D
-from .compaction import compact, flop_count, param_count, save_compact
+from .compaction import compact, compact_paths, flop_count, param_count, save_compact
 from .complexity import ComplexityCost
 from .models import build_model
 from .nn import GatedResidualBlock
@@ -76,9 +76,9 @@ class TrainingDiverged(RuntimeError):
 class Run:
     """Everything that lives across epochs: model, optimizers, cost, pruner, history."""
 
-    def __init__(self, cfg: TrainConfig, ds: D.TrainingData):
+    def __init__(self, cfg: TrainConfig, ds: D.TrainingData, device: torch.device | None = None):
         self.cfg, self.ds = cfg, ds
-        self.device = training_device(cfg.device)
+        self.device = device or training_device(cfg.device)  # train() passes the one it resolved
         torch.manual_seed(cfg.seed)
         kw = {"image_size": ds.image_size} if cfg.model == "mlp" else {}
         gated = build_model(cfg.model, ds.in_channels, ds.num_classes, seed=cfg.seed, **kw)
@@ -340,15 +340,16 @@ def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
     return f"; from here on with {', '.join(changes)}" if changes else ""
 
 
-RUN_FILES = ("checkpoint.pt", "report.json", "report.png", "model_compact.pt", "model_compact.pt2",
-             "model_compact.ts")  # what a run writes in its out-dir
+# What a run writes in its out-dir (the compacted model: compact_paths of MODEL_PREFIX)
+CHECKPOINT, REPORT, PLOT, MODEL_PREFIX = "checkpoint.pt", "report.json", "report.png", "model_compact"
 
 
 def _remove_run(out_dir: str) -> None:
     """Delete the files of the run in out_dir that --overwrite replaces."""
-    for name in RUN_FILES:
+    models = compact_paths(os.path.join(out_dir, MODEL_PREFIX)).values()
+    for path in [*(os.path.join(out_dir, name) for name in (CHECKPOINT, REPORT, PLOT)), *models]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
+            os.remove(path)
 
 
 def _settle_epoch(settle_epoch: float | None, epochs: float) -> float:
@@ -419,7 +420,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
-    ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt = os.path.join(cfg.out_dir, CHECKPOINT)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if not (cfg.resume or cfg.overwrite) and os.path.exists(ckpt):  # it would go without a word
@@ -428,7 +429,7 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed, device.type == "cuda")
-    run = Run(cfg, ds)
+    run = Run(cfg, ds, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with _out_dir_lock(cfg.out_dir):
         return _run(run, ckpt, log)
@@ -499,7 +500,7 @@ def finish(run: Run, log=print) -> dict:
     dense_flops, dense_params = flop_count(dense_ref.to(example.device), example), param_count(dense_ref)
     flops, params = flop_count(plain, example), param_count(plain)
     # saved from the CPU: the files load on any machine, and .to(device) takes them to a GPU
-    paths = save_compact(copy.deepcopy(plain).cpu(), example.cpu(), os.path.join(cfg.out_dir, "model_compact"))
+    paths = save_compact(copy.deepcopy(plain).cpu(), example.cpu(), os.path.join(cfg.out_dir, MODEL_PREFIX))
     report = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "history"},
         "device": str(run.device),
@@ -510,10 +511,10 @@ def finish(run: Run, log=print) -> dict:
         "history": run.history, "artifacts": paths,
     }
     try:
-        report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, "report.png"))
+        report["artifacts"]["plot"] = plot_run(report, os.path.join(cfg.out_dir, PLOT))
     except ImportError as e:  # an install without it (pip --no-deps) still gets its model and report
         log(f"report.png not written: {e} (pip install matplotlib)")
-    atomic_write_json(os.path.join(cfg.out_dir, "report.json"), report)
+    atomic_write_json(os.path.join(cfg.out_dir, REPORT), report)
     log(f"final: test acc {100 * acc_plain:.2f}% (compacted) / {100 * acc_gated:.2f}% (gated) | FLOPs "
         f"{flops / 1e6:.2f}M = {100 * report['flops_ratio']:.1f}% of dense | params {params} = "
         f"{100 * report['params_ratio']:.1f}% | epoch time first {report['first_epoch_time']:.1f}s, last "

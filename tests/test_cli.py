@@ -492,7 +492,7 @@ def test_run_on_a_second_gpu_makes_it_the_current_device(fmnist, tmp_path, monke
     class Built(Exception):
         pass
 
-    def run(cfg, ds):
+    def run(cfg, ds, device=None):
         raise Built(current[-1])
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

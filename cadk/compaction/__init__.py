@@ -84,6 +84,11 @@ def flop_count(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+def compact_paths(path_prefix: str) -> dict[str, str]:
+    """The files save_compact writes for `path_prefix`, by kind."""
+    return {"checkpoint": f"{path_prefix}.pt", "torchscript": f"{path_prefix}.ts", "exported": f"{path_prefix}.pt2"}
+
+
 def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> dict[str, str]:
     """Write the compacted model three ways:
     - `.pt2`: torch.export program (`torch.export.load(p).module()`), loads without cadk;
@@ -91,7 +96,7 @@ def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> d
     - `.pt`: standard checkpoint {"model": module, "state_dict": ...}; unpickling the module of a residual
       net needs cadk importable (for cadk.nn.Residual), its state_dict does not."""
     model = model.eval()
-    paths = {"checkpoint": f"{path_prefix}.pt", "torchscript": f"{path_prefix}.ts", "exported": f"{path_prefix}.pt2"}
+    paths = compact_paths(path_prefix)
     example = torch.cat([example[:1]] * 2)  # batch 2: a batch of 1 would be specialised as a constant
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
@@ -103,4 +108,4 @@ def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> d
     return paths
 
 
-__all__ = ["compact", "compact_module", "param_count", "flop_count", "save_compact"]
+__all__ = ["compact", "compact_module", "param_count", "flop_count", "save_compact", "compact_paths"]
