@@ -1,8 +1,7 @@
 """DistributedDataParallel with gated models: two CPU processes on gloo train, prune and compare.
 
 One spawn runs every scenario (a process start costs seconds); each rank saves what it saw and the
-tests compare the ranks. The strict xfail test pins a known limitation (README): DDP's initial broadcast
-of a rank-0-only load leaves the other ranks' alive index lists behind until their gates are refreshed."""
+tests compare the ranks."""
 from __future__ import annotations
 
 import copy
@@ -305,10 +304,9 @@ def test_refreshing_gates_after_wrapping_restores_alive_idx(ranks):
         _assert_alive_idx_follows_mask(gates)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="DDP's initial broadcast writes alive_mask in place; UnitGate.alive_idx is refreshed "
-                   "only by prune/load/_apply, so the other ranks keep computing the pruned units")
 def test_alive_idx_follows_broadcast_alive_mask(ranks):
+    """A rank-0-only load reaches the other ranks through DDP's initial broadcast, which writes alive_mask in
+    place: the index lists the layers read follow it."""
     for gates in _values(ranks, "stale_alive_idx"):
         _assert_alive_idx_follows_mask(gates)
 

@@ -119,3 +119,22 @@ def test_alive_factor_follows_pruning_and_loading():
     fresh.theta.grad = torch.full((6,), -0.5)
     opt.step()
     assert fresh.theta.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_alive_idx_follows_in_place_writes_to_alive_mask():
+    """A write into alive_mask from outside cadk (DDP's broadcast of rank 0's buffers, a copy_) reaches
+    alive_idx and alive_factor before the next op reads them; writing the same mask again (every DDP
+    forward with broadcast_buffers) keeps the index list as it is."""
+    layer = GatedLinear(3, 6)
+    gate = layer.out_gate
+    with torch.no_grad():
+        gate.alive_mask.copy_(torch.tensor([True, False, True, True, False, True]))
+    assert gate.alive_idx.tolist() == [0, 2, 3, 5]
+    assert gate.alive_factor.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert layer(torch.randn(2, 3)).shape == (2, 4)  # the alive outputs only
+    idx = gate.alive_idx
+    with torch.no_grad():
+        gate.alive_mask.copy_(gate.alive_mask.clone())
+    assert gate.alive_idx is idx
+    gate.alive_mask = torch.ones(6, dtype=torch.bool)  # replaced: a new tensor
+    assert gate.alive_idx.tolist() == list(range(6))

@@ -31,6 +31,12 @@ def _mix(value: int) -> int:
     return (z ^ (z >> 31)) & _SEED_MASK
 
 
+def _mask_token(mask: torch.Tensor) -> tuple:
+    """What changes when alive_mask is written in place or replaced (inference tensors have no version
+    counter; cadk writes them only through prune and load, which refresh)."""
+    return (mask.data_ptr(), None if mask.is_inference() else mask._version)
+
+
 class UnitGate(nn.Module):
     """Gates for `num_units` units. kind="unit" for units/filters, "layer" for a block's layer gate."""
 
@@ -55,6 +61,24 @@ class UnitGate(nn.Module):
         # plain list, so they are not registered as submodules of this gate.
         self.prunes_with_it: list[UnitGate] = []
         self.refresh()  # alive_idx
+
+    @property
+    def alive_idx(self) -> torch.Tensor:
+        """The sorted alive units, what the ops take. Follows alive_mask when something outside cadk wrote
+        it in place since the last refresh: DDP's broadcast of rank 0's buffers (at construction, and
+        before every forward with broadcast_buffers=True), a copy_ into it. Skipped under torch.compile,
+        which cannot read version counters: refresh() by hand there after such a write."""
+        if not torch.compiler.is_compiling() and _mask_token(self.alive_mask) != self._mask_token:
+            self._follow_mask()
+        return self._alive_idx
+
+    def _follow_mask(self) -> None:
+        """Refresh only if the units changed: a broadcast of the same mask (every DDP forward) must not
+        cost a refresh."""
+        if self.alive_mask.is_meta or not torch.equal(self.alive_mask, self._refreshed_mask):
+            self.refresh()
+        else:
+            self._mask_token = _mask_token(self.alive_mask)
 
     @property
     def num_units(self) -> int:
@@ -103,19 +127,21 @@ class UnitGate(nn.Module):
     def refresh(self) -> None:
         """Recompute alive_idx and alive_factor from alive_mask (after pruning or loading a state_dict).
 
-        alive_idx (the sorted alive units, what the ops take) is a plain attribute, not a buffer, and its
-        length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so a
-        buffer would recompile the model at every pruning event, and fall back to eager once past the
+        alive_idx (the sorted alive units, what the ops take) is a plain attribute, not a buffer, and
+        its length a dynamic size from the start: torch.compile keeps module buffers at static shapes, so
+        a buffer would recompile the model at every pruning event, and fall back to eager once past the
         recompile limit. _apply rebuilds it on the gate's new device. Tensors are made outside inference
         mode: a later forward with autograd saves them for backward, which inference tensors refuse."""
         device = self.theta.device
         with torch.inference_mode(False):
             self._materialise(device)
             if self.alive_mask.is_meta:  # no values to read (meta-device init): every unit, as at construction
-                self.alive_idx = torch.arange(self.num_units, device=device)
+                self._alive_idx = torch.arange(self.num_units, device=device)
             else:
-                self.alive_idx = torch.nonzero(self.alive_mask).flatten().to(device)
-        torch._dynamo.maybe_mark_dynamic(self.alive_idx, 0)
+                self._alive_idx = torch.nonzero(self.alive_mask).flatten().to(device)
+            self._refreshed_mask = self.alive_mask.clone()
+        self._mask_token = _mask_token(self.alive_mask)
+        torch._dynamo.maybe_mark_dynamic(self._alive_idx, 0)
         self.alive_factor.copy_(self.alive_mask)  # in place: the buffer keeps its identity, device, dtype
 
     def _materialise(self, device: torch.device) -> None:
