@@ -430,7 +430,11 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
         torch.set_num_threads(cfg.threads)
     ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed, device.type == "cuda")
     run = Run(cfg, ds, device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:  # a file on its path, a read-only file system, no permission
+        raise ValueError(f"--out-dir {cfg.out_dir} cannot be created ({e.strerror}): pass a folder you can write "
+                         "to") from e
     with _out_dir_lock(cfg.out_dir):
         return _run(run, ckpt, log)
 
@@ -472,7 +476,12 @@ def _out_dir_lock(out_dir: str):
     except ImportError:
         yield
         return
-    with open(os.path.join(out_dir, ".lock"), "a+") as f:
+    try:
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:  # the first file a run writes there: an out-dir it cannot write to fails here
+        raise ValueError(f"--out-dir {out_dir} cannot be written to ({e.strerror}): pass a folder you can write "
+                         "to") from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -139,6 +139,18 @@ def test_out_dir_that_is_a_file_is_an_error(fmnist, tmp_path, capsys):
     assert "--out-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["file-on-its-path", "unwritable"])
+def test_out_dir_that_cannot_be_written_is_an_error_line(fmnist, tmp_path, capsys, damage):
+    """Before: a traceback (NotADirectoryError from os.makedirs, or the lock file's open failing)."""
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "run" if damage == "file-on-its-path" else tmp_path / "run"
+    if damage == "unwritable":  # a folder where the lock file goes fails to open as root too
+        (out / ".lock").mkdir(parents=True)
+    assert main(["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"cadk: error: --out-dir {out} cannot be" in err and "Traceback" not in err, err
+
+
 def test_resume_keeps_the_settle_point_of_the_run(fmnist, tmp_path, capsys):
     """The settle step is saved: a settled run resumed with more epochs stays settled (it was un-settled and
     rounded a second time), and a run resumed with flags whose settle point has passed settles at once (it
