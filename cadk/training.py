@@ -225,7 +225,7 @@ class Run:
     def state(self) -> dict:
         s = {"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
              "step": self.step, "epoch": self.epoch, "history": self.history, "gen": self.gen.get_state(),
-             "torch_rng": _torch_rng_state()}
+             "torch_rng": _torch_rng_state(), "data": _data_shape(self.ds)}
         if self.cost is not None:
             s.update(theta_opt=self.theta_opt.state_dict(), cost=self.cost.state_dict(),
                      pruner=self.pruner.state_dict(), settle_step=self.settle_step)
@@ -242,6 +242,10 @@ class Run:
             if saved.get(key, getattr(TrainConfig, key)) != getattr(self.cfg, key):
                 raise CheckpointError(f"checkpoint was made with {key}={saved.get(key)!r}, this run has "
                                       f"{getattr(self.cfg, key)!r}: use the same settings or another --out-dir")
+        if "data" in s and s["data"] != _data_shape(self.ds):  # checkpoints from before it was saved lack it
+            raise CheckpointError(f"checkpoint was trained on {_describe(s['data'])}, but the data of this run "
+                                  f"(--data-dir {self.cfg.data_dir or 'default'}) has {_describe(_data_shape(self.ds))}: "
+                                  "resume with the run's --data-dir, or start a new run in another --out-dir")
         needed = ["model", "opt", "step", "epoch", "history", "gen"]
         if self.cost is not None:
             needed += ["theta_opt", "cost", "pruner"]
@@ -291,6 +295,19 @@ class Run:
             self.settle_step = int(saved)
         elif self.settle_step is not None and self.settle_step <= self.step:
             self.settle_step = self.step + 1
+
+
+def _data_shape(ds: D.TrainingData) -> dict:
+    """What the model's shapes follow from the data: another dataset under the same --data fails to load into
+    them (a state_dict size mismatch, which read as a corrupt checkpoint)."""
+    return {"num_classes": ds.num_classes, "in_channels": ds.in_channels, "image_size": ds.image_size}
+
+
+def _describe(shape) -> str:
+    try:
+        return f"{shape['num_classes']} classes of {shape['in_channels']}-channel {shape['image_size']}px images"
+    except (TypeError, KeyError):
+        return repr(shape)
 
 
 def _eval_batch_size(image_size: int, batch_size: int) -> int:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,6 +266,25 @@ def test_resumed_run_trains_with_its_own_rates(fmnist, tmp_path, monkeypatch):
     train(TrainConfig(**cfg, epochs=2, theta_lr=1e-4, weight_decay=0.0, lam=0.5, resume=True), log=log.append)
     assert seen == {"theta_lr": 1e-4, "weight_decay": 0.0, "lam": 0.5}
     assert "theta_lr 0.5 -> 0.0001" in log[0] and "epochs 1 -> 2" in log[0]  # the change is named, not silent
+
+
+def test_resume_on_data_of_another_shape_names_the_data_not_a_corrupt_checkpoint(fmnist, tmp_path, capsys):
+    """Before: 'the checkpoint does not fit this run (RuntimeError: ... size mismatch ...); it is corrupt or
+    from another version: delete it', for a whole checkpoint resumed with another --data-dir."""
+    from test_data import write_idx
+
+    other = tmp_path / "other"
+    other.mkdir()
+    make_fashion_mnist(other, n_train=96, n_test=40)
+    for prefix, n in (("train", 96), ("t10k", 40)):
+        write_idx(other / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 16, 16)))
+    args = ["train", "--model", "mlp", "--out-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    assert main([*args, "--data-dir", fmnist]) == 0
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(other), "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "10 classes of 1-channel 28px images" in err and "16px" in err and "--data-dir" in err, err
+    assert "corrupt" not in err and "delete it" not in err, err
 
 
 def test_resume_with_another_seed_is_refused(fmnist, tmp_path, capsys):
