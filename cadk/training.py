@@ -92,6 +92,7 @@ class Run:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        self._check_last_batch()
         self.cost = self.pruner = self.theta_opt = self.settle_step = None
         if not cfg.dense:
             self.cost = ComplexityCost(self.model, self.example, cfg.lam, cfg.alpha, cfg.beta, cfg.target_flops,
@@ -112,6 +113,17 @@ class Run:
         self.epoch = 0
         self.history: list[dict] = []
         self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _check_last_batch(self) -> None:
+        """A last batch of one example fails in a batch-norm layer whose feature maps are 1x1 (one value per
+        channel to normalise), at the end of the first epoch: refused before any training."""
+        n, b = self.ds.num_train, self.cfg.batch_size
+        if n % b != 1 or self.steps_per_epoch < math.ceil(n / b):
+            return
+        if _smallest_batch_norm_map(self.model, self.example) == 1:
+            raise ValueError(f"{n} training examples in batches of {b} (--batch-size) leave one example in the last "
+                             "batch of each epoch, and this model's batch norm cannot train on a single example at "
+                             "this image size (its smallest feature maps are 1x1): pass another --batch-size")
 
     def _settle_epoch(self) -> float:
         return _settle_epoch(self.cfg.settle_epoch, self.cfg.epochs)
@@ -295,6 +307,25 @@ class Run:
             self.settle_step = int(saved)
         elif self.settle_step is not None and self.settle_step <= self.step:
             self.settle_step = self.step + 1
+
+
+def _smallest_batch_norm_map(model: nn.Module, example: torch.Tensor) -> int | None:
+    """The fewest values per channel that one example gives a batch-norm layer of model (None: it has none).
+    A gated conv runs its BN inside its own op, so its output is what the BN saw."""
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: sizes.append(out.shape[2:].numel()))
+             for m in model.modules()
+             if isinstance(m, nn.BatchNorm2d) or isinstance(getattr(m, "bn", None), nn.BatchNorm2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return min(sizes, default=None)
 
 
 def _data_shape(ds: D.TrainingData) -> dict:

@@ -268,6 +268,21 @@ def test_resumed_run_trains_with_its_own_rates(fmnist, tmp_path, monkeypatch):
     assert "theta_lr 0.5 -> 0.0001" in log[0] and "epochs 1 -> 2" in log[0]  # the change is named, not silent
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_last_batch_of_one_that_batch_norm_cannot_train_on_is_refused_up_front(fmnist, tmp_path, capsys, dense):
+    """96 examples in batches of 19 leave one for the last; VGG's last convs see 1x1 maps of 28x28 inputs.
+    Before: at the end of the first epoch, a traceback (cadk bn_gate_act: training needs more than one value
+    per channel) or, dense, an error line that named neither the flag nor the cause."""
+    args = ["train", "--data-dir", fmnist, *TINY, "--max-steps-per-epoch", "0", "--epochs", "1", "--batch-size", "19",
+            *(["--dense"] if dense else [])]
+    out = tmp_path / "vgg"
+    assert main([*args, "--model", "vgg11", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cadk: error:" in err and "--batch-size" in err and "Traceback" not in err, err
+    assert not out.exists()
+    assert main([*args, "--model", "resnet20", "--out-dir", str(tmp_path / "resnet")]) == 0  # 7x7 maps at the end
+
+
 def test_resume_on_data_of_another_shape_names_the_data_not_a_corrupt_checkpoint(fmnist, tmp_path, capsys):
     """Before: 'the checkpoint does not fit this run (RuntimeError: ... size mismatch ...); it is corrupt or
     from another version: delete it', for a whole checkpoint resumed with another --data-dir."""
