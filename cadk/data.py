@@ -223,6 +223,9 @@ def _checked(ds: Dataset, data_dir: str | None) -> Dataset:
     if ds.train_x.shape[1:] != ds.test_x.shape[1:]:
         raise DatasetError(f"{ds.name} train and test images{where} disagree: {tuple(ds.train_x.shape[1:])} vs "
                            f"{tuple(ds.test_x.shape[1:])}; the files come from different datasets")
+    if 0 in ds.train_x.shape[2:]:  # a model built for them failed with an IndexError
+        raise DatasetError(f"{ds.name} images{where} have no pixels (shape {tuple(ds.train_x.shape[1:])}): the files "
+                           "are corrupt or not this dataset; re-download it")
     return ds
 
 

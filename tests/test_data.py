@@ -135,6 +135,15 @@ def test_labels_out_of_range_empty_splits_and_mismatched_images_are_refused(tmp_
         D.load_dataset("fashion-mnist", str(tmp_path))
 
 
+def test_images_without_pixels_are_refused(tmp_path):
+    """IDX headers of 0 x 0 images read as a dataset; building a model on it ended in an IndexError."""
+    make_fashion_mnist(tmp_path)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 0, 0)))
+    with pytest.raises(D.DatasetError, match="no pixels"):
+        D.load_dataset("fashion-mnist", str(tmp_path))
+
+
 @pytest.mark.parametrize("batch", [{b"data": np.zeros((20, 3072), np.uint8), b"labels": [50] * 20},
                                    {b"data": np.zeros((20, 3072), np.uint8), b"labels": [-1] * 20},
                                    {b"data": np.full((20, 3072), 300), b"labels": [1] * 20},
