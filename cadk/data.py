@@ -104,8 +104,10 @@ def read_idx(path: str) -> np.ndarray:
                            f"{len(raw)} bytes; the file is corrupt (re-download or reinstall it)")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DatasetError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    if data.size != int(np.prod(dims)):  # fewer: cut off; more: another file appended or a damaged header
+        problem = "is truncated" if data.size < int(np.prod(dims)) else "holds more data than its header names"
+        raise DatasetError(f"{path} {problem}: header says {dims}, found {data.size} values; the file is corrupt "
+                           "(re-download or reinstall it)")
     return data.reshape(dims)
 
 

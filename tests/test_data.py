@@ -135,6 +135,14 @@ def test_labels_out_of_range_empty_splits_and_mismatched_images_are_refused(tmp_
         D.load_dataset("fashion-mnist", str(tmp_path))
 
 
+def test_idx_file_longer_than_its_header_is_not_called_truncated(tmp_path):
+    """Before: 'x.idx is truncated: header says (3,), found 5 values'."""
+    (tmp_path / "x.idx").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes(5))
+    with pytest.raises(D.DatasetError, match="holds more data than its header names") as e:
+        D.read_idx(str(tmp_path / "x.idx"))
+    assert "truncated" not in str(e.value) and "corrupt" in str(e.value)
+
+
 def test_images_without_pixels_are_refused(tmp_path):
     """IDX headers of 0 x 0 images read as a dataset; building a model on it ended in an IndexError."""
     make_fashion_mnist(tmp_path)
