@@ -287,8 +287,10 @@ class Run:
                                   "or from another version: delete it or start without --resume") from e
         if self.epoch and self.step != self.epoch * self.steps_per_epoch:  # the schedules count steps
             raise CheckpointError(f"the checkpoint's epochs had {self.step // self.epoch} steps each, this run's have "
-                                  f"{self.steps_per_epoch}: learning rate, warm-up, pruning and settling count steps, "
-                                  "so resume with the run's --batch-size and --max-steps-per-epoch")
+                                  f"{self.steps_per_epoch} ({self.ds.num_train} training examples in batches of "
+                                  f"{self.cfg.batch_size}): learning rate, warm-up, pruning and settling count steps, "
+                                  "so resume with the run's --batch-size and --max-steps-per-epoch, on its data "
+                                  "(--data-dir)")
         if self.epoch > self.cfg.epochs:  # finish() would report a run of more epochs than its config says
             raise CheckpointError(f"the checkpoint has {self.epoch} epochs done, more than --epochs {self.cfg.epochs}: "
                                   f"pass --epochs {self.epoch} or more to resume it")

@@ -346,6 +346,20 @@ def test_resume_with_another_batch_size_is_refused(fmnist, tmp_path, capsys):
     assert "cadk: error:" in err and "--batch-size" in err and "corrupt" not in err, err
 
 
+def test_resume_on_fewer_examples_names_the_data(fmnist, tmp_path, capsys):
+    """Data of the same shape but fewer examples: before, the error said only to resume with the run's
+    --batch-size and --max-steps-per-epoch, which were the run's."""
+    other = tmp_path / "other"
+    other.mkdir()
+    make_fashion_mnist(other, n_train=64, n_test=40)
+    base = ["train", "--model", "mlp", "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps-per-epoch", "0"]
+    assert main([*base, "--data-dir", fmnist, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--data-dir", str(other), "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "64 training examples in batches of 32" in err and "--data-dir" in err, err
+
+
 def test_compacted_now_counts_the_unit_compaction_keeps(fmnist, tmp_path):
     """A gate whose alive units all sit at theta 0 keeps one unit in the compacted model (a layer cannot have
     zero width); the epoch line's 'compacted now' and the history counted none (0% FLOPs while report.json's
