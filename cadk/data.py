@@ -228,6 +228,9 @@ def _checked(ds: Dataset, data_dir: str | None) -> Dataset:
     if 0 in ds.train_x.shape[2:]:  # a model built for them failed with an IndexError
         raise DatasetError(f"{ds.name} images{where} have no pixels (shape {tuple(ds.train_x.shape[1:])}): the files "
                            "are corrupt or not this dataset; re-download it")
+    if ds.train_x.shape[2] != ds.train_x.shape[3]:  # image_size (the models', the checkpoints') is one side
+        raise DatasetError(f"{ds.name} images{where} are {ds.train_x.shape[2]}x{ds.train_x.shape[3]}, but this "
+                           "dataset's images are square: the files are corrupt or not this dataset; re-download it")
     return ds
 
 
