@@ -476,17 +476,36 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
     if not (cfg.resume or cfg.overwrite) and os.path.exists(ckpt):  # it would go without a word
         raise CheckpointError(f"{cfg.out_dir} holds a run (checkpoint.pt): pass --resume to continue it, --overwrite "
                               "to replace it with this one, or another --out-dir")
+    if cfg.resume and not os.path.exists(ckpt):
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed, device.type == "cuda")
-    run = Run(cfg, ds, device)
-    try:
+    created = not os.path.isdir(cfg.out_dir)
+    try:  # before the data loads (an ImageNet scan takes minutes): a bad --out-dir fails at once
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:  # a file on its path, a read-only file system, no permission
         raise ValueError(f"--out-dir {cfg.out_dir} cannot be created ({e.strerror}): pass a folder you can write "
                          "to") from e
     with _out_dir_lock(cfg.out_dir):
-        return _run(run, ckpt, log)
+        try:
+            ds = D.load_dataset(cfg.data, cfg.data_dir, cfg.image_size, cfg.workers, cfg.seed,
+                                device.type == "cuda")
+            return _run(Run(cfg, ds, device), ckpt, log)
+        except BaseException:
+            if created:
+                _remove_if_unused(cfg.out_dir)
+            raise
+
+
+def _remove_if_unused(out_dir: str) -> None:
+    """An out-dir this run made and left holding only its lock file (it failed before writing anything);
+    removed while the lock is held, so no other run can be using it."""
+    try:
+        if os.listdir(out_dir) == [".lock"]:
+            os.remove(os.path.join(out_dir, ".lock"))
+        os.rmdir(out_dir)
+    except OSError:  # something else is there: leave it
+        pass
 
 
 def _run(run: Run, ckpt: str, log) -> dict:
@@ -495,7 +514,7 @@ def _run(run: Run, ckpt: str, log) -> dict:
     if cfg.overwrite:  # now, not as this run writes its own: stopped before, it left the old run to --resume
         _remove_run(cfg.out_dir)
     if cfg.resume:
-        if not os.path.exists(ckpt):
+        if not os.path.exists(ckpt):  # checked before the lock too; another process may have removed it since
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         run.load(state)

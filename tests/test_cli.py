@@ -152,6 +152,16 @@ def test_out_dir_that_cannot_be_written_is_an_error_line(fmnist, tmp_path, capsy
     assert f"cadk: error: --out-dir {out} cannot be" in err and "Traceback" not in err, err
 
 
+def test_bad_out_dir_is_reported_before_the_data_loads(tmp_path, capsys):
+    """The out-dir is made and locked before the data loads (an ImageNet scan takes minutes); a bad one was
+    reported only after that."""
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "run"
+    assert main(["train", "--model", "mlp", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {out} cannot be" in err and "missing" not in err, err
+
+
 def test_resume_keeps_the_settle_point_of_the_run(fmnist, tmp_path, capsys):
     """The settle step is saved: a settled run resumed with more epochs stays settled (it was un-settled and
     rounded a second time), and a run resumed with flags whose settle point has passed settles at once (it
