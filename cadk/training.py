@@ -442,6 +442,27 @@ def _format_epoch(rec: dict) -> str:
     return line
 
 
+# (low, high, low included, high included) of the flags the optimizers, cost and pruner check again under
+# their own names (torch's "Invalid learning rate: -1.0"): checked first, so the error names the flag.
+_RANGES = {"lr": (0, None, True, True), "weight_decay": (0, None, True, True), "theta_lr": (0, None, True, True),
+           "lam": (0, None, True, True), "alpha": (0, None, True, True), "beta": (0, 1, True, True),
+           "lam_lr": (0, None, True, True), "target_flops": (0, 1, False, True), "target_params": (0, 1, False, True),
+           "prune_eps": (0, 1, True, False), "patience": (1, None, True, True), "prune_every": (1, None, True, True),
+           "warmup_epochs": (0, None, True, True)}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        below = value < low if low_in else value <= low
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            span = f"{'[' if low_in else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_in else ')')}"
+            raise ValueError(f"--{name.replace('_', '-')} must lie in {span}, got {value}")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot mean anything, naming the flag, before any data is read or file written."""
     for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("threads", cfg.threads, 0),
@@ -456,6 +477,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("settle_epoch", "ramp_epochs"):  # None: the default; a negative one silently meant 'never'
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    _check_ranges(cfg)
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is an existing file, not a folder: pass another --out-dir")
 

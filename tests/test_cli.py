@@ -123,7 +123,11 @@ def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
                                         ("--batch-size", "-5"), ("--threads", "-1"),
                                         ("--max-steps-per-epoch", "-1"), ("--lr", "nan"), ("--workers", "-1"),
                                         ("--image-size", "0"), ("--settle-epoch", "nan"), ("--settle-epoch", "inf"),
-                                        ("--settle-epoch", "-1"), ("--ramp-epochs", "inf")])
+                                        ("--settle-epoch", "-1"), ("--ramp-epochs", "inf"), ("--lr", "-1"),
+                                        ("--weight-decay", "-1"), ("--theta-lr", "-1"), ("--patience", "0"),
+                                        ("--prune-every", "0"), ("--prune-eps", "1"), ("--warmup-epochs", "-1"),
+                                        ("--lam", "-1"), ("--beta", "2"), ("--target-flops", "0"),
+                                        ("--target-params", "1.5"), ("--lam-lr", "-1")])
 def test_nonsense_flag_value_is_an_error_naming_the_flag(fmnist, tmp_path, capsys, flag, value):
     """Before: tracebacks (IndexError, ZeroDivisionError, RuntimeError), misleading errors, or a NaN run
     that exited 0; --epochs 0 wrote the model files and no report."""
