@@ -43,7 +43,7 @@ class TrainingData(Protocol):
 
     def example(self) -> torch.Tensor: ...  # two training images, uint8
     def train_batches(self, epoch: int, batch_size: int, generator: torch.Generator,
-                      augmented: bool = True) -> Iterator[Batch]: ...
+                      augmented: bool = True, start: int = 0) -> Iterator[Batch]: ...  # from batch `start` on
     def eval_batches(self, batch_size: int) -> Iterator[Batch]: ...
 
 
@@ -74,13 +74,21 @@ class Dataset:
         return self.train_x[:2]
 
     def train_batches(self, epoch: int, batch_size: int, generator: torch.Generator,
-                      augmented: bool = True) -> Iterator[Batch]:
+                      augmented: bool = True, start: int = 0) -> Iterator[Batch]:
         """One epoch of shuffled (and augmented) batches, all drawn from `generator`, whose state checkpoints
         keep; `epoch` is not needed. The draws come in the order they always have: the permutation, then
-        each batch's crops as it is taken."""
+        each batch's crops as it is taken. The first `start` batches are skipped, but their crops are still
+        drawn: from the generator's state at the epoch's start, batch `start` on are those of a whole epoch."""
         pad = 4 if self.image_size >= 32 else 2
-        for x, y in batches(self.train_x, self.train_y, batch_size, True, generator):
-            yield (augment(x, pad, generator) if augmented else x), y
+        idx = torch.randperm(self.num_train, generator=generator)
+        for i in range(0, self.num_train, batch_size):
+            j = idx[i:i + batch_size]
+            if i < start * batch_size:
+                if augmented:
+                    crop_draws(len(j), pad, generator)
+                continue
+            x = self.train_x[j]
+            yield (augment(x, pad, generator) if augmented else x), self.train_y[j]
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         return batches(self.test_x, self.test_y, batch_size, False)
@@ -245,14 +253,19 @@ def augment(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tens
     """Random crop with zero padding and horizontal flip, per example, on a uint8 batch."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy, dx, flip = crop_draws(n, pad, generator)
     rows = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]
     cols = (dx[:, None] + torch.arange(w)[None, :])
-    flip = torch.rand(n, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]
     out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # [n, h, w, c]
     return out.permute(0, 3, 1, 2)
+
+
+def crop_draws(n: int, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """augment's random draws for n examples: row and column offsets, flips."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    return dy, dx, torch.rand(n, generator=generator) < 0.5
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):

@@ -266,9 +266,10 @@ class FolderDataset:
         return next(self._batches(images, range(min(2, self.num_train)), 2, workers=0))[0]
 
     def train_batches(self, epoch: int, batch_size: int, generator: torch.Generator | None = None,
-                      augmented: bool = True):
-        """Epoch `epoch`'s uint8 batches, in an order drawn from (seed, epoch); `generator` is not used."""
-        order = _rng(self.seed, epoch).permutation(self.num_train)
+                      augmented: bool = True, start: int = 0):
+        """Epoch `epoch`'s uint8 batches from batch `start` on, in an order drawn from (seed, epoch);
+        `generator` is not used. Skipped batches are not decoded."""
+        order = _rng(self.seed, epoch).permutation(self.num_train)[start * batch_size:]
         images = Images(self.train, self.image_size, self.seed, epoch if augmented else None)
         return self._batches(images, order, batch_size)
 

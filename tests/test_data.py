@@ -230,6 +230,19 @@ def test_in_memory_training_batches_draw_as_before():
     assert torch.equal(next(ds.eval_batches(500))[0], x[:4]) and ds.num_train == 10
 
 
+@pytest.mark.parametrize("augmented", [True, False])
+def test_in_memory_batches_from_a_start_are_the_rest_of_the_epoch(augmented):
+    """From the generator's state at the epoch's start, train_batches(start=k) gives batches k on of the epoch and
+    leaves the generator where the whole epoch does (the skipped batches' crops are drawn, not made)."""
+    x = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    ds = D.Dataset("t", x, torch.arange(10), x[:4], torch.arange(4), 10, (0.5,), (0.5,))
+    gen, rest_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    whole = list(ds.train_batches(0, 4, gen, augmented))
+    rest = list(ds.train_batches(0, 4, rest_gen, augmented, start=2))
+    assert len(rest) == 1 and torch.equal(rest[0][0], whole[2][0]) and torch.equal(rest[0][1], whole[2][1])
+    assert torch.equal(gen.get_state(), rest_gen.get_state())
+
+
 # ---- image folders (ImageNet layouts) ----------------------------------------------------------------------
 try:
     import PIL  # noqa: F401
@@ -343,6 +356,9 @@ def test_batches_depend_on_seed_and_epoch_only(tmp_path):
     assert torch.equal(torch.cat([x for x, _ in epoch0]), views[0][order])
     plain = torch.cat([x for x, _ in serial.train_batches(0, 5, None, augmented=False)])
     assert torch.equal(plain, torch.stack([Images(serial.train, 16, 5)[i][0] for i in order]))  # evaluation views
+    rest = list(serial.train_batches(0, 5, None, start=1))  # a run resumed after the epoch's first step
+    assert [len(y) for _, y in rest] == [5, 2]
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(rest, epoch0[1:]))
 
 
 @needs_pillow
