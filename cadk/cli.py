@@ -83,6 +83,11 @@ def _train_parser(sub) -> None:
                         "(cadk.utils.keep_freed_memory)")
     p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                   help="within an epoch, write a checkpoint once this many minutes have passed since the last "
+                        "(default: %(default)g; 0: at epoch ends only)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="within an epoch, write a checkpoint every this many steps (default: 0, none)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an OUT_DIR that holds one (without it, that is refused)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help=argparse.SUPPRESS)

@@ -62,6 +62,8 @@ class TrainConfig:
     overwrite: bool = False       # start a new run in an out-dir that holds one
     device: str | None = None     # where the model trains; None: CUDA when there is a GPU, else the CPU
     max_steps_per_epoch: int = 0  # 0 = full epochs; a small value gives quick smoke runs
+    checkpoint_minutes: float = 30.0  # within an epoch, a checkpoint when this long has passed since the last; 0: none
+    checkpoint_every: int = 0     # within an epoch, a checkpoint every this many steps; 0: none
     history: list = field(default_factory=list, repr=False)
 
 
@@ -70,7 +72,20 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops (the last epoch's checkpoint stays as it was)."""
+    """The loss became NaN or infinite: the run stops (the last checkpoint stays as it was)."""
+
+
+@dataclass
+class EpochProgress:
+    """How far the epoch under way has got: what a checkpoint written within it holds to continue it exactly."""
+    gen: torch.Tensor             # the data generator's state at the epoch's start (order and crops follow from it)
+    steps_per_epoch: int
+    batch: int = 0                # steps done in this epoch
+    losses: float = 0.0           # sum of the loss over the examples seen
+    correct: int = 0
+    seen: int = 0
+    elapsed: float = 0.0          # seconds of training in this epoch so far
+    events: list = field(default_factory=list)  # its pruning and settling lines
 
 
 class Run:
@@ -111,6 +126,8 @@ class Run:
             self.pruner = Pruner(self.model, cfg.prune_eps, cfg.patience, self.warmup_steps, cfg.prune_every)
         self.step = 0
         self.epoch = 0
+        self.progress: EpochProgress | None = None  # of the epoch under way
+        self._resumed_rng: dict | None = None  # torch's generators as a checkpoint within an epoch left them
         self.history: list[dict] = []
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -148,52 +165,72 @@ class Run:
         for g in self.opt.param_groups:
             g["lr"] = lr
 
-    def train_epoch(self) -> dict:
-        cfg, ds, model = self.cfg, self.ds, self.model
-        model.train()
-        losses, correct, seen, events, stats = 0.0, 0, 0, [], {}
-        it = ds.train_batches(self.epoch, cfg.batch_size, self.gen, cfg.augment)
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=2.0)
-        start = time.perf_counter()
-        for _ in bar:
-            xb, yb = next(it)
-            x, yb = self._input(xb), yb.to(self.device, non_blocking=True)
-            self._set_lr()
-            out = model(x)
-            loss = F.cross_entropy(out, yb)
-            self.opt.zero_grad(set_to_none=True)
-            if self.theta_opt is not None:
-                self.theta_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            learning_structure = self.cost is not None and not self.settled
-            if learning_structure:
-                if self.step >= self.warmup_steps:
-                    stats = self.cost.add_grad_()
-                else:  # warm-up: weights settle before any structure is priced
-                    for g in self.theta_opt._gates:
-                        g.theta.grad = None
-            self.opt.step()
-            if learning_structure:
-                self.theta_opt.step()
-                events += self.pruner.step([self.opt, self.theta_opt])
-            self.step += 1
-            if learning_structure and self.step == self.settle_step:
-                events += self.settle()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"training diverged at epoch {self.epoch + 1}, step {self.step}: the loss is "
-                                       f"{value}; lower --lr (or --theta-lr, --lam) and start again, or --resume from "
-                                       "the last epoch's checkpoint with lower rates")
-            losses += value * len(yb)
-            correct += int((out.argmax(1) == yb).sum())
-            seen += len(yb)
-            if stats:
-                bar.set_postfix(loss=f"{losses / seen:.3f}", flops=f"{100 * stats['flops']:.0f}%",
-                                kept=f"{100 * stats.get('deployed_flops', stats['flops']):.0f}%",
-                                lam=f"{stats['lam']:.2f}", refresh=False)
-        return {"train_loss": losses / seen, "train_acc": correct / seen, "epoch_time": time.perf_counter() - start,
-                "pruned": events, "lam": self.cost.lam if self.cost else None}
+    def train_epoch(self, checkpoints: Checkpoints | None = None) -> dict:
+        """Train the epoch under way to its end: a new one, or the rest of one a checkpoint stopped within."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.model.train()
+        if self.progress is None:
+            self.progress = EpochProgress(self.gen.get_state(), spe)
+        p = self.progress
+        self.gen.set_state(p.gen)  # the skipped batches' draws are made again (train_batches' start)
+        it = self.ds.train_batches(self.epoch, cfg.batch_size, self.gen, cfg.augment, start=p.batch)
+        desc = f"epoch {self.epoch + 1}/{cfg.epochs}" + (f" (resumed at step {p.batch})" if p.batch else "")
+        start, stats = time.perf_counter() - p.elapsed, {}
+        with tqdm(total=spe, initial=p.batch, desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0) as bar:
+            while p.batch < spe:
+                xb, yb = next(it)
+                if self._resumed_rng is not None:  # set after the first batch: a DataLoader draws a seed from
+                    _set_torch_rng_state(self._resumed_rng)  # torch's generator as it starts, as the saved one had
+                    self._resumed_rng = None
+                stats = self._train_step(xb, yb) or stats
+                p.elapsed = time.perf_counter() - start
+                bar.update()
+                if stats:
+                    bar.set_postfix(loss=f"{p.losses / p.seen:.3f}", flops=f"{100 * stats['flops']:.0f}%",
+                                    kept=f"{100 * stats.get('deployed_flops', stats['flops']):.0f}%",
+                                    lam=f"{stats['lam']:.2f}", refresh=False)
+                if checkpoints is not None and p.batch < spe:  # the epoch's end writes its own
+                    checkpoints.within_epoch(self)
+        self.progress = None
+        return {"train_loss": p.losses / p.seen, "train_acc": p.correct / p.seen, "epoch_time": p.elapsed,
+                "pruned": p.events, "lam": self.cost.lam if self.cost else None}
+
+    def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> dict:
+        """One step on a batch, counted in self.progress; returns the cost's statistics (none during the
+        warm-up and once settled)."""
+        model, p, stats = self.model, self.progress, {}
+        x, yb = self._input(xb), yb.to(self.device, non_blocking=True)
+        self._set_lr()
+        out = model(x)
+        loss = F.cross_entropy(out, yb)
+        self.opt.zero_grad(set_to_none=True)
+        if self.theta_opt is not None:
+            self.theta_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        learning_structure = self.cost is not None and not self.settled
+        if learning_structure:
+            if self.step >= self.warmup_steps:
+                stats = self.cost.add_grad_()
+            else:  # warm-up: weights settle before any structure is priced
+                for g in self.theta_opt._gates:
+                    g.theta.grad = None
+        self.opt.step()
+        if learning_structure:
+            self.theta_opt.step()
+            p.events += self.pruner.step([self.opt, self.theta_opt])
+        self.step += 1
+        if learning_structure and self.step == self.settle_step:
+            p.events += self.settle()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged at epoch {self.epoch + 1}, step {self.step}: the loss is "
+                                   f"{value}; lower --lr (or --theta-lr, --lam) and start again, or --resume from "
+                                   "the last checkpoint with lower rates")
+        p.losses += value * len(yb)
+        p.correct += int((out.argmax(1) == yb).sum())
+        p.seen += len(yb)
+        p.batch += 1
+        return stats
 
     @property
     def settled(self) -> bool:
@@ -238,6 +275,8 @@ class Run:
         s = {"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(), "opt": self.opt.state_dict(),
              "step": self.step, "epoch": self.epoch, "history": self.history, "gen": self.gen.get_state(),
              "torch_rng": _torch_rng_state(), "data": _data_shape(self.ds)}
+        if self.progress is not None:  # written within an epoch
+            s["progress"] = dataclasses.asdict(self.progress)
         if self.cost is not None:
             s.update(theta_opt=self.theta_opt.state_dict(), cost=self.cost.state_dict(),
                      pruner=self.pruner.state_dict(), settle_step=self.settle_step)
@@ -280,20 +319,34 @@ class Run:
             self.gen.set_state(s["gen"])
             if "torch_rng" in s:  # checkpoints from before gate seeds were drawn from torch's generator lack it
                 _set_torch_rng_state(s["torch_rng"])
+            if s.get("progress") is not None:
+                self.progress = EpochProgress(**s["progress"])
+                self._resumed_rng = s["torch_rng"]
         except torch.OutOfMemoryError:  # a RuntimeError, but no fault of the checkpoint: not one to delete
             raise
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint does not fit this run ({type(e).__name__}: {e}); it is corrupt "
                                   "or from another version: delete it or start without --resume") from e
-        if self.epoch and self.step != self.epoch * self.steps_per_epoch:  # the schedules count steps
-            raise CheckpointError(f"the checkpoint's epochs had {self.step // self.epoch} steps each, this run's have "
+        self._check_steps()
+        if self.epoch + (self.progress is not None) > self.cfg.epochs:  # finish() would report more epochs than set
+            within = f" and part of epoch {self.epoch + 1}" if self.progress else ""
+            raise CheckpointError(f"the checkpoint has {self.epoch} epochs done{within}, more than --epochs "
+                                  f"{self.cfg.epochs}: pass --epochs {self.epoch + (self.progress is not None)} or "
+                                  "more to resume it")
+
+    def _check_steps(self) -> None:
+        """The schedules count steps: a checkpoint's epochs must have this run's steps."""
+        p, spe = self.progress, self.steps_per_epoch
+        if p is not None and not 0 < p.batch < p.steps_per_epoch:
+            raise CheckpointError(f"the checkpoint was written after step {p.batch} of an epoch of "
+                                  f"{p.steps_per_epoch} steps: it is corrupt; delete it or start without --resume")
+        saved = p.steps_per_epoch if p else self.step // self.epoch if self.epoch else spe
+        if saved != spe or self.step != self.epoch * spe + (p.batch if p else 0):
+            raise CheckpointError(f"the checkpoint's epochs had {saved} steps each, this run's have "
                                   f"{self.steps_per_epoch} ({self.ds.num_train} training examples in batches of "
                                   f"{self.cfg.batch_size}): learning rate, warm-up, pruning and settling count steps, "
                                   "so resume with the run's --batch-size and --max-steps-per-epoch, on its data "
                                   "(--data-dir)")
-        if self.epoch > self.cfg.epochs:  # finish() would report a run of more epochs than its config says
-            raise CheckpointError(f"the checkpoint has {self.epoch} epochs done, more than --epochs {self.cfg.epochs}: "
-                                  f"pass --epochs {self.epoch} or more to resume it")
 
     def _resume_settling(self, s: dict) -> None:
         """The settle step comes from --epochs/--settle-epoch, which a resumed run may change: a run
@@ -467,6 +520,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot mean anything, naming the flag, before any data is read or file written."""
     for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("threads", cfg.threads, 0),
                              ("max_steps_per_epoch", cfg.max_steps_per_epoch, 0), ("image_size", cfg.image_size, 1),
+                             ("checkpoint_minutes", cfg.checkpoint_minutes, 0),
+                             ("checkpoint_every", cfg.checkpoint_every, 0),
                              ("workers", 0 if cfg.workers is None else cfg.workers, 0)):
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -540,21 +595,50 @@ def _run(run: Run, ckpt: str, log) -> dict:
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         run.load(state)
-        log(f"resumed from {ckpt} at epoch {run.epoch}{_changed_settings(state['config'], cfg)}")
+        where = (f"in epoch {run.epoch + 1} after step {run.progress.batch} of {run.steps_per_epoch}" if run.progress
+                 else f"at epoch {run.epoch}")
+        log(f"resumed from {ckpt} {where}{_changed_settings(state['config'], cfg)}")
     if run.cost is not None:
         c = run.cost.complexity
         log(f"{cfg.model}: dense {c.dense_flops / 1e6:.1f} MFLOPs, {c.dense_params / 1e3:.1f}k params, "
             f"{len(c.gates())} gates, on {run.device}, backend {__import__('cadk').kernels.backend_for(run.device)}")
+    checkpoints = Checkpoints(ckpt, cfg, log)
     while run.epoch < cfg.epochs:
-        rec = run.train_epoch()
+        rec = run.train_epoch(checkpoints)
         run.epoch += 1
         rec.update(epoch=run.epoch, test_acc=run.evaluate(), **run.structure())
         run.history.append(rec)
         log(_format_epoch(rec))
         for ev in rec["pruned"]:
             log(f"    {ev}")
-        atomic_write(ckpt, lambda f: torch.save(run.state(), f))
+        checkpoints.write(run)
     return finish(run, log)
+
+
+class Checkpoints:
+    """Writes a run's checkpoint: at each epoch's end, and within an epoch every --checkpoint-every steps
+    and once --checkpoint-minutes have passed since the last write (of either kind)."""
+
+    def __init__(self, path: str, cfg: TrainConfig, log):
+        self.path, self.every, self.seconds, self.log = path, cfg.checkpoint_every, 60 * cfg.checkpoint_minutes, log
+        self.last = time.perf_counter()
+
+    def write(self, run: Run) -> float:
+        """Write it atomically; returns the seconds it took. It draws nothing and leaves the model as it was."""
+        start = time.perf_counter()
+        atomic_write(self.path, lambda f: torch.save(run.state(), f))
+        self.last = time.perf_counter()
+        return self.last - start
+
+    def within_epoch(self, run: Run) -> None:
+        """After a step that did not end its epoch: write one if it is due, and say so."""
+        due_steps = self.every and run.step % self.every == 0
+        if not (due_steps or self.seconds and time.perf_counter() - self.last >= self.seconds):
+            return
+        seconds = self.write(run)
+        with tqdm.external_write_mode():  # a line of its own, not one through the progress bar
+            self.log(f"    checkpoint in epoch {run.epoch + 1} after step {run.progress.batch} of "
+                     f"{run.steps_per_epoch} ({seconds:.2f}s to write)")
 
 
 @contextlib.contextmanager

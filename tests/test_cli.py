@@ -127,7 +127,9 @@ def test_settling_inside_the_warmup_is_refused(fmnist, tmp_path, capsys):
                                         ("--weight-decay", "-1"), ("--theta-lr", "-1"), ("--patience", "0"),
                                         ("--prune-every", "0"), ("--prune-eps", "1"), ("--warmup-epochs", "-1"),
                                         ("--lam", "-1"), ("--beta", "2"), ("--target-flops", "0"),
-                                        ("--target-params", "1.5"), ("--lam-lr", "-1")])
+                                        ("--target-params", "1.5"), ("--lam-lr", "-1"),
+                                        ("--checkpoint-minutes", "-1"), ("--checkpoint-minutes", "nan"),
+                                        ("--checkpoint-every", "-1")])
 def test_nonsense_flag_value_is_an_error_naming_the_flag(fmnist, tmp_path, capsys, flag, value):
     """Before: tracebacks (IndexError, ZeroDivisionError, RuntimeError), misleading errors, or a NaN run
     that exited 0; --epochs 0 wrote the model files and no report."""
@@ -270,10 +272,10 @@ def test_resumed_run_trains_with_its_own_rates(fmnist, tmp_path, monkeypatch):
     seen = {}
     original = Run.train_epoch
 
-    def spy(self):
+    def spy(self, *args):
         seen.update(theta_lr=self.theta_opt.param_groups[0]["lr"],
                     weight_decay=self.opt.param_groups[0]["weight_decay"], lam=self.cost.lam)
-        return original(self)
+        return original(self, *args)
 
     monkeypatch.setattr(Run, "train_epoch", spy)
     log = []
@@ -627,3 +629,126 @@ def test_run_without_matplotlib_writes_everything_but_the_plot(fmnist, tmp_path,
     assert "report.png not written" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert "plot" not in report["artifacts"] and not (out / "report.png").exists()
+
+
+# ---- checkpoints within an epoch ------------------------------------------------------------------------
+class Crash(Exception):
+    """Stands for a kill: raised in the middle of a run, after a step."""
+
+
+def _crash_after_step(monkeypatch, step):
+    from cadk.training import Run
+
+    original = Run._train_step
+
+    def step_then_crash(self, xb, yb):
+        stats = original(self, xb, yb)
+        if self.step == step:
+            raise Crash
+        return stats
+
+    monkeypatch.setattr(Run, "_train_step", step_then_crash)
+
+
+def _same_run(whole, parts):
+    """Report, history (but times), final gated model and generator states of two runs are bitwise equal."""
+    a, b = (json.loads((out / "report.json").read_text()) for out in (whole, parts))
+    drop = ("epoch_time",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in a["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+    for key in ("test_acc_gated", "test_acc_compact", "flops", "params"):
+        assert a[key] == b[key], key
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=False) for out in (whole, parts))
+    assert a["model"].keys() == b["model"].keys() and a["step"] == b["step"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the final models differ"
+    assert torch.equal(a["gen"], b["gen"]) and torch.equal(a["torch_rng"]["cpu"], b["torch_rng"]["cpu"])
+    assert "progress" not in a and "progress" not in b  # the last checkpoint is an epoch's end
+
+
+# 96 examples in batches of 16: 6 steps per epoch; a checkpoint every 4 steps (4, then 8 = step 2 of epoch 2)
+WITHIN = ["--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "4",
+          "--checkpoint-minutes", "0", "--threads", "1"]
+CASES = {  # what the lost steps and the resumed part of the epoch hold, and the step after which the run stops
+    "warm-up": (["--warmup-epochs", "1.5", "--settle-epoch", "0"], 5),
+    # pruning before and after the checkpoint at step 8; settling at step 9, between it and the stop at step 10
+    "pruning-and-settling": (["--warmup-epochs", "0.3", "--prune-every", "1", "--patience", "1", "--lam", "1",
+                              "--theta-lr", "0.5", "--target-flops", "0.5", "--settle-epoch", "1.5"], 10),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_run_stopped_within_an_epoch_resumes_from_its_checkpoint_exactly(fmnist, tmp_path, monkeypatch, capsys, case):
+    """A run killed between checkpoints within an epoch and resumed ends with the model, history and report
+    of one that ran through: the same batches and crops, gate draws, rates and structure from the step
+    after the checkpoint on, and the epoch's loss, accuracy and pruning lines include its steps before it."""
+    flags, stop = CASES[case]
+    base = ["train", "--data-dir", fmnist, *WITHIN, *flags]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*base, "--out-dir", str(whole)]) == 0
+    if case == "pruning-and-settling":  # the interrupted epoch has both, before and after the checkpoint
+        events = json.loads((whole / "report.json").read_text())["history"][1]["pruned"]
+        assert any("settled" in e for e in events) and len(events) > 3, events
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _crash_after_step(m, stop)
+        with pytest.raises(Crash):
+            main([*base, "--out-dir", str(parts)])
+    epoch, batch = divmod(stop // 4 * 4, 6)
+    saved = torch.load(parts / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == epoch and saved["progress"]["batch"] == batch
+    assert f"checkpoint in epoch {epoch + 1} after step {batch} of 6" in capsys.readouterr().out
+    assert main([*base, "--out-dir", str(parts), "--resume"]) == 0
+    assert f"resumed from {parts / 'checkpoint.pt'} in epoch {epoch + 1} after step {batch} of 6" in \
+        capsys.readouterr().out
+    _same_run(whole, parts)
+
+
+@needs_pillow
+def test_image_folder_run_stopped_within_an_epoch_resumes_exactly(tmp_path, monkeypatch):
+    """Streamed batches skip what the checkpoint's steps read, without decoding it; the loader's start
+    (which draws a seed from torch's generator) leaves the gate draws of an uninterrupted run, with worker
+    processes too."""
+    data = str(make_image_folder(tmp_path / "images"))  # 12 training images in batches of 2: 6 steps per epoch
+    base = ["train", *IMAGES, "--data-dir", data, "--batch-size", "2", "--epochs", "2", "--checkpoint-every", "4",
+            "--lam", "20", "--theta-lr", "0.5", "--settle-epoch", "1.5"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*base, "--out-dir", str(whole)]) == 0
+    events = json.loads((whole / "report.json").read_text())["history"][1]["pruned"]
+    assert any("settled" in e for e in events) and len(events) > 3, events
+    with monkeypatch.context() as m:
+        _crash_after_step(m, 10)
+        with pytest.raises(Crash):
+            main([*base, "--out-dir", str(parts)])
+    assert torch.load(parts / "checkpoint.pt", weights_only=False)["progress"]["batch"] == 2
+    assert main([*base, "--out-dir", str(parts), "--resume", "--workers", "2"]) == 0  # batches are the workers'
+    _same_run(whole, parts)
+
+
+def test_checkpoint_minutes_writes_within_epochs_and_the_write_changes_nothing(fmnist, tmp_path, capsys):
+    """A checkpoint due after every step (--checkpoint-minutes tiny) is written within each epoch, but not at
+    its last step (the epoch's own follows), and the run computes what one without them does."""
+    base = ["train", "--model", "mlp", "--data-dir", fmnist, *TINY]
+    assert main([*base, "--out-dir", str(tmp_path / "plain"), "--checkpoint-minutes", "0"]) == 0
+    assert "checkpoint in epoch" not in capsys.readouterr().out
+    assert main([*base, "--out-dir", str(tmp_path / "often"), "--checkpoint-minutes", "1e-9"]) == 0
+    log = capsys.readouterr().out
+    assert [line.split("(")[0].strip() for line in log.splitlines() if "checkpoint in epoch" in line] == \
+        [f"checkpoint in epoch {e} after step {s} of 3" for e in (1, 2) for s in (1, 2)]
+    _same_run(tmp_path / "plain", tmp_path / "often")
+
+
+def test_resume_within_an_epoch_checks_the_steps_and_epochs(fmnist, tmp_path, monkeypatch, capsys):
+    """A checkpoint written after step 2 of epoch 2 is refused with another --batch-size (its steps would fall
+    elsewhere in the epochs) or with --epochs 1 (the run would report a second epoch), naming the flag."""
+    base = ["train", "--data-dir", fmnist, "--out-dir", str(tmp_path / "run"), *WITHIN, "--model", "mlp",
+            "--settle-epoch", "0"]
+    with monkeypatch.context() as m:
+        _crash_after_step(m, 9)
+        with pytest.raises(Crash):
+            main(base)
+    capsys.readouterr()
+    assert main([*base, "--batch-size", "32", "--resume"]) == 2
+    assert "had 6 steps each, this run's have 3" in capsys.readouterr().err
+    assert main([*base, "--epochs", "1", "--resume"]) == 2
+    assert "1 epochs done and part of epoch 2" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 0
