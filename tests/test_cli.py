@@ -703,6 +703,25 @@ def test_run_stopped_within_an_epoch_resumes_from_its_checkpoint_exactly(fmnist,
     _same_run(whole, parts)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_stopped_within_an_epoch_continues_the_gate_draws(fmnist, tmp_path, monkeypatch, capsys):
+    """On a GPU the gates draw from the CUDA generator, whose state a checkpoint within an epoch restores: the
+    resumed run ends with the generator states of one that ran through. (Its weights may differ in the last
+    bits, and so its structure: cuDNN and atomic sums need not be deterministic.)"""
+    flags, stop = CASES["pruning-and-settling"]
+    base = ["train", "--data-dir", fmnist, *WITHIN, *flags, "--device", "cuda"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*base, "--out-dir", str(whole)]) == 0
+    with monkeypatch.context() as m:
+        _crash_after_step(m, stop)
+        with pytest.raises(Crash):
+            main([*base, "--out-dir", str(parts)])
+    assert main([*base, "--out-dir", str(parts), "--resume"]) == 0
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=False) for out in (whole, parts))
+    assert a["step"] == b["step"] and torch.equal(a["gen"], b["gen"])
+    assert all(torch.equal(x, y) for x, y in zip(a["torch_rng"]["cuda"], b["torch_rng"]["cuda"]))
+
+
 @needs_pillow
 def test_image_folder_run_stopped_within_an_epoch_resumes_exactly(tmp_path, monkeypatch):
     """Streamed batches skip what the checkpoint's steps read, without decoding it; the loader's start
