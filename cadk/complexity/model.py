@@ -11,6 +11,9 @@ with n = sum of theta over alive units of the gate (or the fixed width for ungat
 {0, 1} this is exactly the count of the compacted network; for fractional theta it is the mean over
 structures sampled from the gates: the polynomial is multilinear, except in a layer with one gate on
 both sides (stream -> stream), whose k x k pairs have mean E[k^2] = n^2 - sum theta^2 + n.
+
+Layers outside cadk's gated ones (a plain nn.Conv2d stem, an nn.Linear head) cost a constant that the
+compacted model keeps: their FLOPs, as FlopCounterMode counts them on the example, and their parameters.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GatedConv2d, GatedLayer, GatedLinear, UnitGate
 
@@ -53,6 +57,9 @@ class LayerTerm:
         params = (self.weights_per_pair * pairs + self.extra_per_out * n_out) * block
         return torch.as_tensor(flops, dtype=torch.float64), torch.as_tensor(params, dtype=torch.float64)
 
+    def dense_flops(self) -> int:
+        return 2 * self.macs_per_pair * self.layer.in_units * self.layer.out_units
+
     def dense_params(self) -> int:
         return self.weights_per_pair * self.layer.in_units * self.layer.out_units + self.extra_per_out * self.layer.out_units
 
@@ -62,9 +69,11 @@ class ComplexityModel:
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
-        self.terms = _record_terms(model, example)
+        self.terms, total_flops = _record_terms(model, example)
         if not self.terms:
             raise ValueError("ComplexityModel found no cadk gated layers in the model")
+        # FLOPs outside gated layers, like their parameters below, are a constant the compacted model keeps.
+        self.fixed_flops = total_flops - sum(t.dense_flops() for t in self.terms)
         # Parameters outside gated layers (and not thetas) are a constant the compacted model keeps.
         gate_params = sum(g.theta.numel() for g in model.modules() if isinstance(g, UnitGate))
         self.fixed_params = (sum(p.numel() for p in model.parameters()) - gate_params
@@ -93,7 +102,7 @@ class ComplexityModel:
             f, p = t.expected(theta)
             flops = flops + f
             params = params + p
-        return flops, params + self.fixed_params
+        return flops + self.fixed_flops, params + self.fixed_params
 
     def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         """E[FLOPs] / dense FLOPs and E[params] / dense params (differentiable in theta)."""
@@ -113,7 +122,8 @@ class ComplexityModel:
         return rows
 
 
-def _record_terms(model: nn.Module, example: torch.Tensor) -> list[LayerTerm]:
+def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTerm], int]:
+    """The gated layers' terms, and the FLOPs of the whole dense network on one example."""
     out_sizes: dict[str, int] = {}
     hooks = []
     for name, m in model.named_modules():
@@ -123,7 +133,7 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> list[LayerTerm]:
     saved = {g: g.alive_mask.clone() for g in model.modules() if isinstance(g, UnitGate)}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             for g in saved:  # record on the full network: pruned blocks still have shapes
                 g.alive_mask.fill_(True)
                 g.refresh()
@@ -145,7 +155,7 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> list[LayerTerm]:
         k = m.weight[0, 0].numel()
         extra = (m.bias is not None) + (2 if getattr(m, "bn", None) is not None else 0)
         terms.append(LayerTerm(name, m, k * out_sizes[name], k, extra))
-    return terms
+    return terms, counter.get_total_flops()
 
 
 def _size_hook(name, out_sizes):
