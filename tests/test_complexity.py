@@ -228,3 +228,15 @@ def test_plain_layers_outside_the_gated_ones_count_their_flops_too():
         assert (flops.item(), params.item()) == (flop_count(plain, x), param_count(plain))
     assert cm.dense_flops == flop_count(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                                                       nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)), x)
+
+
+def test_bfloat16_model_counts_wide_layers_exactly():
+    """A bfloat16 model's widths are summed in float64: 301 alive units were summed in bfloat16 to 300
+    (E[FLOPs] 8400 against 8428 measured on the compacted model)."""
+    model = cadk.build_model("mlp", 1, 10, image_size=2, hidden=(400,)).to(torch.bfloat16).eval()
+    model.layers[0].gate.prune(torch.arange(99))
+    x = torch.randn(1, 1, 2, 2, dtype=torch.bfloat16)
+    cm = cadk.ComplexityModel(model, x)
+    plain = cadk.compact(model)
+    flops, params = cm.expected()
+    assert (flops.item(), params.item()) == (flop_count(plain, x), param_count(plain))

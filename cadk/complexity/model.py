@@ -38,8 +38,8 @@ class LayerTerm:
         if gate is None:
             return full
         if theta is None:
-            return gate.expected_alive().double()
-        return (theta[gate] * gate.alive_mask).sum().double()
+            return gate.expected_alive()
+        return (theta[gate].double() * gate.alive_mask).sum()  # float64 before the sum, as expected_alive
 
     def expected(self, theta: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(E[FLOPs], E[params]); `theta` optionally maps gates to substitute theta vectors."""

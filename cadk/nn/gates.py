@@ -180,8 +180,9 @@ class UnitGate(nn.Module):
         return keep
 
     def expected_alive(self) -> torch.Tensor:
-        """E[number of live units] = sum of theta over alive units (differentiable)."""
-        return (self.theta * self.alive_mask).sum()
+        """E[number of live units] = sum of theta over alive units (differentiable), in float64: a bfloat16
+        sum rounds a width above 256 (301 units counted as 300)."""
+        return (self.theta.double() * self.alive_mask).sum()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
