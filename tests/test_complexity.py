@@ -240,3 +240,30 @@ def test_bfloat16_model_counts_wide_layers_exactly():
     plain = cadk.compact(model)
     flops, params = cm.expected()
     assert (flops.item(), params.item()) == (flop_count(plain, x), param_count(plain))
+
+
+class _Twice(nn.Module):
+    """Gated layers applied twice in one forward (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        from cadk.nn import GatedLinear
+
+        self.a = GatedLinear(6, 6, activation="relu")
+        self.b = GatedLinear(6, 3, gate=False, in_gate=self.a.gate)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + self.b(self.a(2 * x))
+
+
+def test_a_layer_applied_twice_costs_its_flops_twice():
+    """E[FLOPs] was 72 against 144 measured: the example forward recorded one call per layer (180 once plain
+    layers' FLOPs were counted: the second call became a constant that pruning did not shrink)."""
+    model = _Twice().eval()
+    model.a.gate.prune(torch.tensor([0, 1]))
+    x = torch.randn(1, 6)
+    cm = cadk.ComplexityModel(model, x)
+    plain = cadk.compact(model)
+    flops, params = cm.expected()
+    assert (flops.item(), params.item()) == (flop_count(plain, x), param_count(plain))
+    assert cm.fixed_flops == 0

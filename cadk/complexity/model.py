@@ -30,7 +30,7 @@ from ..nn import GatedConv2d, GatedLayer, GatedLinear, UnitGate
 class LayerTerm:
     name: str
     layer: GatedLayer
-    macs_per_pair: int        # multiply-adds per (input channel, output channel) pair for one example
+    macs_per_pair: int        # multiply-adds per (input channel, output channel) pair for one example, all calls
     weights_per_pair: int     # k_h * k_w (1 for Linear)
     extra_per_out: int        # bias + BN affine parameters per output channel
 
@@ -161,7 +161,9 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTe
 def _size_hook(name, out_sizes):
     def hook(module, inputs, output):  # positions per output channel: H x W, a linear layer's T, or 1
         if isinstance(module, GatedLinear):
-            out_sizes[name] = output[0].numel() // max(1, output.shape[-1])
+            positions = output[0].numel() // max(1, output.shape[-1])
         else:
-            out_sizes[name] = output[0, 0].numel()
+            positions = output[0, 0].numel()
+        # summed over calls: a layer applied twice in one forward costs its FLOPs twice
+        out_sizes[name] = out_sizes.get(name, 0) + positions
     return hook
