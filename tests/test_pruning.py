@@ -289,3 +289,29 @@ def test_settle_keeps_structures_at_theta_one_when_rounding_cannot_meet_the_budg
     assert threshold == pytest.approx(0.7)
     cadk.Pruner(model).settle(threshold)
     assert all(not b.is_pruned for b in model.blocks) and cost.deployed_ratios()[0] > 0.9
+
+
+def test_units_the_pruner_takes_with_a_block_pruned_by_hand_leave_the_optimizer_step():
+    """A block pruned by hand (UnitGate.prune on its layer gate): the next check prunes its inner units and
+    reports it, so their weights, momentum and theta moments are zeroed (the check reported nothing and
+    left them: momentum 155.4, Adam exp_avg 0.12)."""
+    torch.manual_seed(0)
+    model = cadk.build_model("resnet20", 1, 10)
+    weights, gates = cadk.split_parameters(model)
+    opt, theta_opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9), cadk.ThetaAdam(gates, lr=0.01)
+    pruner = cadk.Pruner(model, patience=1, every=1)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        opt.zero_grad()
+        theta_opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        theta_opt.step()
+    block = model.blocks[2]
+    block.layer_gate.prune(torch.tensor([0]))
+    events = pruner.step([opt, theta_opt])
+    inner = block.internal_gates()[0]
+    assert inner.is_pruned and any("blocks.2.branch.0.gate" in e for e in events)
+    conv = block.branch[0]
+    assert conv.weight.abs().sum() == 0 and opt.state[conv.weight]["momentum_buffer"].abs().sum() == 0
+    assert theta_opt.state[inner.theta]["exp_avg"].abs().sum() == 0

@@ -64,9 +64,10 @@ class Pruner:
             if doomed.any():
                 g.prune(doomed)
                 events.append(f"pruned {self._name(g)}: -{int(doomed.sum())} ({g.num_alive} left)")
-        for b in self.blocks:
-            if b.is_pruned and any(not g.is_pruned for g in b.internal_gates()):
-                for g in b.internal_gates():
+        for b in self.blocks:  # an event too, so that their weights and optimizer state are zeroed
+            for g in b.internal_gates() if b.is_pruned else ():
+                if not g.is_pruned:
+                    events.append(f"pruned {self._name(g)}: -{g.num_alive} with its block (0 left)")
                     g.prune(torch.ones_like(g.alive_mask))
         return events
 
