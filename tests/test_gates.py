@@ -138,3 +138,18 @@ def test_alive_idx_follows_in_place_writes_to_alive_mask():
     assert gate.alive_idx is idx
     gate.alive_mask = torch.ones(6, dtype=torch.bool)  # replaced: a new tensor
     assert gate.alive_idx.tolist() == list(range(6))
+
+
+def test_gate_made_on_its_own_and_shared_is_drawn_anew_every_step():
+    """A UnitGate made on its own and given to two layers: the first one draws it every training forward and
+    the second applies the same sample (no layer drew it: every step reused one sample)."""
+    torch.manual_seed(0)
+    gate = UnitGate(6, theta_init=0.5)
+    a, b = GatedLinear(4, 6, gate=gate), GatedLinear(4, 6, gate=gate)
+    x = torch.ones(64, 4)
+    masks = []
+    for _ in range(3):
+        ya, yb = a(x), b(x)
+        masks.append(ya != 0)
+        assert torch.equal(ya != 0, yb != 0)  # one sample per step for both layers
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])

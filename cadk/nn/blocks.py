@@ -53,6 +53,7 @@ class GatedResidualBlock(nn.Module):
 
     def _finish(self, theta_init: float) -> None:
         self.layer_gate = UnitGate(1, theta_init, kind="layer")
+        self.layer_gate.has_owner = True  # forward draws it
         for conv in self.branch:
             conv.set_block_gate(self.layer_gate)
         # A block whose inner units are all pruned is a pruned block (METHOD.md), however they were pruned:

@@ -12,7 +12,8 @@ had drawn new gates in the recomputation: gradients for a sample the loss never 
 
 Sharing: a gate may be applied by several layers (a channel group, e.g. the residual stream of a
 ResNet stage). The layer that created it *owns* it and draws the seed once per training forward; the
-others read that seed, so every application in one step samples the same xi[n, j].
+others read that seed, so every application in one step samples the same xi[n, j]. A gate made on its
+own is owned by the first layer given it as its output gate (which must then run first).
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ class UnitGate(nn.Module):
         # Gates pruned along once every unit of this one is (a block's layer gate, for its inner gates): a
         # plain list, so they are not registered as submodules of this gate.
         self.prunes_with_it: list[UnitGate] = []
+        # Whether a layer (or block) draws this gate's samples; one made on its own gets the first layer given it.
+        self.has_owner = False
         self.refresh()  # alive_idx
 
     @property

@@ -36,8 +36,12 @@ class GatedLayer(nn.Module):
         elif isinstance(gate, UnitGate):
             self._check_units(gate, self.out_units, "gate", "output")
             self._refs["out"] = gate
+            # a gate made on its own: without an owner no layer would draw it, and every step reused one sample
+            self._owns_gate = not getattr(gate, "has_owner", True)
         elif gate not in (False, None):
             raise TypeError(f"gate must be True, False or a UnitGate, got {type(gate).__name__}")
+        if self._owns_gate:
+            self._refs["out"].has_owner = True
         self.set_in_gate(in_gate)
         self.register_buffer("_all_in", torch.arange(self.in_units), persistent=False)
         self.register_buffer("_all_out", torch.arange(self.out_units), persistent=False)
