@@ -191,3 +191,34 @@ def test_compacted_plain_module_has_registries_of_its_own():
     plain.norm.register_buffer("scratch", torch.zeros(1), persistent=False)
     plain.head.register_forward_hook(lambda *args: None)
     assert "scratch" not in model.norm._non_persistent_buffers_set and not model.head._forward_hooks
+
+
+class _ParentOwnsSharedGate(nn.Module):
+    """A gate made on its own, registered on the parent and shared by two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = UnitGate(6)
+        self.a = cadk.nn.GatedLinear(4, 6, activation="relu", gate=self.g)
+        self.b = cadk.nn.GatedLinear(4, 6, activation="relu", gate=self.g)
+        self.c = cadk.nn.GatedLinear(6, 3, gate=False, in_gate=self.g)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_gate_registered_on_the_parent_folds_into_its_layers(tmp_path):
+    """compact() raised 'a UnitGate cannot be compacted on its own; compact the model that uses it' for the
+    model that uses it: the gate is a child of the parent, and it is folded into the layers instead."""
+    model = _ParentOwnsSharedGate()
+    with torch.no_grad():
+        model.g.theta.copy_(torch.tensor([1.0, 0.5, 0.0, 1.0, 0.3, 1.0]))
+    model.g.prune(torch.tensor([3]))
+    model.eval()
+    plain = cadk.compact(model)
+    assert not any(isinstance(m, (GatedLayer, UnitGate)) for m in plain.modules())
+    assert plain.a[0].out_features == 4  # the pruned unit and the one at theta 0 are gone
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+    cadk.save_compact(plain, x, str(tmp_path / "net"))

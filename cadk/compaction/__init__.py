@@ -46,7 +46,9 @@ def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
             out.__dict__[key] = copy.copy(value)
     out._parameters = copy.deepcopy(module._parameters, memo)
     out._buffers = copy.deepcopy(module._buffers, memo)
-    out._modules = {name: compact_module(child) for name, child in module._modules.items()}
+    # A gate registered on the parent (made on its own, shared by its layers) is folded into those layers.
+    out._modules = {name: None if isinstance(child, UnitGate) else compact_module(child)
+                    for name, child in module._modules.items()}
     return out
 
 
