@@ -55,6 +55,20 @@ def test_gate_with_every_theta_at_zero_compacts_to_one_zero_unit():
     assert plain[0][0].out_channels == 1
 
 
+def test_emptied_unit_gate_is_refused_unless_its_block_is_pruned():
+    """A unit gate emptied by hand compacted to a layer with no outputs, which failed only when the plain model
+    first ran (torch's 'expected weight to be at least 1 at dimension 0'); inside a block it prunes the block,
+    whose branch compaction drops."""
+    model = cadk.build_model("resnet20", in_channels=1, num_classes=10)
+    block = next(m for m in model.modules() if hasattr(m, "internal_gates"))
+    inner = block.internal_gates()[0]
+    inner.prune(torch.ones_like(inner.alive_mask))
+    assert block.is_pruned and cadk.compact(model)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    model.stem.gate.prune(torch.ones_like(model.stem.gate.alive_mask))
+    with pytest.raises(ValueError, match=r"unit gates \['stem.gate'\] have no alive unit"):
+        cadk.compact(model)
+
+
 def test_custom_parents_compact_child_by_child():
     class Custom(nn.Module):
         def __init__(self):

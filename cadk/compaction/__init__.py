@@ -57,6 +57,7 @@ def compact(model: nn.Module) -> nn.Module:
     """Return a plain, smaller model whose eval outputs equal `model.eval()`'s.
 
     Raises a clear error if the model holds gated layers that no enclosing module knows how to compact."""
+    _check_widths(model)
     was_training = model.training
     model.eval()
     try:
@@ -68,6 +69,19 @@ def compact(model: nn.Module) -> nn.Module:
         raise TypeError(f"compaction left gated modules at {leftovers[:5]}: their parent has no compact(); "
                         "build the model from cadk.nn blocks or give the parent a compact() method")
     return plain
+
+
+def _check_widths(model: nn.Module) -> None:
+    """A unit gate with no alive unit outside a pruned block would compact to a layer of zero width, which
+    torch's layers refuse only when the plain model first runs. The Pruner never empties one (it keeps the
+    last unit); a hand-made prune or an edited state_dict can."""
+    # an emptied gate inside a block prunes the block (prunes_with_it), whose branch compaction drops
+    empty = [n for n, g in model.named_modules() if isinstance(g, UnitGate) and g.kind == "unit" and g.is_pruned
+             and not any(block.is_pruned for block in g.prunes_with_it)]
+    if empty:
+        raise ValueError(f"unit gates {empty[:5]} have no alive unit, so their layers would have no outputs: "
+                         "keep at least one unit of each (the Pruner does; UnitGate.prune by hand and edited "
+                         "state_dicts can empty one)")
 
 
 def param_count(model: nn.Module) -> int:
