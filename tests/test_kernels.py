@@ -854,6 +854,19 @@ def test_compiled_ops_refuse_an_argument_on_the_meta_device(gen):
         cpp_backend.gate_apply(pre, torch.full((3,), 0.5), torch.arange(3), torch.tensor(1, device="meta"), True)
 
 
+@pytest.mark.parametrize("geometry", [((0, 1), (0, 0), (1, 1)), ((1, 1), (-1, 0), (1, 1)), ((1, 1), (0, 0), (0, 1))])
+def test_compiled_conv_fake_refuses_a_bad_geometry(geometry):
+    """The fake kernel (meta tensors, torch.compile) refuses a bad stride, padding or dilation as the CPU
+    kernel does: it had divided by zero or given an output shape the kernel would not."""
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.AVAILABLE:
+        pytest.skip("the cadk._C extension is not built")
+    x, weight = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+    alive = torch.arange(3, device="meta")
+    with pytest.raises(RuntimeError, match="need stride > 0, dilation > 0 and padding >= 0"):
+        cpp_backend.gated_conv2d(x, weight, None, None, alive, alive, torch.tensor(1), *geometry, "relu", True)
+
+
 def test_cpu_kernels_name_unsupported_dtypes(gen):
     """float16 activations on the CPU: an error that names the dtype and the fixes, not ATen's
     '"cadk_epilogue_forward" not implemented for Half' from inside a kernel."""

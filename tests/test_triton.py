@@ -582,6 +582,18 @@ def test_clear_errors():
         tb.bn_gate_act(bn[0][:1, :, :1, :1], *bn[1:])
 
 
+@pytest.mark.parametrize("shape", ["batch0", "no_out", "no_in"])
+@pytest.mark.parametrize("geometry", [((0, 1), (0, 0), (1, 1)), ((1, 1), (-1, 0), (1, 1)), ((1, 1), (0, 0), (0, 1))])
+def test_conv_geometry_refused_without_a_conv(shape, geometry):
+    """Where no convolution runs (no example, no alive input or output channel), a bad stride, padding or
+    dilation is refused as where one does: it had divided by zero or returned a wrong-sized output."""
+    n, c_in, c_out = {"batch0": (0, 2, 2), "no_out": (2, 2, 0), "no_in": (2, 0, 2)}[shape]
+    x, weight = _randn(n, c_in, 5, 5), _randn(4, 3, 3, 3)
+    alive_in, alive_out = torch.arange(c_in, device=DEVICE), torch.arange(c_out, device=DEVICE)
+    with pytest.raises(RuntimeError, match="need stride > 0, dilation > 0 and padding >= 0"):
+        tb.gated_conv2d(x, weight, None, _theta(4), alive_in, alive_out, SEED, *geometry, "relu", True)
+
+
 def test_compiled_model_recompiles_only_when_an_alive_count_leaves_its_power_of_two(monkeypatch):
     """Under torch.compile the op bodies see alive counts as symbolic sizes: launch sizes are taken by
     comparing them with powers of two, so a prune recompiles only on a gate's first prune (its all-alive

@@ -201,6 +201,9 @@ def _conv_out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 4, lambda: f"cadk gated_conv2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     torch._check(weight.dim() == 4,
                  lambda: f"cadk gated_conv2d: weight must be [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
+    torch._check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
+                 lambda: f"cadk gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
+                         f"{list(dilation)}, {list(padding)}")
     h, w = ((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
             for d in range(2))
     return h, w

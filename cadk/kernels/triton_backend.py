@@ -598,6 +598,10 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
                  "[out, in, kh, kw]")
+    # Checked here, not left to F.conv2d: the path without a conv below divides by the stride.
+    _check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
+           lambda: f"gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
+                   f"{list(dilation)}, {list(padding)}")
     bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     b = _gather_vec(bias, alive_out)
