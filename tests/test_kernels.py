@@ -889,8 +889,12 @@ def test_cadk_backend_env_leaves_unsupported_devices_to_auto(monkeypatch):
     monkeypatch.setenv("CADK_BACKEND", "gpu_only")
     assert kernels.backend_for(torch.device("cpu")) == kernels._auto(torch.device("cpu"))
     assert kernels.backend_for(torch.device("cuda")) == "gpu_only"
-    monkeypatch.setenv("CADK_BACKEND", "no_such_backend")
-    with pytest.raises(RuntimeError, match="not available here"):
+    monkeypatch.setenv("CADK_BACKEND", "cpu")  # a device, not a backend: no build would make it one
+    with pytest.raises(RuntimeError, match=r"'cpu' names no cadk backend; set it to auto or one of \['reference'"):
+        kernels.backend_for(torch.device("cpu"))
+    monkeypatch.delitem(kernels._BACKENDS, "triton", raising=False)  # a backend that is not built here
+    monkeypatch.setenv("CADK_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="not available here.*pip install -e"):
         kernels.backend_for(torch.device("cpu"))
 
 

@@ -17,6 +17,7 @@ from . import flops, reference
 
 _BACKENDS = {"reference": reference}
 OP_NAMES = ("gate_apply", "gated_residual", "gated_linear", "gated_conv2d", "bn_gate_act")
+BACKEND_NAMES = ("reference", "cpp", "cuda", "triton")  # what CADK_BACKEND may name, built here or not
 
 
 _AUTO: dict[str, str] = {}  # device type -> the auto choice; every layer call asks, so it is kept
@@ -61,6 +62,9 @@ def backend_for(device: torch.device) -> str:
         return _auto(device)
     module = _BACKENDS.get(forced)
     if module is None:
+        if forced not in BACKEND_NAMES:  # a typo: building would not help
+            raise RuntimeError(f"CADK_BACKEND={forced!r} names no cadk backend; set it to auto or one of "
+                               f"{list(BACKEND_NAMES)}, or unset it")
         raise RuntimeError(
             f"CADK_BACKEND={forced!r} is not available here (available: {available_backends()}); "
             "build the extension with `pip install -e .` or unset CADK_BACKEND")
