@@ -582,6 +582,17 @@ def test_clear_errors():
         tb.bn_gate_act(bn[0][:1, :, :1, :1], *bn[1:])
 
 
+def test_python_int_seed_taken_as_by_the_other_backends():
+    """A Python int seed gives the gates of the same seed as a tensor, as the reference and C++ backends
+    take it; it had raised AttributeError: 'int' object has no attribute 'dim'."""
+    args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)
+    want = tb.gated_linear(*args[:6], torch.tensor(12345), *args[7:])
+    torch.testing.assert_close(tb.gated_linear(*args[:6], 12345, *args[7:]), want, rtol=0, atol=0)
+    theta, alive = _theta(want.shape[1]), torch.arange(want.shape[1], device=DEVICE)
+    torch.testing.assert_close(tb.gate_apply(want, theta, alive, 5, True), ref.gate_apply(want, theta, alive, 5, True),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", ["batch0", "no_out", "no_in"])
 @pytest.mark.parametrize("geometry", [((0, 1), (0, 0), (1, 1)), ((1, 1), (-1, 0), (1, 1)), ((1, 1), (0, 0), (0, 1))])
 def test_conv_geometry_refused_without_a_conv(shape, geometry):

@@ -879,18 +879,23 @@ def _run_op(name: str, args: tuple, eager: bool):
 # The backend's ops (signatures of reference.py)
 # ----------------------------------------------------------------------------------------------
 
+def _seed(seed) -> Tensor:
+    """A Python int seed as the 0-dim int64 tensor the ops take, as the other backends accept it."""
+    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+
+
 def gate_apply(pre, theta, alive, seed, training: bool):
-    return _run_op("gate_apply", (pre, theta, alive, seed, training), _eager((pre, theta)))
+    return _run_op("gate_apply", (pre, theta, alive, _seed(seed), training), _eager((pre, theta)))
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
-    return _run_op("gated_residual", (shortcut, branch, theta, alive, seed, training),
+    return _run_op("gated_residual", (shortcut, branch, theta, alive, _seed(seed), training),
                    _eager((shortcut, branch, theta)))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
-    y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, seed, activation, training),
+    y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, _seed(seed), activation, training),
                    _eager((x, weight, bias, theta)))
     return y
 
@@ -901,7 +906,7 @@ def _pair(v) -> list[int]:
 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
-    y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, seed, _pair(stride),
+    y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, _seed(seed), _pair(stride),
                                     _pair(padding), _pair(dilation), activation, training),
                    _eager((x, weight, bias, theta)))
     return y
@@ -916,7 +921,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     weight = weight if weight is not None else x.new_ones(running_mean.shape, dtype=torch.float32)
     bias = bias if bias is not None else x.new_zeros(running_mean.shape, dtype=torch.float32)
     eager = _eager((x, weight, bias, theta, running_mean, running_var))  # one path for the op and the update
-    y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, seed,
+    y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, _seed(seed),
                                               eps, activation, training), eager)
     if training:
         args = (running_mean, running_var, alive, mean, var, momentum, count)
