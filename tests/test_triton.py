@@ -479,6 +479,26 @@ def test_bn_running_stats_op():
                           test_utils=["test_schema", "test_faketensor"])
 
 
+def test_bn_running_stats_op_checks_its_inputs():
+    """The op is public: inputs the kernel would misread are refused, as the C++ op refuses them. It had
+    written past the running statistics for an index out of range, divided by zero for count 1, and
+    read past mean or read bfloat16 mean as float32."""
+    c, alive = 7, _alive("some", 7)
+    mean, var = _randn(alive.numel()), torch.rand(alive.numel(), device=DEVICE)
+    rm, rv = _randn(c), torch.rand(c, device=DEVICE) + 0.5
+    bad = {"must exceed 1": (rm, rv, alive, mean, var, 0.3, 1),
+           "alive lists 3 channels": (rm, rv, alive[:3], mean, var, 0.3, 10),
+           "float32 vectors of one shape": (rm, rv, alive, mean.bfloat16(), var.bfloat16(), 0.3, 10),
+           "vectors of one shape": (rm, rv[:-1], alive, mean, var, 0.3, 10)}
+    if DEVICE.type == "cpu":  # alive's values are read on the host only there
+        bad["within"] = (rm, rv, torch.cat([alive[:-1], alive.new_tensor([c])]), mean, var, 0.3, 10)
+    for match, args in bad.items():
+        before = (rm.clone(), rv.clone())
+        with pytest.raises(RuntimeError, match=match):
+            OPS.triton_bn_running_stats_(*args)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
 def test_torch_compile_fullgraph():
     """The ops trace without graph breaks; forward and grads match eager."""
     args = _linear_args(("some", "some", ("relu", True, True)), torch.float32)

@@ -699,6 +699,15 @@ def bn_gate_act_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, mean
 def bn_running_stats_(running_mean: Tensor, running_var: Tensor, alive: Tensor, mean: Tensor, var: Tensor,
                       momentum: float, count: int) -> None:
     """nn.BatchNorm2d's running-statistics update (unbiased variance) at the alive entries, in one launch."""
+    # The kernel indexes the running statistics through alive and reads A fp32 entries of mean and var.
+    _check(running_mean.dim() == 1 and running_var.shape == running_mean.shape,
+           lambda: f"bn_running_stats_: running_mean {tuple(running_mean.shape)} and running_var "
+                   f"{tuple(running_var.shape)} must be vectors of one shape")
+    _check(mean.dim() == 1 and var.shape == mean.shape and mean.dtype == var.dtype == torch.float32,
+           lambda: f"bn_running_stats_: mean {tuple(mean.shape)} {mean.dtype} and var {tuple(var.shape)} {var.dtype} "
+                   "must be float32 vectors of one shape (bn_gate_act_fwd's batch statistics)")
+    _check(count > 1, lambda: f"bn_running_stats_: count (values per channel) must exceed 1, got {count}")
+    _check_alive(alive, mean.shape[0], running_mean.shape[0], "alive", running_mean.device)
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         # an expanded vector: every entry would take the last write, where the reference's in-place ops refuse
         _check(t.numel() < 2 or t.stride(0) != 0, lambda: f"bn_running_stats_: entries of {name} share memory "
