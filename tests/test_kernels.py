@@ -291,6 +291,21 @@ def test_running_statistics_that_share_memory_are_refused(backend):
         assert torch.equal(stats[shared], before)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3)])
+def test_one_value_per_channel_in_training_is_a_value_error(backend, shape):
+    """As nn.BatchNorm2d (the reference) and the Triton backend refuse it: a ValueError naming the fixes."""
+    module, device = backend
+    alive = torch.arange(3, device=device)
+    for op in (reference.bn_gate_act, module.bn_gate_act):
+        with pytest.raises(ValueError, match="more than 1 value per channel|more than one value per channel"):
+            op(torch.randn(shape, device=device), None, None, torch.zeros(5, device=device),
+               torch.ones(5, device=device), None, alive, torch.tensor(3, device=device), 0.1, 1e-5, "relu", True)
+    with pytest.raises(ValueError, match="use a larger batch or eval mode"):
+        module.bn_gate_act(torch.randn(shape, device=device), None, None, torch.zeros(5, device=device),
+                           torch.ones(5, device=device), None, alive, torch.tensor(3, device=device), 0.1, 1e-5,
+                           "relu", True)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", list(_NAN_CASES))
 def test_nan_activation_gradients_match_the_reference(backend, gen, op, training):

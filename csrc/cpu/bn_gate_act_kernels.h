@@ -120,8 +120,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   const auto acc_type = at::toOpMathType(x.scalar_type());
   Tensor mean, var;
   if (training) {
-    TORCH_CHECK(values_per_channel(v) > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
-                "got input shape ", x.sizes());
+    // A ValueError, as nn.BatchNorm2d's and the Triton backend's.
+    TORCH_CHECK_VALUE(values_per_channel(v) > 1, "cadk bn_gate_act: training needs more than one value per ",
+                      "channel, got input shape ", x.sizes(), "; use a larger batch or eval mode");
     std::tie(mean, var) = batch_stats(xc, v);
   } else {
     // Fresh tensors: with every channel alive the gather would return the running statistics themselves.

@@ -299,8 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_gate_act_fwd(
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor mean, var;
   if (training) {
-    TORCH_CHECK(L.rows() > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
-                "got input shape ", x.sizes());
+    // A ValueError, as nn.BatchNorm2d's and the Triton backend's.
+    TORCH_CHECK_VALUE(L.rows() > 1, "cadk bn_gate_act: training needs more than one value per channel, ",
+                      "got input shape ", x.sizes(), "; use a larger batch or eval mode");
     std::tie(mean, var) = batch_stats(xc, L);
   } else {  // index_select copies even for a full alive set: outputs must not alias inputs
     mean = running_mean.index_select(0, alive).to(acc);
