@@ -479,6 +479,18 @@ def test_bn_running_stats_op():
                           test_utils=["test_schema", "test_faketensor"])
 
 
+def test_eval_takes_batches_past_the_philox_counter_range():
+    """Eval multiplies by theta and draws no gate, so batch x units past 2^31 is refused in training only,
+    as in the other backends; eval had refused it too."""
+    n, units = 2**20, 2**12
+    pre, theta, alive = _randn(n, 1), torch.full((units,), 0.5, device=DEVICE), torch.tensor([7], device=DEVICE)
+    torch.testing.assert_close(tb.gate_apply(pre, theta, alive, SEED, False), pre * 0.5)
+    torch.testing.assert_close(tb.gated_residual(pre[:, 0], pre[:, 0], theta, alive, SEED, False),
+                               ref.gated_residual(pre[:, 0], pre[:, 0], theta, alive, SEED, False))
+    with pytest.raises(RuntimeError, match="exceeds the 2\\^31 Philox counter range; split the batch"):
+        tb.gate_apply(pre, theta, alive, SEED, True)
+
+
 def test_bn_running_stats_op_checks_its_inputs():
     """The op is public: inputs the kernel would misread are refused, as the C++ op refuses them. It had
     written past the running statistics for an index out of range, divided by zero for count 1, and

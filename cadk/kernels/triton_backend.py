@@ -182,19 +182,20 @@ def _check_alive(alive: Tensor, count: int, full: int, name: str, device: torch.
                        f"(e.g. torch.unique(idx)), got {alive.tolist()}")
 
 
-def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.device) -> None:
+def _check_gate(theta: Optional[Tensor], n: int, units: int, device: torch.device, training: bool) -> None:
     if theta is None:
         return
     _check(theta.dim() == 1 and theta.numel() == units and theta.is_floating_point(),
            lambda: f"theta must be a float vector of the {units} output units, got shape "
                    f"{tuple(theta.shape)} and {theta.dtype}")
     _check(theta.device == device, lambda: f"theta is on {theta.device} but x on {device}; move it")
-    _check(n * units <= MAX_OFFSET,
+    # Only training draws gates (eval multiplies by theta), as in the other backends.
+    _check(not training or n * units <= MAX_OFFSET,
            lambda: f"batch {n} x {units} units exceeds the 2^31 Philox counter range; split the batch")
 
 
 def _check_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], alive_in: Tensor, alive_out: Tensor,
-                 theta: Optional[Tensor], layout: str, weight_layout: str) -> None:
+                 theta: Optional[Tensor], layout: str, weight_layout: str, training: bool) -> None:
     """Checks shared by gated_linear and gated_conv2d."""
     dims = layout.count(",") + 1
     _check_input(x, layout, x.dim() == dims)
@@ -204,7 +205,7 @@ def _check_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], alive_in: Te
     _check(x.device == weight.device, lambda: f"x is on {x.device} but weight on {weight.device}; move one")
     _check_alive(alive_in, x.shape[1], weight.shape[1], "alive_in", x.device)
     _check_alive(alive_out, alive_out.shape[0], weight.shape[0], "alive_out", x.device)
-    _check_gate(theta, x.shape[0], weight.shape[0], x.device)
+    _check_gate(theta, x.shape[0], weight.shape[0], x.device, training)
     if bias is not None:  # the kernels read bias[alive_out[a]] through a raw pointer
         _check(bias.dim() == 1 and bias.numel() == weight.shape[0] and bias.dtype == x.dtype,
                lambda: f"bias must be a {x.dtype} vector of the {weight.shape[0]} output units, got shape "
@@ -433,7 +434,7 @@ def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Te
 def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, training: bool) -> Tensor:
     _check_input(pre, "[N, units, ...]", pre.dim() >= 2)
     _check_alive(alive, pre.shape[1], theta.numel(), "alive", pre.device)
-    _check_gate(theta, pre.shape[0], theta.numel(), pre.device)
+    _check_gate(theta, pre.shape[0], theta.numel(), pre.device, training)
     theta, alive = _dense(theta, alive)
     y, _ = _channel_fwd(pre, theta, alive, _seed_on(seed, pre.device), training, False, store_pre=False)
     return y
@@ -465,7 +466,7 @@ def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: T
     _check(shortcut.device == branch.device,
            lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
     _check_alive(alive, 1, theta.numel(), "alive", branch.device)
-    _check_gate(theta, branch.shape[0], theta.numel(), branch.device)
+    _check_gate(theta, branch.shape[0], theta.numel(), branch.device, training)
     theta, alive = _dense(theta, alive)
     fmt = runs_format(branch)
     y = torch.empty_like(branch, memory_format=fmt)
@@ -536,7 +537,7 @@ def _linear_blocks(n: int, a: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def gated_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: Optional[Tensor],
                      alive_in: Tensor, alive_out: Tensor, seed: Tensor, activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
-    _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]")
+    _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel()]", "[out, in]", training)
     bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     n, k, a = x.shape[0], x.shape[1], alive_out.numel()
@@ -597,7 +598,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      padding: list[int], dilation: list[int], activation: str,
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
-                 "[out, in, kh, kw]")
+                 "[out, in, kh, kw]", training)
     # Checked here, not left to F.conv2d: the path without a conv below divides by the stride.
     _check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
            lambda: f"gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
@@ -670,7 +671,7 @@ def bn_gate_act_fwd(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tenso
     _check_input(x, "[N, alive.numel(), ...]", x.dim() >= 2)
     _check_bn_vectors(weight, bias, running_mean, running_var, x.device)  # first: the others take its count
     _check_alive(alive, x.shape[1], weight.numel(), "alive", x.device)
-    _check_gate(theta, x.shape[0], weight.numel(), x.device)
+    _check_gate(theta, x.shape[0], weight.numel(), x.device, training)
     _check(not training or _per_channel_count(x) > 0,
            lambda: f"batch statistics need values, got input shape {tuple(x.shape)}")
     weight, bias, theta, alive = _dense(weight, bias, theta, alive)
