@@ -70,8 +70,8 @@ def uniform(seed: torch.Tensor | int, counter: torch.Tensor, lane: torch.Tensor 
 def gate_counters(n: int, alive: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Counters (n // 4) * C + j, shape [n, len(alive)], and word lanes n % 4, shape [n, 1], of the gates
     of examples 0..n-1 and the alive units j."""
-    if n * num_units > MAX_OFFSET:
-        raise ValueError(
+    if n * num_units > MAX_OFFSET:  # a RuntimeError, as the kernels' checks raise
+        raise RuntimeError(
             f"cadk gates: batch {n} x {num_units} units exceeds the 2^31 Philox counter range; "
             "split the batch")
     examples = torch.arange(n, device=alive.device, dtype=torch.int64)
