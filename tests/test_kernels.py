@@ -148,6 +148,17 @@ def test_pointwise_conv2d(backend, gen, kinds, layout, dtype):
     _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
 
 
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_int_stride_padding_dilation(backend, gen, kernel):
+    """Ints for stride, padding and dilation, as F.conv2d takes them, on every backend and the reference:
+    the reference had raised TypeError: 'int' object is not iterable for a 1x1 kernel."""
+    module, device = backend
+    case = gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True, False,
+                             kernel=kernel)
+    case.args[7:10] = [2, 1, 1]
+    _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, torch.float32, gen)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", RESIDUAL_LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

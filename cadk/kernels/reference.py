@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.nn.modules.utils import _pair
 
 from .philox import sample_gates
 
@@ -172,7 +173,7 @@ def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch
         return x, weight
     if x.shape[1] == 1:
         x, weight = _nchw_view(x), _nchw_view(weight)
-    if tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1:
+    if tuple(weight.shape[-2:]) == (1, 1) and max(_pair(stride)) > 1:  # an int stride as F.conv2d takes it
         x, weight = x.contiguous(), _nchw_view(weight)
     return x, weight
 
