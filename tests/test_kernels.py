@@ -148,6 +148,24 @@ def test_pointwise_conv2d(backend, gen, kinds, layout, dtype):
     _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
 
 
+@pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
+def test_unknown_activation_is_refused(backend, gen, op):
+    """A misspelt activation ("ReLU") is a ValueError on every backend and the reference; the reference had
+    computed no activation at all."""
+    module, device = backend
+    case = {"gated_linear": lambda: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True,
+                                                      "relu", True),
+            "gated_conv2d": lambda: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True,
+                                                      "relu", True, False),
+            "bn_gate_act": lambda: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True,
+                                                    False)}[op]()
+    args = list(case.args)
+    args[-2] = "ReLU"
+    for fn in (getattr(reference, op), getattr(module, op)):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            fn(*args)
+
+
 @pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
 def test_int_stride_padding_dilation(backend, gen, kernel):
     """Ints for stride, padding and dilation, as F.conv2d takes them, on every backend and the reference:

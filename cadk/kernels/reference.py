@@ -158,6 +158,7 @@ def _epilogue(z, theta, alive_out, seed, activation, training):
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
     """y[n, j'] = xi[n, j] * act(sum_i' W[j, alive_in[i']] x[n, i'] + b[j]), j = alive_out[j']."""
+    check_activation(activation)  # _act would take any other name as "none"
     z = F.linear(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out))
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
@@ -186,6 +187,7 @@ def _nchw_view(t: torch.Tensor) -> torch.Tensor:
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     """Conv2d over alive input channels and alive output filters, then act and gate."""
+    check_activation(activation)
     if alive_out.numel() == 0:  # F.conv2d takes no empty channel dim: one filter, none returned
         return gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, stride, padding,
                             dilation, activation, training)[:, :0]
@@ -203,6 +205,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
 
     Training uses batch statistics and updates running_mean/var in place at the alive entries only,
     so a pruned channel's statistics stay as they were."""
+    check_activation(activation)
     if alive.numel() == 0:  # no channels: an empty output whose gradients are zeros of every input
         return x * 0 + sum(t.sum() for t in (weight, bias, theta) if t is not None) * 0
     rm = running_mean.index_select(0, alive)
