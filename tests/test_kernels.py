@@ -148,6 +148,18 @@ def test_pointwise_conv2d(backend, gen, kinds, layout, dtype):
     _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, dtype, gen)
 
 
+@pytest.mark.parametrize("pre_shape, alive", [((3,), [0, 1, 2]), ((2, 4), [1]), ((2, 3), [[0, 1, 2]])],
+                         ids=["1-D pre", "one alive for 4 channels", "2-D alive"])
+def test_gate_apply_refuses_alive_that_does_not_list_the_channels(backend, pre_shape, alive):
+    """Every backend and the reference refuse it; the reference had broadcast the gates over pre (an
+    [N, 1] gate table gated all 4 channels with one unit's gates) and returned a result."""
+    module, device = backend
+    pre, theta = torch.ones(pre_shape, device=device), torch.full((4,), 0.5, device=device)
+    for fn in (reference.gate_apply, module.gate_apply):
+        with pytest.raises(RuntimeError, match="must be 1-D|must be \\[N, units|channels"):
+            fn(pre, theta, torch.tensor(alive, device=device), torch.tensor(3, device=device), False)
+
+
 @pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
 def test_unknown_activation_is_refused(backend, gen, op):
     """A misspelt activation ("ReLU") is a ValueError on every backend and the reference; the reference had

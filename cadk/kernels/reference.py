@@ -71,6 +71,11 @@ class _Gate(torch.autograd.Function):
 def gate_apply(pre: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor,
                training: bool) -> torch.Tensor:
     """y[n, j', ...] = xi[n, j'] * pre[n, j', ...]; pre holds the alive units only (dim 1)."""
+    # Checked as the kernels check it: xi [N, A] would broadcast against a pre of other channels silently.
+    torch._check(pre.dim() >= 2, lambda: f"cadk gate_apply: pre must be [N, units, ...], got shape {tuple(pre.shape)}")
+    torch._check(alive.dim() == 1 and alive.shape[0] == pre.shape[1],
+                 lambda: f"cadk gate_apply: alive must be 1-D and list the {pre.shape[1]} channels of pre (dim 1), "
+                         f"got shape {tuple(alive.shape)}")
     return _Gate.apply(pre, theta, alive, seed, training)
 
 
