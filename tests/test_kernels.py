@@ -160,6 +160,26 @@ def test_gate_apply_refuses_alive_that_does_not_list_the_channels(backend, pre_s
             fn(pre, theta, torch.tensor(alive, device=device), torch.tensor(3, device=device), False)
 
 
+@pytest.mark.parametrize("op, position", [("gated_linear", 2), ("gated_linear", 3), ("gated_conv2d", 2),
+                                          ("gated_conv2d", 3), ("bn_gate_act", 1), ("bn_gate_act", 5)])
+def test_compact_per_unit_vector_is_refused(backend, gen, op, position):
+    """A bias, theta or BN weight of one entry per alive unit, not per unit, is refused by every backend
+    and the reference; the reference had taken it for the gathered vector (bias[j'] for unit alive_out[j'])."""
+    module, device = backend
+    make = {"gated_linear": lambda: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True,
+                                                      "relu", True),
+            "gated_conv2d": lambda: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True,
+                                                      "relu", True, False),
+            "bn_gate_act": lambda: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True,
+                                                    False)}[op]
+    args = list(make().args)
+    alive = args[6] if op == "bn_gate_act" else args[5]
+    args[position] = args[position].index_select(0, alive)
+    for fn in (getattr(reference, op), getattr(module, op)):
+        with pytest.raises(RuntimeError, match="must have shape|must be a .*vector of the"):
+            fn(*args)
+
+
 @pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
 def test_unknown_activation_is_refused(backend, gen, op):
     """A misspelt activation ("ReLU") is a ValueError on every backend and the reference; the reference had

@@ -149,6 +149,16 @@ def gather_weight(weight: torch.Tensor, alive_in: torch.Tensor, alive_out: torch
     return w if alive_in.numel() == weight.shape[1] else w.index_select(1, alive_in)
 
 
+def check_units(units, **vectors) -> None:
+    """Per-unit vectors (bias, theta, BN's) hold one entry per unit of the full range, as the kernels check:
+    a compact one, of one entry per alive unit, would be taken for the gathered vector."""
+    for name, v in vectors.items():
+        if v is not None:
+            torch._check(v.dim() == 1 and v.shape[0] == units,
+                         lambda: f"cadk: {name} must have shape [{units}] (one entry per full-range channel), "
+                                 f"got {list(v.shape)}")
+
+
 def _gather_bias(bias, alive_out):
     if bias is None or alive_out.numel() == bias.shape[0]:
         return bias
@@ -164,6 +174,7 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
                  training: bool = True):
     """y[n, j'] = xi[n, j] * act(sum_i' W[j, alive_in[i']] x[n, i'] + b[j]), j = alive_out[j']."""
     check_activation(activation)  # _act would take any other name as "none"
+    check_units(weight.shape[0], bias=bias, theta=theta)
     z = F.linear(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out))
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
@@ -193,6 +204,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     """Conv2d over alive input channels and alive output filters, then act and gate."""
     check_activation(activation)
+    check_units(weight.shape[0], bias=bias, theta=theta)
     if alive_out.numel() == 0:  # F.conv2d takes no empty channel dim: one filter, none returned
         return gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, stride, padding,
                             dilation, activation, training)[:, :0]
@@ -211,6 +223,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     Training uses batch statistics and updates running_mean/var in place at the alive entries only,
     so a pruned channel's statistics stay as they were."""
     check_activation(activation)
+    check_units(running_mean.shape[0], weight=weight, bias=bias, running_var=running_var, theta=theta)
     if alive.numel() == 0:  # no channels: an empty output whose gradients are zeros of every input
         return x * 0 + sum(t.sum() for t in (weight, bias, theta) if t is not None) * 0
     rm = running_mean.index_select(0, alive)
