@@ -495,6 +495,19 @@ def test_deterministic_for_fixed_seed(backend, gen):
         "a new seed must resample the gates"
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_momentum_none_is_one_type_error(backend, monkeypatch, training):
+    """bn_gate_act's momentum is a float (nn.BatchNorm2d's None is the caller's to turn into one): every
+    backend refuses None with one TypeError; the C++ one had raised a schema RuntimeError in training and
+    taken it in eval, the Triton one failed inside its kernel, the reference raised F.batch_norm's."""
+    module, device = backend
+    monkeypatch.setenv("CADK_BACKEND", module.__name__.rsplit(".", 1)[-1].removesuffix("_backend"))
+    x, alive = torch.randn(4, 3, 2, 2, device=device), torch.arange(3, device=device)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        kernels.bn_gate_act(x, None, None, torch.zeros(3, device=device), torch.ones(3, device=device), None, alive,
+                            torch.tensor(1, device=device), None, 1e-5, "relu", training)
+
+
 IN_PLACE_OPS = [("gate_apply", True)] + [(op, gated) for op in ("gated_linear", "gated_conv2d", "bn_gate_act")
                                            for gated in (True, False)]
 

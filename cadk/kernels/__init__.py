@@ -145,6 +145,9 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
 
 def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, momentum=0.1, eps=1e-5,
                 activation="relu", training=True):
+    if momentum is None:  # each backend failed its own way (or not at all in eval)
+        raise TypeError("cadk bn_gate_act: momentum must be a float; for nn.BatchNorm2d's momentum=None "
+                        "(a cumulative average) pass 1 / (training batches so far, this one included)")
     if training and guard_or_false(x.numel() == 0):  # a batch size unknown while tracing stays training
         # An empty batch, taken as nn.BatchNorm2d takes it: an empty output, the running statistics left
         # as they are and zero parameter gradients, which are the eval formulas over no values.
