@@ -180,6 +180,18 @@ def test_compact_per_unit_vector_is_refused(backend, gen, op, position):
             fn(*args)
 
 
+@pytest.mark.parametrize("seed", [torch.tensor(5.7), torch.tensor(5, dtype=torch.int32), torch.tensor([5, 6, 7])],
+                         ids=["float", "int32", "vector"])
+def test_seed_that_is_not_a_0_dim_int64_tensor_is_refused(backend, seed):
+    """Every backend and the reference refuse it; the reference had truncated a float seed and given each
+    unit its own seed from a vector, without an error."""
+    module, device = backend
+    pre, theta, alive = torch.ones(8, 3, device=device), torch.full((3,), 0.5, device=device), torch.arange(3)
+    for fn in (reference.gate_apply, module.gate_apply):
+        with pytest.raises(RuntimeError, match="seed must be a 0-dim int64 tensor"):
+            fn(pre, theta, alive.to(device), seed.to(device), True)
+
+
 @pytest.mark.parametrize("op", ["gated_linear", "gated_conv2d", "bn_gate_act"])
 def test_unknown_activation_is_refused(backend, gen, op):
     """A misspelt activation ("ReLU") is a ValueError on every backend and the reference; the reference had

@@ -72,6 +72,7 @@ def gate_apply(pre: torch.Tensor, theta: torch.Tensor, alive: torch.Tensor, seed
                training: bool) -> torch.Tensor:
     """y[n, j', ...] = xi[n, j'] * pre[n, j', ...]; pre holds the alive units only (dim 1)."""
     # Checked as the kernels check it: xi [N, A] would broadcast against a pre of other channels silently.
+    check_seed(seed)
     torch._check(pre.dim() >= 2, lambda: f"cadk gate_apply: pre must be [N, units, ...], got shape {tuple(pre.shape)}")
     torch._check(alive.dim() == 1 and alive.shape[0] == pre.shape[1],
                  lambda: f"cadk gate_apply: alive must be 1-D and list the {pre.shape[1]} channels of pre (dim 1), "
@@ -149,6 +150,15 @@ def gather_weight(weight: torch.Tensor, alive_in: torch.Tensor, alive_out: torch
     return w if alive_in.numel() == weight.shape[1] else w.index_select(1, alive_in)
 
 
+def check_seed(seed) -> None:
+    """A 0-dim int64 tensor (or a Python int), as the kernels take it: philox.py would truncate a float
+    seed and broadcast a vector of seeds over the units."""
+    if isinstance(seed, torch.Tensor):
+        torch._check(seed.dim() == 0 and seed.dtype == torch.int64,
+                     lambda: f"cadk: seed must be a 0-dim int64 tensor, got shape {list(seed.shape)} and dtype "
+                             f"{seed.dtype}")
+
+
 def check_units(units, **vectors) -> None:
     """Per-unit vectors (bias, theta, BN's) hold one entry per unit of the full range, as the kernels check:
     a compact one, of one entry per alive unit, would be taken for the gathered vector."""
@@ -175,6 +185,7 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
     """y[n, j'] = xi[n, j] * act(sum_i' W[j, alive_in[i']] x[n, i'] + b[j]), j = alive_out[j']."""
     check_activation(activation)  # _act would take any other name as "none"
     check_units(weight.shape[0], bias=bias, theta=theta)
+    check_seed(seed)
     z = F.linear(x, gather_weight(weight, alive_in, alive_out), _gather_bias(bias, alive_out))
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
@@ -205,6 +216,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
     """Conv2d over alive input channels and alive output filters, then act and gate."""
     check_activation(activation)
     check_units(weight.shape[0], bias=bias, theta=theta)
+    check_seed(seed)
     if alive_out.numel() == 0:  # F.conv2d takes no empty channel dim: one filter, none returned
         return gated_conv2d(x, weight, bias, theta, alive_in, alive_out.new_zeros(1), seed, stride, padding,
                             dilation, activation, training)[:, :0]
@@ -224,6 +236,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     so a pruned channel's statistics stay as they were."""
     check_activation(activation)
     check_units(running_mean.shape[0], weight=weight, bias=bias, running_var=running_var, theta=theta)
+    check_seed(seed)
     if alive.numel() == 0:  # no channels: an empty output whose gradients are zeros of every input
         return x * 0 + sum(t.sum() for t in (weight, bias, theta) if t is not None) * 0
     rm = running_mean.index_select(0, alive)
