@@ -609,6 +609,14 @@ def test_clear_errors():
         tb.gated_linear(*args[:6], torch.tensor([1, 2]), *args[7:])
     with pytest.raises(ValueError, match="activation"):
         tb.gated_linear(*args[:7], "gelu", True)
+    # errors name the op's own argument (gate_apply has no x)
+    with pytest.raises(RuntimeError, match=r"pre must be \[N, units"):
+        tb.gate_apply(_randn(3), _theta(3), torch.arange(3, device=DEVICE), SEED, True)
+    with pytest.raises(RuntimeError, match="pre dtype torch.float64 is not supported"):
+        tb.gate_apply(_randn(2, 3).double(), _theta(3), torch.arange(3, device=DEVICE), SEED, True)
+    with pytest.raises(RuntimeError, match="branch dtype torch.float64 is not supported"):
+        tb.gated_residual(_randn(2, 3).double(), _randn(2, 3).double(), _theta(1), torch.zeros(1, dtype=torch.int64,
+                          device=DEVICE), SEED, True)
     bn = _bn_args("some", ("relu", True, True), torch.float32)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         tb.bn_gate_act(bn[0][:1, :, :1, :1], *bn[1:])

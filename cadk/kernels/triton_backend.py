@@ -161,10 +161,10 @@ def _dense(*vectors: Optional[Tensor]) -> list:
     return [v if v is None else v.contiguous() for v in vectors]
 
 
-def _check_input(x: Tensor, layout: str, ok_dims: bool) -> None:
-    _check(ok_dims, lambda: f"x must be {layout}, got shape {tuple(x.shape)}")
+def _check_input(x: Tensor, layout: str, ok_dims: bool, name: str = "x") -> None:
+    _check(ok_dims, lambda: f"{name} must be {layout}, got shape {tuple(x.shape)}")
     _check(x.dtype in SUPPORTED_DTYPES,
-           lambda: f"x dtype {x.dtype} is not supported here (use one of {SUPPORTED_DTYPES}, or another backend)")
+           lambda: f"{name} dtype {x.dtype} is not supported here (use one of {SUPPORTED_DTYPES}, or another backend)")
 
 
 def _check_alive(alive: Tensor, count: int, full: int, name: str, device: torch.device) -> None:
@@ -432,7 +432,7 @@ def _bn_grad_input(g: Tensor, x: Tensor, weight: Tensor, alive: Tensor, mean: Te
 
 @_op("gate_apply_fwd")
 def gate_apply_fwd(pre: Tensor, theta: Tensor, alive: Tensor, seed: Tensor, training: bool) -> Tensor:
-    _check_input(pre, "[N, units, ...]", pre.dim() >= 2)
+    _check_input(pre, "[N, units, ...]", pre.dim() >= 2, "pre")
     _check_alive(alive, pre.shape[1], theta.numel(), "alive", pre.device)
     _check_gate(theta, pre.shape[0], theta.numel(), pre.device, training)
     theta, alive = _dense(theta, alive)
@@ -462,7 +462,7 @@ def _runs(t: Tensor, fmt: torch.memory_format) -> Tensor:
 def gated_residual_fwd(shortcut: Tensor, branch: Tensor, theta: Tensor, alive: Tensor, seed: Tensor,
                        training: bool) -> Tensor:
     check_residual(shortcut, branch, alive)
-    _check_input(branch, "[N, ...]", branch.dim() >= 1)
+    _check_input(branch, "[N, ...]", branch.dim() >= 1, "branch")
     _check(shortcut.device == branch.device,
            lambda: f"shortcut is on {shortcut.device} but branch on {branch.device}; move one")
     _check_alive(alive, 1, theta.numel(), "alive", branch.device)
