@@ -210,6 +210,18 @@ def test_unknown_activation_is_refused(backend, gen, op):
             fn(*args)
 
 
+@pytest.mark.parametrize("batch", [2, 0])
+def test_one_entry_stride_padding_dilation(backend, gen, batch):
+    """(2,) for stride, padding or dilation is used for both dims, as F.conv2d (the reference) takes it: the
+    C++ backend had refused it, the Triton one raised IndexError where no convolution runs (batch 0)."""
+    module, device = backend
+    case = gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True, False,
+                             kernel=(3, 3))
+    case.args[0] = case.args[0][:batch]
+    case.args[7:10] = [(2,), (1,), (1,)]
+    _compare("gated_conv2d", module.gated_conv2d, reference.gated_conv2d, case, torch.float32, gen)
+
+
 @pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
 def test_int_stride_padding_dilation(backend, gen, kernel):
     """Ints for stride, padding and dilation, as F.conv2d takes them, on every backend and the reference:

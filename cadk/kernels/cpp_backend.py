@@ -119,7 +119,9 @@ def _update_running_stats(running_mean, running_var, alive, mean, var, x, moment
 
 
 def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+    """Two entries: an int or a one-entry sequence is used for both dims, as F.conv2d takes it."""
+    v = [int(v)] if isinstance(v, int) else [int(e) for e in v]
+    return v * 2 if len(v) == 1 else v
 
 
 # ---------------------------------------------------------------------------------------------

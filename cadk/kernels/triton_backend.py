@@ -911,7 +911,9 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
 
 
 def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+    """Two entries: an int or a one-entry sequence is used for both dims, as F.conv2d takes it."""
+    v = [int(v)] if isinstance(v, int) else [int(e) for e in v]
+    return v * 2 if len(v) == 1 else v
 
 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
