@@ -160,19 +160,22 @@ def test_gate_apply_refuses_alive_that_does_not_list_the_channels(backend, pre_s
             fn(pre, theta, torch.tensor(alive, device=device), torch.tensor(3, device=device), False)
 
 
+def _subset_relu_case(gen, device, op: str):
+    """A float32 training case of `op` with some units alive, ReLU and a gate."""
+    if op == "gated_linear":
+        return gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True)
+    if op == "gated_conv2d":
+        return gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True, "relu", True, False)
+    return bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True, False)
+
+
 @pytest.mark.parametrize("op, position", [("gated_linear", 2), ("gated_linear", 3), ("gated_conv2d", 2),
                                           ("gated_conv2d", 3), ("bn_gate_act", 1), ("bn_gate_act", 5)])
 def test_compact_per_unit_vector_is_refused(backend, gen, op, position):
     """A bias, theta or BN weight of one entry per alive unit, not per unit, is refused by every backend
     and the reference; the reference had taken it for the gathered vector (bias[j'] for unit alive_out[j'])."""
     module, device = backend
-    make = {"gated_linear": lambda: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True,
-                                                      "relu", True),
-            "gated_conv2d": lambda: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True,
-                                                      "relu", True, False),
-            "bn_gate_act": lambda: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True,
-                                                    False)}[op]
-    args = list(make().args)
+    args = list(_subset_relu_case(gen, device, op).args)
     alive = args[6] if op == "bn_gate_act" else args[5]
     args[position] = args[position].index_select(0, alive)
     for fn in (getattr(reference, op), getattr(module, op)):
@@ -197,13 +200,7 @@ def test_unknown_activation_is_refused(backend, gen, op):
     """A misspelt activation ("ReLU") is a ValueError on every backend and the reference; the reference had
     computed no activation at all."""
     module, device = backend
-    case = {"gated_linear": lambda: gated_linear_case(gen, device, torch.float32, ("subset", "subset"), True,
-                                                      "relu", True),
-            "gated_conv2d": lambda: gated_conv2d_case(gen, device, torch.float32, ("subset", "subset"), True,
-                                                      "relu", True, False),
-            "bn_gate_act": lambda: bn_gate_act_case(gen, device, torch.float32, "subset", True, "relu", True,
-                                                    False)}[op]()
-    args = list(case.args)
+    args = list(_subset_relu_case(gen, device, op).args)
     args[-2] = "ReLU"
     for fn in (getattr(reference, op), getattr(module, op)):
         with pytest.raises(ValueError, match="activation must be one of"):
