@@ -516,6 +516,28 @@ def test_deterministic_for_fixed_seed(backend, gen):
         "a new seed must resample the gates"
 
 
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3, 4, 5)], ids=["2d", "4d"])
+def test_float64_eval_gate_is_theta_itself(backend, shape):
+    """In eval a float64 gate is theta exactly, as the reference's theta.to(pre.dtype): 0.3, not theta
+    rounded through float32 (0.30000001192092896), in the output and in the input gradient."""
+    module, device = backend
+    if torch.float64 not in module.SUPPORTED_DTYPES:
+        pytest.skip(f"{module.__name__} refuses float64")
+    theta = torch.tensor([0.3, 0.7, 0.1, 0.9], dtype=torch.float64)
+    alive, seed = torch.tensor([0, 2, 3]), torch.tensor(5)
+    pre = torch.ones(shape, dtype=torch.float64, device=device, requires_grad=True)
+    y = module.gate_apply(pre, theta.to(device), alive.to(device), seed, False)
+    y.sum().backward()
+    expected = theta[alive].reshape(1, 3, *(1,) * (len(shape) - 2)).expand(shape)
+    assert torch.equal(y.detach().cpu(), expected), f"eval gates {y.detach().cpu().unique().tolist()}"
+    assert torch.equal(pre.grad.cpu(), expected)
+    branch = torch.ones(shape, dtype=torch.float64, device=device, requires_grad=True)
+    y = module.gated_residual(torch.zeros_like(branch), branch, theta.to(device), alive[:1].to(device), seed, False)
+    y.sum().backward()
+    assert torch.equal(y.detach().cpu(), torch.full(shape, 0.3, dtype=torch.float64))
+    assert torch.equal(branch.grad.cpu(), torch.full(shape, 0.3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_momentum_none_is_one_type_error(backend, monkeypatch, training):
     """bn_gate_act's momentum is a float (nn.BatchNorm2d's None is the caller's to turn into one): every

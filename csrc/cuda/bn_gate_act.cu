@@ -110,7 +110,7 @@ __global__ void bn_forward_kernel(const scalar_t* x, const at::opmath_type<scala
   for_each_row_group(L, c, [&](const RowGroup& rg) {
     Pack<scalar_t, V> v[kUnroll];
     load_rows(x, rg, v);
-    float xi[kUnroll][V];
+    acc_t xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -151,7 +151,7 @@ __global__ void bn_backward_reduce_kernel(const scalar_t* grad_y, const scalar_t
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
       load_rows(x, rg, xv);
-      float xi[kUnroll][V];
+      acc_t xi[kUnroll][V];
       gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -207,7 +207,7 @@ __global__ void bn_backward_input_kernel(const scalar_t* grad_y, const scalar_t*
     load_rows(grad_y, rg, dy);
     load_rows(pre, rg, p);
     load_rows(x, rg, xv);
-    float xi[kUnroll][V];
+    acc_t xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

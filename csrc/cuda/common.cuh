@@ -364,6 +364,7 @@ struct GateParams {
   int64_t A = 0;
   int64_t units = 0;                  // full channel count C: the range of alive
   const float* theta = nullptr;       // [C] keep probabilities as fp32; nullptr: no gate (xi = 1)
+  const double* theta64 = nullptr;    // [C] theta itself when it is float64 (eval gates), else nullptr
   bool training = false;              // sampled 0/1 gates; else xi = theta (eval)
   const float* table = nullptr;       // [N, A] training gates precomputed once per (n, c), or nullptr
   const int64_t* seed_ptr = nullptr;  // the seed when it lives on the device ...
@@ -381,17 +382,20 @@ __device__ __forceinline__ uint64_t load_seed(const GateParams& g) {
   return static_cast<uint64_t>(g.seed_ptr != nullptr ? *g.seed_ptr : g.seed);
 }
 
-// xi[n, c + k] for the V fixed channels c .. c + V - 1 of a thread. Eval gates are theta rounded
-// through the activation dtype, as the reference's theta.to(pre.dtype). Training gates come from the
+// xi[n, c + k] for the V fixed channels c .. c + V - 1 of a thread, in the math dtype. Eval gates are
+// theta rounded from its own dtype to the activation dtype, as the reference's theta.to(pre.dtype)
+// (a float64 theta is not rounded through fp32 first). Training gates come from the
 // table when there is one; else theta 0 and 1 need no draw (uniform < theta for none or every uniform
 // in [0, 1)) and the others one Philox evaluation per example, or per aligned group of four.
 template <typename scalar_t, int V = 1>
 class ChannelGates {
+  using acc_t = at::opmath_type<scalar_t>;
+
  public:
   __device__ ChannelGates(const GateParams& g, int64_t c) {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      value_[k] = 1.0f;
+      value_[k] = acc_t(1);
       draw_[k] = false;
       unit_[k] = 0;
       theta_[k] = 0.0f;
@@ -408,9 +412,10 @@ class ChannelGates {
       unit_[k] = unit_of(g, c + k);
       theta_[k] = g.theta[unit_[k]];
       if (!g.training) {
-        value_[k] = static_cast<float>(static_cast<scalar_t>(theta_[k]));
+        value_[k] = g.theta64 != nullptr ? static_cast<acc_t>(static_cast<scalar_t>(g.theta64[unit_[k]]))
+                                         : static_cast<acc_t>(static_cast<scalar_t>(theta_[k]));
       } else {
-        value_[k] = theta_[k] >= 1.0f ? 1.0f : 0.0f;
+        value_[k] = theta_[k] >= 1.0f ? acc_t(1) : acc_t(0);
         draw_[k] = theta_[k] > 0.0f && theta_[k] < 1.0f;
         any_draw = any_draw || draw_[k];
       }
@@ -422,14 +427,14 @@ class ChannelGates {
   }
 
   // Gate of example n, channel c + k (k a compile-time index: the arrays stay in registers).
-  __device__ __forceinline__ float operator()(int64_t n, int k = 0) const {
-    if (table_ != nullptr) return table_[n * stride_ + k];
-    if (draw_[k]) return cadk::philox_gate(seed_, n, unit_[k], units_, theta_[k]);
+  __device__ __forceinline__ acc_t operator()(int64_t n, int k = 0) const {
+    if (table_ != nullptr) return static_cast<acc_t>(table_[n * stride_ + k]);
+    if (draw_[k]) return static_cast<acc_t>(cadk::philox_gate(seed_, n, unit_[k], units_, theta_[k]));
     return value_[k];
   }
 
   // The gates of a row group's examples (rows past the end get any value).
-  __device__ __forceinline__ void fill(const RowGroup& g, float (&xi)[kUnroll][V]) const {
+  __device__ __forceinline__ void fill(const RowGroup& g, acc_t (&xi)[kUnroll][V]) const {
     if (table_ != nullptr) {  // V floats of one table row: aligned, as the channel count is a multiple of V
       constexpr int W = V < 4 ? V : 4;
 #pragma unroll
@@ -449,7 +454,7 @@ class ChannelGates {
       if (draw_[k] && g.aligned) {
         const PhiloxWords w = cadk::philox4(seed_, cadk::philox_counter(g.n[0], unit_[k], units_));
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) xi[u][k] = cadk::philox_uniform(w.w[u]) < theta_[k] ? 1.0f : 0.0f;
+        for (int u = 0; u < kUnroll; ++u) xi[u][k] = cadk::philox_uniform(w.w[u]) < theta_[k] ? acc_t(1) : acc_t(0);
       } else {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) xi[u][k] = draw_[k] && g.valid[u] ? (*this)(g.n[u], k) : value_[k];
@@ -458,7 +463,7 @@ class ChannelGates {
   }
 
  private:
-  float value_[V];
+  acc_t value_[V];
   float theta_[V];
   int64_t unit_[V];
   bool draw_[V];
@@ -471,7 +476,7 @@ class ChannelGates {
 // Host side of a gate: owns what GateParams points into.
 struct Gate {
   GateParams params;
-  Tensor alive, theta, table;
+  Tensor alive, theta, theta64, table;
   bool defined() const { return params.theta != nullptr; }
 };
 
@@ -494,8 +499,8 @@ __device__ __forceinline__ scalar_t activate(acc_t v) {
 // Gradient reaching the activation's input: grad_y * xi rounded to the activation dtype (as the
 // reference's dy * xi), zeroed where pre <= 0 under ReLU (as torch.relu's backward: a NaN pre passes).
 template <typename scalar_t, bool kRelu, typename acc_t>
-__device__ __forceinline__ acc_t gated_grad(acc_t dy, acc_t pre, float xi) {
-  const acc_t g = static_cast<acc_t>(static_cast<scalar_t>(dy * static_cast<acc_t>(xi)));
+__device__ __forceinline__ acc_t gated_grad(acc_t dy, acc_t pre, acc_t xi) {
+  const acc_t g = static_cast<acc_t>(static_cast<scalar_t>(dy * xi));
   return kRelu && pre <= acc_t(0) ? acc_t(0) : g;
 }
 

@@ -31,7 +31,7 @@ __global__ void gate_forward_kernel(const scalar_t* z, const scalar_t* bias, Gat
   for_each_row_group(L, c, [&](const RowGroup& rg) {
     Pack<scalar_t, V> v[kUnroll];
     load_rows(z, rg, v);
-    float xi[kUnroll][V];
+    acc_t xi[kUnroll][V];
     gate.fill(rg, xi);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -64,7 +64,7 @@ __global__ void gate_backward_kernel(const scalar_t* grad_y, const scalar_t* pre
       Pack<scalar_t, V> dy[kUnroll], p[kUnroll];
       load_rows(grad_y, rg, dy);
       load_rows(pre, rg, p);
-      float xi[kUnroll][V];
+      acc_t xi[kUnroll][V];
       gate.fill(rg, xi);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -108,7 +108,13 @@ Gate make_gate(const OptTensor& theta, const Tensor& alive, const Tensor& seed, 
   gate.theta = theta->scalar_type() == at::kFloat ? theta->contiguous() : theta->to(at::kFloat).contiguous();
   gate.params.theta = gate.theta.data_ptr<float>();
   gate.params.training = training;
-  if (!training) return gate;
+  if (!training) {  // eval gates round theta from its own dtype: a float64 theta is kept as it is
+    if (theta->scalar_type() == at::kDouble) {
+      gate.theta64 = theta->contiguous();
+      gate.params.theta64 = gate.theta64.data_ptr<double>();
+    }
+    return gate;
+  }
   TORCH_CHECK(L.N * units <= kPhiloxMaxOffset, "cadk gates: batch ", L.N, " x ", units,
               " units exceeds the 2^31 Philox counter range; split the batch");
   if (seed.device().is_cpu()) {
