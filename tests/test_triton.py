@@ -5,6 +5,7 @@ Without CUDA they run in the Triton interpreter on CPU tensors (TRITON_INTERPRET
 before triton is imported; this file sets it when it is first to import triton)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -715,3 +716,18 @@ def test_unsaved_output_backward_takes_an_expanded_grad(op):
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ops_make_the_inputs_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device: inputs on another GPU make theirs current for the call
+    (before, kernels ran on GPU 0's stream with GPU 1's pointers). Checked with the CUDA calls stubbed: this
+    machine may have no GPU, and the lent ones have one."""
+    import types
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: entered.append(index) or contextlib.nullcontext())
+    for device, guard in (("cuda:1", [1]), ("cuda:0", []), ("cpu", [])):
+        entered.clear()
+        with tb._inputs_device(types.SimpleNamespace(device=torch.device(device))):
+            pass
+        assert entered == guard, device

@@ -35,6 +35,7 @@ names, schemas and autograd) instead of triton_ops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -879,10 +880,23 @@ def _eager(tensors: tuple) -> bool:
 
 
 def _run_op(name: str, args: tuple, eager: bool):
-    """cadk::triton_<name>_fwd on args: the eager path if `eager` (see _eager), else the op."""
-    if eager:
-        return _EagerOp.apply(name, *args)
-    return getattr(torch.ops.cadk, f"triton_{name}_fwd")(*args)
+    """cadk::triton_<name>_fwd on args: the eager path if `eager` (see _eager), else the op. Triton
+    launches on the current CUDA device: with inputs on another GPU it is made current for the call
+    (autograd's backward runs on a thread whose current device is the inputs')."""
+    with _inputs_device(args[0]):
+        if eager:
+            return _EagerOp.apply(name, *args)
+        return getattr(torch.ops.cadk, f"triton_{name}_fwd")(*args)
+
+
+def _inputs_device(x: Tensor):
+    """torch.cuda.device(x's GPU) when that is not the current one, else a no-op context. Compiled code
+    sets its own device guards."""
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or x.device.index is None:
+        return contextlib.nullcontext()
+    if x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device.index)
 
 
 # ----------------------------------------------------------------------------------------------
