@@ -436,8 +436,12 @@ def _fixed_settings(cfg: TrainConfig) -> tuple[str, ...]:
 
 
 def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
-    """The settings a resumed run changes, for the log: they apply from its first step on."""
+    """The settings a resumed run changes, for the log: they apply from its first step on. With a budget,
+    lam is the controller's state, which the checkpoint brings back: --lam (its starting value) changes
+    nothing then, and is not named as a change."""
     ignore = ("resume", "overwrite", "history", "out_dir", "data_dir", "threads", "workers")
+    if cfg.target_flops is not None or cfg.target_params is not None:
+        ignore += ("lam",)
     changes = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in ignore and saved[k] != v]
     return f"; from here on with {', '.join(changes)}" if changes else ""

@@ -771,3 +771,27 @@ def test_resume_within_an_epoch_checks_the_steps_and_epochs(fmnist, tmp_path, mo
     assert main([*base, "--epochs", "1", "--resume"]) == 2
     assert "1 epochs done and part of epoch 2" in capsys.readouterr().err
     assert main([*base, "--resume"]) == 0
+
+
+def test_resume_in_target_mode_does_not_name_lam_as_a_change(fmnist, tmp_path):
+    """With a budget, lam is the controller's state, restored from the checkpoint: a new --lam changes nothing.
+    The log said 'from here on with ... lam 0.1 -> 7.0' while the run went on with the saved lam."""
+    from cadk.training import Run, TrainConfig, train
+
+    cfg = dict(model="mlp", data_dir=fmnist, batch_size=32, max_steps_per_epoch=2, warmup_epochs=0.3, settle_epoch=0,
+               threads=1, target_flops=0.5, out_dir=str(tmp_path / "run"))
+    train(TrainConfig(**cfg, epochs=1, lam=0.1), log=lambda *a: None)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["cost"]["lam"]
+    seen = {}
+    original = Run.train_epoch
+
+    def spy(self, *args):
+        seen["lam"] = self.cost.lam
+        return original(self, *args)
+
+    log = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Run, "train_epoch", spy)
+        train(TrainConfig(**cfg, epochs=2, lam=7.0, resume=True), log=log.append)
+    assert seen["lam"] == saved != 7.0
+    assert "epochs 1 -> 2" in log[0] and "lam" not in log[0]
