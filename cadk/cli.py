@@ -81,7 +81,8 @@ def _train_parser(sub) -> None:
                    help="keep glibc's default of returning freed memory to the system; by default this "
                         "process keeps it, which saves the page faults of each step's activations "
                         "(cadk.utils.keep_freed_memory)")
-    p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go")
+    p.add_argument("--out-dir", default=None, help="where checkpoints, report and compacted model go "
+                   "(default: runs/MODEL-DATA-cadk-sSEED, -dense- with --dense)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
                    help="within an epoch, write a checkpoint once this many minutes have passed since the last "
