@@ -116,7 +116,7 @@ def _sequence_pair(activation="relu"):
 @pytest.mark.parametrize("activation", ["relu", "none"])
 def test_linear_positions_share_each_examples_gate(activation):
     """[N, T, F]: position t is the 2-D op on x[:, t] with the same seed (example n's gates), and the
-    gradients are the sums over the positions (METHOD.md: the theta estimate sums over positions)."""
+    gradients are the sums over the positions (docs/METHOD.md: the theta estimate sums over positions)."""
     lin, x = _sequence_pair(activation)
     y = lin(x)
     assert y.shape == (5, 6, 7)

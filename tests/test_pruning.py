@@ -167,7 +167,7 @@ def _block_with_shifted_bn():
 
 
 def test_block_whose_inner_units_are_all_pruned_by_hand_is_a_pruned_block():
-    """METHOD.md: a block whose internal units are all pruned is a pruned block, also when they were pruned
+    """docs/METHOD.md: a block whose internal units are all pruned is a pruned block, also when they were pruned
     by hand (UnitGate.prune): it computes relu(shortcut), compacts to it, and costs what that costs."""
     block = _block_with_shifted_bn()
     block.internal_gates()[0].prune(torch.ones(8, dtype=torch.bool))

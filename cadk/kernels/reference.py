@@ -7,7 +7,7 @@ Conventions shared by all backends:
   alive rows/columns, so optimizer state and DDP buckets never change shape.
 - `theta` is the full-size gate probability vector of the output units, or None for no gate.
   Training: xi[n, j'] = Philox gate of example n and unit alive_out[j'] (see philox.py); eval: xi = theta.
-- theta's gradient is the estimator of METHOD.md: sum over examples and positions of
+- theta's gradient is the estimator of docs/METHOD.md: sum over examples and positions of
   dy * (pre-gate output), evaluated at the sampled gates.
 - `activation` is "relu" or "none"; the gate acts after it: y = xi * act(z).
 """
@@ -43,7 +43,7 @@ def gate_values(theta: torch.Tensor, alive: torch.Tensor, seed: torch.Tensor, n:
 
 
 class _Gate(torch.autograd.Function):
-    """y = xi * pre with theta's gradient estimated as sum(dy * pre) (METHOD.md)."""
+    """y = xi * pre with theta's gradient estimated as sum(dy * pre) (docs/METHOD.md)."""
 
     @staticmethod
     def forward(ctx, pre, theta, alive, seed, training):

@@ -56,7 +56,7 @@ class GatedResidualBlock(nn.Module):
         self.layer_gate.has_owner = True  # forward draws it
         for conv in self.branch:
             conv.set_block_gate(self.layer_gate)
-        # A block whose inner units are all pruned is a pruned block (METHOD.md), however they were pruned:
+        # A block whose inner units are all pruned is a pruned block (docs/METHOD.md), however they were pruned:
         # by hand (UnitGate.prune) or in a loaded state_dict.
         for gate in self.internal_gates():
             gate.prunes_with_it.append(self.layer_gate)

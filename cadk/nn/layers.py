@@ -167,7 +167,7 @@ class GatedLinear(GatedLayer):
 
     Takes [N, features] or [N, *positions, features] (a sequence: [N, T, features]). An example's gate
     of a unit is shared by all its positions, as a conv shares it over H x W, and its theta gradient
-    sums over them (METHOD.md); the positions run as a 1x1 conv on a channels-last view, no copy.
+    sums over them (docs/METHOD.md); the positions run as a 1x1 conv on a channels-last view, no copy.
 
     gate: True (own gate), False (no gate, e.g. a classifier), or a UnitGate to share.
     in_gate: the gate of the layer producing the input (None: all inputs are always present)."""

@@ -1,5 +1,5 @@
 """Projected optimizers for gate probabilities: theta <- clip(theta - lr * step, 0, 1), pruned units
-pinned at 0 (METHOD.md). They take the gates, not bare parameters, so they can honour pruning."""
+pinned at 0 (docs/METHOD.md). They take the gates, not bare parameters, so they can honour pruning."""
 from __future__ import annotations
 
 import torch
