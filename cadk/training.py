@@ -435,13 +435,16 @@ def _fixed_settings(cfg: TrainConfig) -> tuple[str, ...]:
     return fixed + ("image_size",) if cfg.data in D.FOLDER_DATASETS else fixed
 
 
-def _changed_settings(saved: dict, cfg: TrainConfig) -> str:
+def _changed_settings(saved: dict, cfg: TrainConfig, settled: bool = False) -> str:
     """The settings a resumed run changes, for the log: they apply from its first step on. With a budget,
     lam is the controller's state, which the checkpoint brings back: --lam (its starting value) changes
-    nothing then, and is not named as a change."""
+    nothing then, and is not named as a change; nor is --settle-epoch once the run has settled (the
+    structure stays as it was rounded)."""
     ignore = ("resume", "overwrite", "history", "out_dir", "data_dir", "threads", "workers")
     if cfg.target_flops is not None or cfg.target_params is not None:
         ignore += ("lam",)
+    if settled:
+        ignore += ("settle_epoch",)
     changes = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in ignore and saved[k] != v]
     return f"; from here on with {', '.join(changes)}" if changes else ""
@@ -601,7 +604,7 @@ def _run(run: Run, ckpt: str, log) -> dict:
         run.load(state)
         where = (f"in epoch {run.epoch + 1} after step {run.progress.batch} of {run.steps_per_epoch}" if run.progress
                  else f"at epoch {run.epoch}")
-        log(f"resumed from {ckpt} {where}{_changed_settings(state['config'], cfg)}")
+        log(f"resumed from {ckpt} {where}{_changed_settings(state['config'], cfg, run.settled)}")
     if run.cost is not None:
         c = run.cost.complexity
         log(f"{cfg.model}: dense {c.dense_flops / 1e6:.1f} MFLOPs, {c.dense_params / 1e3:.1f}k params, "

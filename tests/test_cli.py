@@ -175,13 +175,15 @@ def test_resume_keeps_the_settle_point_of_the_run(fmnist, tmp_path, capsys):
     base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "a"), *TINY]
     assert main([*base, "--epochs", "2"]) == 0
     assert "settled at" in capsys.readouterr().out
-    assert main([*base, "--epochs", "4", "--resume"]) == 0
-    assert "settled at" not in capsys.readouterr().out
+    assert main([*base, "--epochs", "4", "--settle-epoch", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "settled at" not in out and "settle_epoch" not in out  # settled: a new --settle-epoch changes nothing
     base = ["train", "--model", "mlp", "--data-dir", fmnist, "--out-dir", str(tmp_path / "b"), *TINY]
     assert main([*base, "--epochs", "2", "--settle-epoch", "5"]) == 0
     assert "settled at" not in capsys.readouterr().out
     assert main([*base, "--epochs", "4", "--settle-epoch", "1", "--resume"]) == 0
-    assert "settled at" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "settled at" in out and "settle_epoch 5.0 -> 1.0" in out
 
 
 def test_diverged_training_stops_with_an_error_and_keeps_the_last_checkpoint(fmnist, tmp_path, capsys):
