@@ -1147,6 +1147,23 @@ def test_cpu_vector_paths_this_cpu_skips(capability):
     assert " passed" in run.stdout and " failed" not in run.stdout
 
 
+def test_cpu_capability_that_names_none_is_refused():
+    """A CADK_CPU_CAPABILITY typo ("AVX2") was ignored: the run tested the vector paths it meant to skip."""
+    import os
+    import subprocess
+    import sys
+
+    from cadk.kernels import cpp_backend
+    if not cpp_backend.has_kernel("CPU"):
+        pytest.skip("the C++ extension is not built")
+    code = ("import torch; from cadk.kernels import cpp_backend\n"
+            "cpp_backend.gate_apply(torch.ones(8, 3), torch.full((3,), 0.5), torch.arange(3), torch.tensor(1), True)")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CADK_CPU_CAPABILITY="AVX2"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "CADK_CPU_CAPABILITY=AVX2 is not one of avx512, avx2, default" in run.stderr, \
+        run.stderr[-2000:]
+
+
 def test_batch_times_units_past_counter_range_is_refused(backend):
     """Counters are int32: batch * units must stay below 2^31. Just below it gates still match philox.py;
     past it every backend and the reference refuse with the fix in the message."""

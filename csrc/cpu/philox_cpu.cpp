@@ -233,13 +233,16 @@ __attribute__((target("avx512f"))) void philox_gates_avx512(uint64_t seed, uint3
   }
 }
 
-// CADK_CPU_CAPABILITY=avx2|default caps the vector paths (read once), as ATEN_CPU_CAPABILITY
-// does for ATen: tests use it to run the paths this CPU would otherwise skip.
+// CADK_CPU_CAPABILITY=avx512|avx2|default caps the vector paths (read once), as ATEN_CPU_CAPABILITY
+// does for ATen: tests use it to run the paths this CPU would otherwise skip. Another value (a typo,
+// "AVX2") is refused rather than ignored: it would silently test the paths it meant to skip.
 int capability_cap() {
   static const int cap = [] {
     const char* v = std::getenv("CADK_CPU_CAPABILITY");
-    if (v == nullptr) return 2;
+    if (v == nullptr || *v == '\0') return 2;
     const std::string s(v);
+    TORCH_CHECK(s == "avx512" || s == "avx2" || s == "default", "CADK_CPU_CAPABILITY=", s,
+                " is not one of avx512, avx2, default: set one of them or unset it");
     return s == "default" ? 0 : s == "avx2" ? 1 : 2;
   }();
   return cap;
