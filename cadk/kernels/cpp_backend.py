@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .reference import check_activation
+from .reference import as_seed, check_activation, check_conv_geometry, conv_pair
 
 try:
     from cadk import _C  # noqa: F401  (loading the library registers torch.ops.cadk.*)
@@ -65,22 +65,18 @@ def release_cached_memory() -> None:
         release()
 
 
-def _seed(seed) -> torch.Tensor:
-    return seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
-
-
 def gate_apply(pre, theta, alive, seed, training: bool):
-    return torch.ops.cadk.gate_apply_fwd(pre, theta, alive, _seed(seed), training)
+    return torch.ops.cadk.gate_apply_fwd(pre, theta, alive, as_seed(seed), training)
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
-    return torch.ops.cadk.gated_residual_fwd(shortcut, branch, theta, alive, _seed(seed), training)
+    return torch.ops.cadk.gated_residual_fwd(shortcut, branch, theta, alive, as_seed(seed), training)
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
     check_activation(activation)
-    y, _ = torch.ops.cadk.gated_linear_fwd(x, weight, bias, theta, alive_in, alive_out, _seed(seed),
+    y, _ = torch.ops.cadk.gated_linear_fwd(x, weight, bias, theta, alive_in, alive_out, as_seed(seed),
                                            activation, training)
     return y
 
@@ -88,8 +84,9 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
     check_activation(activation)
-    y, _ = torch.ops.cadk.gated_conv2d_fwd(x, weight, bias, theta, alive_in, alive_out, _seed(seed),
-                                           _pair(stride), _pair(padding), _pair(dilation), activation, training)
+    y, _ = torch.ops.cadk.gated_conv2d_fwd(x, weight, bias, theta, alive_in, alive_out, as_seed(seed),
+                                           conv_pair(stride), conv_pair(padding), conv_pair(dilation), activation,
+                                           training)
     return y
 
 
@@ -104,7 +101,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     if bias is None:
         bias = torch.zeros(units, dtype=running_mean.dtype, device=x.device)
     y, _, mean, var = torch.ops.cadk.bn_gate_act_fwd(x, weight, bias, running_mean, running_var, theta, alive,
-                                                     _seed(seed), eps, activation, training)
+                                                     as_seed(seed), eps, activation, training)
     if training:
         _update_running_stats(running_mean, running_var, alive, mean, var, x, momentum)
     return y
@@ -116,12 +113,6 @@ def _update_running_stats(running_mean, running_var, alive, mean, var, x, moment
         values = values * size
     with torch.no_grad():  # mean and var are outputs of a differentiable op
         torch.ops.cadk.bn_running_stats_(running_mean, running_var, alive, mean, var, momentum, values)
-
-
-def _pair(v) -> list[int]:
-    """Two entries: an int or a one-entry sequence is used for both dims, as F.conv2d takes it."""
-    v = [int(v)] if isinstance(v, int) else [int(e) for e in v]
-    return v * 2 if len(v) == 1 else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +194,7 @@ def _conv_out_shape(x, weight, stride, padding, dilation):
     torch._check(x.dim() == 4, lambda: f"cadk gated_conv2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     torch._check(weight.dim() == 4,
                  lambda: f"cadk gated_conv2d: weight must be [C_out, C_in, kh, kw], got {tuple(weight.shape)}")
-    torch._check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
-                 lambda: f"cadk gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
-                         f"{list(dilation)}, {list(padding)}")
+    check_conv_geometry(stride, padding, dilation)
     h, w = ((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
             for d in range(2))
     return h, w

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
-from torch.nn.modules.utils import _pair
 
 from .philox import sample_gates
 
@@ -159,6 +158,24 @@ def check_seed(seed) -> None:
                              f"{seed.dtype}")
 
 
+def as_seed(seed) -> torch.Tensor:
+    """A Python int seed as the 0-dim int64 tensor the kernels take; a tensor as it is."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+
+
+def conv_pair(v) -> list[int]:
+    """Two entries: an int or a one-entry sequence is used for both dims, as F.conv2d takes it."""
+    v = [int(v)] if isinstance(v, int) else [int(e) for e in v]
+    return v * 2 if len(v) == 1 else v
+
+
+def check_conv_geometry(stride, padding, dilation) -> None:
+    """What the kernels' output-size arithmetic needs (F.conv2d refuses the rest too)."""
+    torch._check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
+                 lambda: f"cadk gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
+                         f"{list(dilation)}, {list(padding)}")
+
+
 def check_units(units, **vectors) -> None:
     """Per-unit vectors (bias, theta, BN's) hold one entry per unit of the full range, as the kernels check:
     a compact one, of one entry per alive unit, would be taken for the gathered vector."""
@@ -201,7 +218,7 @@ def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch
         return x, weight
     if x.shape[1] == 1:
         x, weight = _nchw_view(x), _nchw_view(weight)
-    if tuple(weight.shape[-2:]) == (1, 1) and max(_pair(stride)) > 1:  # an int stride as F.conv2d takes it
+    if tuple(weight.shape[-2:]) == (1, 1) and max(conv_pair(stride)) > 1:  # an int stride as F.conv2d takes it
         x, weight = x.contiguous(), _nchw_view(weight)
     return x, weight
 

@@ -46,7 +46,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import as_runs, check_activation, check_residual, gather_weight, runs_format, safe_conv_args
+from .reference import (as_runs, as_seed, check_activation, check_conv_geometry, check_residual, conv_pair,
+                        gather_weight, runs_format, safe_conv_args)
 
 try:
     import triton
@@ -600,10 +601,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
                      training: bool) -> tuple[Tensor, Tensor]:
     _check_dense(x, weight, bias, alive_in, alive_out, theta, "[N, alive_in.numel(), H, W]",
                  "[out, in, kh, kw]", training)
-    # Checked here, not left to F.conv2d: the path without a conv below divides by the stride.
-    _check(all(s > 0 and d > 0 and p >= 0 for s, p, d in zip(stride, padding, dilation)),
-           lambda: f"gated_conv2d: need stride > 0, dilation > 0 and padding >= 0, got {list(stride)}, "
-                   f"{list(dilation)}, {list(padding)}")
+    check_conv_geometry(stride, padding, dilation)  # not left to F.conv2d: the path without a conv divides by it
     bias, theta, alive_out = _dense(bias, theta, alive_out)
     relu = _is_relu(activation)
     b = _gather_vec(bias, alive_out)
@@ -903,37 +901,26 @@ def _inputs_device(x: Tensor):
 # The backend's ops (signatures of reference.py)
 # ----------------------------------------------------------------------------------------------
 
-def _seed(seed) -> Tensor:
-    """A Python int seed as the 0-dim int64 tensor the ops take, as the other backends accept it."""
-    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
-
-
 def gate_apply(pre, theta, alive, seed, training: bool):
-    return _run_op("gate_apply", (pre, theta, alive, _seed(seed), training), _eager((pre, theta)))
+    return _run_op("gate_apply", (pre, theta, alive, as_seed(seed), training), _eager((pre, theta)))
 
 
 def gated_residual(shortcut, branch, theta, alive, seed, training: bool):
-    return _run_op("gated_residual", (shortcut, branch, theta, alive, _seed(seed), training),
+    return _run_op("gated_residual", (shortcut, branch, theta, alive, as_seed(seed), training),
                    _eager((shortcut, branch, theta)))
 
 
 def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: str = "none",
                  training: bool = True):
-    y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, _seed(seed), activation, training),
+    y, _ = _run_op("gated_linear", (x, weight, bias, theta, alive_in, alive_out, as_seed(seed), activation, training),
                    _eager((x, weight, bias, theta)))
     return y
 
 
-def _pair(v) -> list[int]:
-    """Two entries: an int or a one-entry sequence is used for both dims, as F.conv2d takes it."""
-    v = [int(v)] if isinstance(v, int) else [int(e) for e in v]
-    return v * 2 if len(v) == 1 else v
-
-
 def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), activation: str = "none", training: bool = True):
-    y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, _seed(seed), _pair(stride),
-                                    _pair(padding), _pair(dilation), activation, training),
+    y, _ = _run_op("gated_conv2d", (x, weight, bias, theta, alive_in, alive_out, as_seed(seed), conv_pair(stride),
+                                    conv_pair(padding), conv_pair(dilation), activation, training),
                    _eager((x, weight, bias, theta)))
     return y
 
@@ -947,7 +934,7 @@ def bn_gate_act(x, weight, bias, running_mean, running_var, theta, alive, seed, 
     weight = weight if weight is not None else x.new_ones(running_mean.shape, dtype=torch.float32)
     bias = bias if bias is not None else x.new_zeros(running_mean.shape, dtype=torch.float32)
     eager = _eager((x, weight, bias, theta, running_mean, running_var))  # one path for the op and the update
-    y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, _seed(seed),
+    y, _, mean, var = _run_op("bn_gate_act", (x, weight, bias, running_mean, running_var, theta, alive, as_seed(seed),
                                               eps, activation, training), eager)
     if training:
         args = (running_mean, running_var, alive, mean, var, momentum, count)
