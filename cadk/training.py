@@ -553,8 +553,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         return _train(cfg, device, log)
 
 
-def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
-    ckpt = os.path.join(cfg.out_dir, CHECKPOINT)
+def _check_run_files(cfg: TrainConfig, ckpt: str) -> None:
+    """--resume and --overwrite against what the out-dir holds: checked before the data loads, and again
+    once the out-dir is locked (a run that held it may have written or removed its checkpoint since)."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if not (cfg.resume or cfg.overwrite) and os.path.exists(ckpt):  # it would go without a word
@@ -562,6 +563,11 @@ def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
                               "to replace it with this one, or another --out-dir")
     if cfg.resume and not os.path.exists(ckpt):
         raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
+
+
+def _train(cfg: TrainConfig, device: torch.device, log) -> dict:
+    ckpt = os.path.join(cfg.out_dir, CHECKPOINT)
+    _check_run_files(cfg, ckpt)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     created = not os.path.isdir(cfg.out_dir)
@@ -594,12 +600,11 @@ def _remove_if_unused(out_dir: str) -> None:
 
 def _run(run: Run, ckpt: str, log) -> dict:
     cfg = run.cfg
+    _check_run_files(cfg, ckpt)
     remove_partial_writes(cfg.out_dir)  # one process writes to an out-dir: its leftovers are from a killed run
     if cfg.overwrite:  # now, not as this run writes its own: stopped before, it left the old run to --resume
         _remove_run(cfg.out_dir)
     if cfg.resume:
-        if not os.path.exists(ckpt):  # checked before the lock too; another process may have removed it since
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         run.load(state)
         where = (f"in epoch {run.epoch + 1} after step {run.progress.batch} of {run.steps_per_epoch}" if run.progress
