@@ -502,9 +502,16 @@ def _format_epoch(rec: dict) -> str:
     return line
 
 
-# (low, high, low included, high included) of the flags the optimizers, cost and pruner check again under
-# their own names (torch's "Invalid learning rate: -1.0"): checked first, so the error names the flag.
-_RANGES = {"lr": (0, None, True, True), "weight_decay": (0, None, True, True), "theta_lr": (0, None, True, True),
+# Each numeric flag's range: (low, high, low included, high included); high None: no upper bound. A flag
+# left at None (its default chosen later) is not checked. Checked before anything is read, so the error
+# names the flag rather than coming later from the optimizers, cost or pruner under their own names
+# (torch's "Invalid learning rate: -1.0").
+_RANGES = {"epochs": (1, None, True, True), "batch_size": (1, None, True, True), "threads": (0, None, True, True),
+           "max_steps_per_epoch": (0, None, True, True), "image_size": (1, None, True, True),
+           "checkpoint_minutes": (0, None, True, True), "checkpoint_every": (0, None, True, True),
+           "workers": (0, None, True, True), "settle_epoch": (0, None, True, True),
+           "ramp_epochs": (0, None, True, True),
+           "lr": (0, None, True, True), "weight_decay": (0, None, True, True), "theta_lr": (0, None, True, True),
            "lam": (0, None, True, True), "alpha": (0, None, True, True), "beta": (0, 1, True, True),
            "lam_lr": (0, None, True, True), "target_flops": (0, 1, False, True), "target_params": (0, 1, False, True),
            "prune_eps": (0, 1, True, False), "patience": (1, None, True, True), "prune_every": (1, None, True, True),
@@ -518,27 +525,21 @@ def _check_ranges(cfg: TrainConfig) -> None:
             continue
         below = value < low if low_in else value <= low
         above = high is not None and (value > high if high_in else value >= high)
-        if below or above:
-            span = f"{'[' if low_in else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_in else ')')}"
-            raise ValueError(f"--{name.replace('_', '-')} must lie in {span}, got {value}")
+        if not (below or above):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if high is None and low_in:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+        span = f"{'[' if low_in else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_in else ')')}"
+        raise ValueError(f"{flag} must lie in {span}, got {value}")
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot mean anything, naming the flag, before any data is read or file written."""
-    for name, value, low in (("epochs", cfg.epochs, 1), ("batch_size", cfg.batch_size, 1), ("threads", cfg.threads, 0),
-                             ("max_steps_per_epoch", cfg.max_steps_per_epoch, 0), ("image_size", cfg.image_size, 1),
-                             ("checkpoint_minutes", cfg.checkpoint_minutes, 0),
-                             ("checkpoint_every", cfg.checkpoint_every, 0),
-                             ("workers", 0 if cfg.workers is None else cfg.workers, 0)):
-        if value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     for f in dataclasses.fields(cfg):  # every number: a NaN one made report.json invalid JSON, inf ones tracebacks
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("settle_epoch", "ramp_epochs"):  # None: the default; a negative one silently meant 'never'
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     _check_ranges(cfg)
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is an existing file, not a folder: pass another --out-dir")
