@@ -80,15 +80,12 @@ class Dataset:
         each batch's crops as it is taken. The first `start` batches are skipped, but their crops are still
         drawn: from the generator's state at the epoch's start, batch `start` on are those of a whole epoch."""
         pad = 4 if self.image_size >= 32 else 2
-        idx = torch.randperm(self.num_train, generator=generator)
-        for i in range(0, self.num_train, batch_size):
-            j = idx[i:i + batch_size]
-            if i < start * batch_size:
+        for k, (x, y) in enumerate(batches(self.train_x, self.train_y, batch_size, True, generator)):
+            if k < start:
                 if augmented:
-                    crop_draws(len(j), pad, generator)
+                    crop_draws(len(x), pad, generator)
                 continue
-            x = self.train_x[j]
-            yield (augment(x, pad, generator) if augmented else x), self.train_y[j]
+            yield (augment(x, pad, generator) if augmented else x), y
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         return batches(self.test_x, self.test_y, batch_size, False)
