@@ -2,6 +2,8 @@
 // weights), then the fused activation/gate epilogue. Activations keep the input's memory format.
 #include "ops.h"
 
+#include "../conv_geometry.h"
+
 namespace cadk::cpu {
 namespace {
 
@@ -29,21 +31,7 @@ ConvGeometry check_conv(const Tensor& x, const Tensor& weight, const OptTensor& 
   check_alive(alive_in, x.size(1), weight.size(1), "alive_in");
   check_alive(alive_out, alive_out.numel(), weight.size(0), "alive_out");
   seed_value(seed);
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "cadk gated_conv2d: stride, padding and dilation need 2 entries each");
-  for (int d = 0; d < 2; ++d) {
-    TORCH_CHECK(stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0, "cadk gated_conv2d: need stride > 0, ",
-                "dilation > 0 and padding >= 0, got ", stride, ", ", dilation, ", ", padding);
-  }
-  // Floor division, as F.conv2d sizes its output: C++ rounds a negative span toward zero, which made an
-  // input short of the kernel by less than a stride one output row long.
-  auto out_size = [&](int d) {
-    const int64_t span = x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1;
-    return span < 0 ? int64_t(0) : span / stride[d] + 1;
-  };
-  const int64_t out_h = out_size(0), out_w = out_size(1);
-  TORCH_CHECK(out_h > 0 && out_w > 0, "cadk gated_conv2d: input ", x.sizes(), " is smaller than the kernel ",
-              weight.sizes(), " under padding ", padding, " and dilation ", dilation);
+  const auto [out_h, out_w] = conv_output_size(x, weight, stride, padding, dilation);
   const bool cl = format_of(x) == at::MemoryFormat::ChannelsLast ||
                   format_of(weight) == at::MemoryFormat::ChannelsLast;
   return {stride, padding, dilation, out_h, out_w,
