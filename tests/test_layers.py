@@ -67,6 +67,36 @@ def test_bn_running_stats_follow_batchnorm2d(momentum):
     torch.testing.assert_close(gated.bn.running_var, before["running_var"])
 
 
+def test_bn_frozen_by_its_own_eval_mode_follows_batchnorm2d():
+    """bn.eval() in a training model (frozen BN) uses and keeps the running statistics, as nn.BatchNorm2d
+    does, while the layer's gates are still sampled; the converse (layer eval, BN training) too."""
+    torch.manual_seed(0)
+    gated = GatedConv2d(2, 4, 3, padding=1, batch_norm=True, activation="relu")
+    conv, bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+    conv.load_state_dict({"weight": gated.weight.detach(), "bias": gated.bias.detach()})
+    with torch.no_grad():
+        for b in (gated.bn, bn):
+            b.running_mean.fill_(0.5)
+            b.running_var.fill_(2.0)
+    gated.train()
+    gated.bn.eval()
+    bn.eval()
+    x = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(gated(x), F.relu(bn(conv(x))))  # theta 1: every gate on
+    torch.testing.assert_close(dict(gated.bn.named_buffers()), dict(bn.named_buffers()))
+    with torch.no_grad():
+        gated.gate.theta.fill_(0.5)
+    y = gated(x)
+    y.sum().backward()
+    assert gated.gate.theta.grad.abs().sum() > 0  # sampled gates: theta still learns
+    assert set(y[y != 0].div(F.relu(bn(conv(x)))[y != 0]).round(decimals=4).tolist()) == {1.0}
+    gated.eval()
+    gated.bn.train()
+    bn.train()
+    torch.testing.assert_close(gated(x), 0.5 * F.relu(bn(conv(x))))
+    torch.testing.assert_close(dict(gated.bn.named_buffers()), dict(bn.named_buffers()))
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_bn_cumulative_average_under_checkpointing(use_reentrant):
     """momentum=None under activation checkpointing: a recomputation that stops inside the BN op (early

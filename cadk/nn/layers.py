@@ -267,9 +267,16 @@ class GatedConv2d(GatedLayer):
                 "GatedConv2d computes its BN inside cadk's fused op, from each process's own batch: "
                 "SyncBatchNorm (convert_sync_batchnorm) would sync nothing; keep nn.BatchNorm2d (each DDP rank "
                 "then normalises by its own batch, as plain BatchNorm2d does under DDP)")
-        y = K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
-                          self._bn_momentum(), bn.eps, self.activation, self.training)
-        if self.training:  # counted after the update: a checkpoint's recomputation that stops inside the
+        if bn.training == self.training:
+            y = K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, theta, alive_out, seed,
+                              self._bn_momentum(), bn.eps, self.activation, self.training)
+        else:  # BN in a mode of its own (frozen by bn.eval() in a training model): BN as nn.BatchNorm2d in
+            # that mode, then the gate in the layer's mode (sampled in training)
+            y = K.bn_gate_act(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, None, alive_out, seed,
+                              self._bn_momentum(), bn.eps, self.activation, bn.training)
+            if theta is not None:
+                y = K.gate_apply(y, theta, alive_out, seed, self.training)
+        if bn.training:  # counted after the update: a checkpoint's recomputation that stops inside the
             bn.num_batches_tracked.add_(1)  # op (early stop) then skips both, or runs both
         return y
 
@@ -277,7 +284,7 @@ class GatedConv2d(GatedLayer):
         """The running statistics' update factor as nn.BatchNorm2d takes it: momentum, or with
         momentum=None the cumulative average's 1 / (training batches so far, this one included)."""
         bn = self.bn
-        if bn.momentum is not None or not self.training:
+        if bn.momentum is not None or not bn.training:
             return bn.momentum or 0.0
         return 1.0 / float(bn.num_batches_tracked + 1)
 
