@@ -227,6 +227,24 @@ def test_gated_sequential_wires_gates():
     assert seq(torch.randn(3, 5)).shape == (3, 2)
 
 
+def test_gated_sequential_takes_any_module_before_a_layer_wired_by_hand():
+    """The error's advice works: a gated layer given its in_gate by hand may follow a pooling layer; one left
+    to be wired is refused with the modules named, and so is an ungated output's follower no longer."""
+    conv = GatedConv2d(3, 6, 3, padding=1, batch_norm=True, activation="relu")
+    head = GatedLinear(6, 4, gate=False, in_gate=conv.gate)
+    seq = GatedSequential(conv, nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head)
+    conv.gate.prune(torch.tensor([1, 4]))
+    x = torch.randn(2, 3, 8, 8)
+    seq(x).sum().backward()
+    seq.eval()
+    torch.testing.assert_close(cadk.compact(seq)(x), seq(x))
+    GatedSequential(GatedLinear(4, 5, gate=False), nn.LayerNorm(5), GatedLinear(5, 2))
+    with pytest.raises(ValueError, match=r"GatedLinear \[0\] through Flatten \[1\] to GatedLinear \[2\]; pass"):
+        GatedSequential(GatedLinear(4, 4), nn.Flatten(), GatedLinear(4, 2))
+    with pytest.raises(ValueError, match=r"GatedLinear \[0\] through LayerNorm \[2\]"):
+        GatedSequential(GatedLinear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+
+
 def test_pruned_block_is_skipped():
     stem = GatedConv2d(3, 8, 3, padding=1, bias=False, batch_norm=True, activation="relu")
     block = GatedBasicBlock(8, 8, in_gate=stem.gate)

@@ -330,22 +330,35 @@ _ELEMENTWISE = (nn.ReLU, nn.Dropout, nn.Identity)
 class GatedSequential(nn.Sequential):
     """nn.Sequential that wires each gated layer's in_gate to the previous gated layer's gate.
 
-    Only elementwise modules (ReLU, Dropout, Identity) may stand between two gated layers, since
-    anything else changes what a channel means; wire `in_gate` by hand for other graphs."""
+    Only elementwise modules (ReLU, Dropout, Identity) may stand between a gated output and the next
+    gated layer that it wires, since anything else may change what a channel means; a layer given its
+    `in_gate` by hand may follow any module (a pooling layer, say)."""
 
     def __init__(self, *modules: nn.Module):
         super().__init__(*modules)
-        prev = None
+        prev, between = None, None  # the last gated layer, and the first other module after its gated output
         for m in self:
             if isinstance(m, GatedLayer):
                 if prev is not None and m.in_gate is None and prev.out_gate is not None:
+                    if between is not None:
+                        raise ValueError(
+                            f"GatedSequential cannot carry the channel gate of its {_named(self, prev)} through "
+                            f"{_named(self, between)} to {_named(self, m)}; pass that layer's in_gate by hand "
+                            "or place only ReLU/Dropout/Identity between gated layers")
                     m.set_in_gate(prev.out_gate)
-                prev = m
-            elif prev is not None and not isinstance(m, _ELEMENTWISE):
-                raise ValueError(
-                    f"GatedSequential cannot carry channel gates through {type(m).__name__}; "
-                    "wire in_gate explicitly or place only ReLU/Dropout/Identity between gated layers")
+                prev, between = m, None
+            elif prev is not None and prev.out_gate is not None and between is None and not isinstance(m, _ELEMENTWISE):
+                between = m
+        if between is not None:  # no gated layer follows to say what the gated channels become
+            raise ValueError(
+                f"GatedSequential cannot carry the channel gate of its {_named(self, prev)} through "
+                f"{_named(self, between)}, whose input holds the alive channels only; end the GatedSequential "
+                "at that layer or follow it with only ReLU/Dropout/Identity")
 
     def compact(self) -> nn.Module:
         from ..compaction import compact_module
         return nn.Sequential(*[compact_module(m) for m in self])
+
+
+def _named(seq: nn.Sequential, module: nn.Module) -> str:
+    return next(f"{type(m).__name__} [{name}]" for name, m in seq.named_children() if m is module)
