@@ -267,3 +267,32 @@ def test_a_layer_applied_twice_costs_its_flops_twice():
     flops, params = cm.expected()
     assert (flops.item(), params.item()) == (flop_count(plain, x), param_count(plain))
     assert cm.fixed_flops == 0
+
+
+class _FlattenedConv(nn.Module):
+    """A gated conv whose flattened output feeds a linear layer: its width changes with every pruned filter."""
+
+    def __init__(self):
+        super().__init__()
+        from cadk.nn import GatedConv2d, GatedLinear
+
+        self.conv = GatedConv2d(3, 4, 3, padding=1, batch_norm=True, activation="relu")
+        self.fc = GatedLinear(4 * 5 * 5, 2, gate=False)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+def test_a_model_that_pruning_would_break_is_refused_with_the_module_named():
+    """A plain layer (or an unwired gated one) reading a gated output ran until the first pruning event, after
+    the warm-up, and failed there with torch's shape error; the cost's set-up now names it."""
+    from cadk.nn import GatedConv2d
+
+    plain_bn = nn.Sequential(GatedConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(ValueError, match=r"pruned, in module '1' \(BatchNorm2d\) .*running_mean.*GatedConv2d\("):
+        cadk.ComplexityCost(plain_bn, torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"pruned, in module 'fc' \(GatedLinear\)"):
+        cadk.ComplexityCost(_FlattenedConv(), torch.randn(1, 3, 5, 5))
+    model = plain_bn[0]
+    cadk.ComplexityCost(model, torch.randn(1, 3, 5, 5))
+    assert model.gate.num_alive == 8 and model.training  # the probe leaves the model as it was

@@ -72,6 +72,7 @@ class ComplexityModel:
         self.terms, total_flops = _record_terms(model, example)
         if not self.terms:
             raise ValueError("ComplexityModel found no cadk gated layers in the model")
+        _check_runs_pruned(model, example)
         # FLOPs outside gated layers, like their parameters below, are a constant the compacted model keeps.
         self.fixed_flops = total_flops - sum(t.dense_flops() for t in self.terms)
         # Parameters outside gated layers (and not thetas) are a constant the compacted model keeps.
@@ -156,6 +157,49 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTe
         extra = (m.bias is not None) + (2 if getattr(m, "bn", None) is not None else 0)
         terms.append(LayerTerm(name, m, k * out_sizes[name], k, extra))
     return terms, counter.get_total_flops()
+
+
+def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
+    """Run the example with one unit of every unit gate pruned: a module that reads a gated output but takes a
+    fixed channel count (a plain nn.BatchNorm2d, nn.Conv2d, nn.Linear, or a gated layer whose in_gate is not
+    wired) fails there now, not at the first pruning event, hours into training."""
+    gates = [g for g in model.modules() if isinstance(g, UnitGate) and g.kind == "unit" and g.num_alive > 1]
+    saved = {g: g.alive_mask.clone() for g in gates}
+    running: list[nn.Module] = []  # the modules whose forward is under way, innermost last
+
+    def enter(module, args):
+        running.append(module)
+
+    def leave(module, args, out):
+        running.pop()
+
+    hooks = [h for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)  # which take no hooks
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for g in gates:
+                g.alive_mask[g.alive_idx[-1]] = False
+                g.refresh()
+            model(example[:1])
+    except Exception as e:
+        name = {m: n for n, m in model.named_modules()}[running[-1]] if running else ""
+        where = f"module '{name}' ({type(running[-1]).__name__})" if name else "the model's own forward"
+        raise ValueError(
+            f"the model fails once gated units are pruned, in {where} "
+            f"({type(e).__name__}: {e}): gated layers pass on their alive channels only, so every module that "
+            "reads a gated output must be a cadk gated layer with that gate as its in_gate (GatedConv2d("
+            "batch_norm=True) holds a conv's BN) or only elementwise; give the producing layer gate=False to keep "
+            "its width fixed") from e
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for g, m in saved.items():
+                g.alive_mask.copy_(m)
+                g.refresh()
+        model.train(was_training)
 
 
 def _size_hook(name, out_sizes):
