@@ -315,3 +315,30 @@ def test_units_the_pruner_takes_with_a_block_pruned_by_hand_leave_the_optimizer_
     conv = block.branch[0]
     assert conv.weight.abs().sum() == 0 and opt.state[conv.weight]["momentum_buffer"].abs().sum() == 0
     assert theta_opt.state[inner.theta]["exp_avg"].abs().sum() == 0
+
+
+class _SharedGateNotRegistered(torch.nn.Module):
+    """Two layers share a gate made on its own, which no module of the model holds as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        gate = cadk.nn.UnitGate(6)
+        self.a = cadk.nn.GatedLinear(4, 6, activation="relu", gate=gate)
+        self.b = cadk.nn.GatedLinear(4, 6, activation="relu", gate=gate)
+        self.c = cadk.nn.GatedLinear(6, 3, gate=False, in_gate=gate)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_a_gate_no_module_of_the_model_holds_is_refused():
+    """Its theta was in no optimizer, state_dict or Pruner (split_parameters found no gate at all, and
+    training went on with the gates fixed at 1): the set-up now names the layers and the fix."""
+    model = _SharedGateNotRegistered()
+    with pytest.raises(ValueError, match=r"gated layers \['a'\] use a UnitGate that is not a submodule.*"
+                                         r"self.gate = UnitGate"):
+        cadk.split_parameters(model)
+    with pytest.raises(ValueError, match="not a submodule"):
+        cadk.ComplexityCost(model, torch.randn(1, 4))
+    model.gate = model.a.out_gate  # registered on the parent: trained, saved and pruned
+    assert cadk.split_parameters(model)[1] == [model.gate] and "gate.theta" in model.state_dict()

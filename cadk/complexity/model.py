@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GatedConv2d, GatedLayer, GatedLinear, UnitGate
+from ..nn.layers import check_gates_registered
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ComplexityModel:
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
+        check_gates_registered(model)
         self.terms, total_flops = _record_terms(model, example)
         if not self.terms:
             raise ValueError("ComplexityModel found no cadk gated layers in the model")

@@ -13,7 +13,8 @@ had drawn new gates in the recomputation: gradients for a sample the loss never 
 Sharing: a gate may be applied by several layers (a channel group, e.g. the residual stream of a
 ResNet stage). The layer that created it *owns* it and draws the seed once per training forward; the
 others read that seed, so every application in one step samples the same xi[n, j]. A gate made on its
-own is owned by the first layer given it as its output gate (which must then run first).
+own is owned by the first layer given it as its output gate (which must then run first); a module of the
+model must hold it as an attribute (layers hold shared gates as plain references), or it is in no state_dict.
 """
 from __future__ import annotations
 

@@ -317,6 +317,21 @@ class GatedConv2d(GatedLayer):
                 f"batch_norm={self.bn is not None}, activation={self.activation}")
 
 
+def check_gates_registered(model: nn.Module) -> None:
+    """Every gate a gated layer of `model` owns (draws) is a submodule of `model`: a gate made on its own and
+    held by its layers alone (a plain reference) has no place in model.modules(), so its theta was silently
+    neither trained (split_parameters), saved (state_dict) nor pruned (Pruner). Gates the layers only read
+    (an in_gate, a shared gate) may belong to a model around this one."""
+    registered = {id(m) for m in model.modules() if isinstance(m, UnitGate)}
+    stray = [name for name, m in model.named_modules()
+             if isinstance(m, GatedLayer) and m._owns_gate and id(m.out_gate) not in registered]
+    if stray:
+        raise ValueError(f"gated layers {stray[:5]} use a UnitGate that is not a submodule of the model, so its "
+                         "theta would not be trained, saved in state_dict or pruned: register a gate made on its "
+                         "own as an attribute of a module of the model (e.g. self.gate = UnitGate(n) in the "
+                         "parent of the layers that share it)")
+
+
 def _with_activation(module: nn.Module, activation: str) -> nn.Module:
     if activation == "none":
         return module

@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from ..nn import UnitGate, gates_of
+from ..nn.layers import check_gates_registered
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[UnitGate]]:
     """(weights for the usual optimizer, gates for a theta optimizer): thetas must not get weight decay."""
+    check_gates_registered(model)
     gates = gates_of(model)
     thetas = {id(g.theta) for g in gates}
     return [p for p in model.parameters() if id(p) not in thetas], gates
