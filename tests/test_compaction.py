@@ -236,3 +236,12 @@ def test_gate_registered_on_the_parent_folds_into_its_layers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x))
     cadk.save_compact(plain, x, str(tmp_path / "net"))
+
+
+def test_save_compact_leaves_a_training_model_training(tmp_path):
+    """save_compact switched the model it was given to eval mode for good: a compacted model fine-tuned after a
+    save trained on with BN's running statistics and no dropout. The files hold it in eval mode."""
+    plain = cadk.compact(cadk.build_model("resnet20", 1, 10)).train()
+    paths = cadk.save_compact(plain, torch.randn(1, 1, 12, 12), str(tmp_path / "net"))
+    assert plain.training and all(m.training for m in plain.modules())
+    assert not torch.load(paths["checkpoint"], weights_only=False)["model"].training

@@ -111,16 +111,20 @@ def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> d
     - `.ts`: TorchScript (`torch.jit.load(p)`), loads without cadk;
     - `.pt`: standard checkpoint {"model": module, "state_dict": ...}; unpickling the module of a residual
       net needs cadk importable (for cadk.nn.Residual), its state_dict does not."""
-    model = model.eval()
     paths = compact_paths(path_prefix)
     example = torch.cat([example[:1]] * 2)  # batch 2: a batch of 1 would be specialised as a constant
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        scripted = torch.jit.trace(model, example, check_trace=False)
-    atomic_write(paths["exported"], lambda f: torch.export.save(exported, f))
-    atomic_write(paths["torchscript"], lambda f: torch.jit.save(scripted, f))
-    atomic_write(paths["checkpoint"], lambda f: torch.save({"model": model, "state_dict": model.state_dict()}, f))
+    was_training = model.training  # written in eval mode; a model being fine-tuned trains on afterwards
+    model.eval()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            scripted = torch.jit.trace(model, example, check_trace=False)
+        atomic_write(paths["exported"], lambda f: torch.export.save(exported, f))
+        atomic_write(paths["torchscript"], lambda f: torch.jit.save(scripted, f))
+        atomic_write(paths["checkpoint"], lambda f: torch.save({"model": model, "state_dict": model.state_dict()}, f))
+    finally:
+        model.train(was_training)
     return paths
 
 
