@@ -153,3 +153,12 @@ def test_gate_made_on_its_own_and_shared_is_drawn_anew_every_step():
         masks.append(ya != 0)
         assert torch.equal(ya != 0, yb != 0)  # one sample per step for both layers
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_prune_takes_lists_of_indices_or_bools():
+    """gate.prune([0, 2]) failed with "'list' object has no attribute 'dtype'"."""
+    gate = UnitGate(5)
+    gate.prune([0, 2])
+    gate.prune([])
+    gate.prune([False, True, False, False, False])
+    assert gate.alive_idx.tolist() == [3, 4] and gate.theta.tolist() == [0, 0, 0, 1, 1]

@@ -116,7 +116,10 @@ class UnitGate(nn.Module):
 
     @torch.no_grad()
     def prune(self, units: torch.Tensor) -> None:
-        """Remove `units` (indices or a bool mask) for good: theta pinned to 0, out of alive_idx."""
+        """Remove `units` (indices or a bool mask, a tensor or a list) for good: theta pinned to 0, out of alive_idx."""
+        if not torch.is_tensor(units):
+            units = torch.as_tensor(units)
+            units = units if units.dtype == torch.bool else units.long()  # [] reads as float
         mask = units if units.dtype == torch.bool else torch.zeros_like(self.alive_mask).index_fill_(0, units, True)
         self.alive_mask &= ~mask.to(self.alive_mask.device)
         self.theta[~self.alive_mask] = 0.0
