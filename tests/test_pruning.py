@@ -28,6 +28,15 @@ def test_theta_optimizer_projects_onto_unit_interval_and_pins_pruned():
     assert gate.theta[3] == 0 and gate.theta.max() <= 1
 
 
+def test_theta_optimizers_given_thetas_say_they_take_gates():
+    """cadk.ThetaAdam([g.theta for g in gates]) failed with "'Parameter' object has no attribute 'theta'"."""
+    gates = cadk.nn.gates_of(cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,)))
+    for cls in (cadk.ThetaSGD, cadk.ThetaAdam):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} takes the model's gates .*split_parameters.*not Parameters"):
+            cls([g.theta for g in gates])
+        cls(iter(gates))
+
+
 def test_patience_eps_warmup_and_last_unit_guard():
     model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
     gate = model.layers[0].gate

@@ -39,11 +39,20 @@ class _Projected:
         return loss
 
 
+def _as_gates(gates, optimizer: str) -> list[UnitGate]:
+    gates = list(gates)
+    wrong = next((g for g in gates if not isinstance(g, UnitGate)), None)
+    if wrong is not None:  # e.g. the thetas themselves, which cannot say which units are pruned
+        raise TypeError(f"{optimizer} takes the model's gates (cadk.split_parameters(model)[1]), not "
+                        f"{type(wrong).__name__}s: it masks and projects each gate's theta")
+    return gates
+
+
 class ThetaSGD(_Projected, torch.optim.SGD):
     """Projected SGD on theta (the method's update); momentum optional."""
 
     def __init__(self, gates: list[UnitGate], lr: float = 0.05, momentum: float = 0.0):
-        self._gates = list(gates)
+        self._gates = _as_gates(gates, "ThetaSGD")
         super().__init__([g.theta for g in self._gates], lr=lr, momentum=momentum)
 
 
@@ -51,5 +60,5 @@ class ThetaAdam(_Projected, torch.optim.Adam):
     """Adam-style projected step: robust to the scale of the gradient estimate."""
 
     def __init__(self, gates: list[UnitGate], lr: float = 1e-3, betas=(0.9, 0.999)):
-        self._gates = list(gates)
+        self._gates = _as_gates(gates, "ThetaAdam")
         super().__init__([g.theta for g in self._gates], lr=lr, betas=betas)
