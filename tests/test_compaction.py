@@ -245,3 +245,31 @@ def test_save_compact_leaves_a_training_model_training(tmp_path):
     paths = cadk.save_compact(plain, torch.randn(1, 1, 12, 12), str(tmp_path / "net"))
     assert plain.training and all(m.training for m in plain.modules())
     assert not torch.load(paths["checkpoint"], weights_only=False)["model"].training
+
+
+class _NoCompactMethod(nn.Module):
+    """A user's model without a compact() of its own: compacted child by child."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cadk.nn.GatedConv2d(3, 8, 3, padding=1, batch_norm=True, activation="relu")
+        self.head = cadk.nn.GatedLinear(8, 5, gate=False, in_gate=self.a.gate)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.a(x), 1), 1))
+
+
+def test_compacting_a_compiled_model_leaves_the_gated_model_alone():
+    """torch.compile's wrapper forwards attribute writes to the model it wraps: compacting it replaced the gated
+    model's children with {'_orig_mod': its compacted copy}, and the result ran that broken model."""
+    model = _NoCompactMethod()
+    model.a.gate.prune(torch.tensor([0, 3, 5]))
+    randomize_bn(model, torch.Generator().manual_seed(0))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    plain = cadk.compact(torch.compile(model))
+    assert list(model._modules) == ["a", "head"]
+    assert not any(isinstance(m, (GatedLayer, UnitGate)) for m in plain.modules())
+    assert plain.a[0].out_channels == 5
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))

@@ -7,6 +7,7 @@ import copy
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GatedLayer, UnitGate
@@ -36,6 +37,8 @@ def compact_module(module: nn.Module) -> nn.Module:
 
 
 def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
+    if isinstance(module, OptimizedModule):  # torch.compile's wrapper: its attribute writes (the copy's _modules,
+        return _compact_module(module._orig_mod, memo)  # _parameters) reach the gated model; compact that, uncompiled
     if hasattr(module, "compact"):
         return module.compact()
     if isinstance(module, UnitGate):
@@ -54,7 +57,8 @@ def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
 
 @torch.no_grad()
 def compact(model: nn.Module) -> nn.Module:
-    """Return a plain, smaller model whose eval outputs equal `model.eval()`'s.
+    """Return a plain, smaller model whose eval outputs equal `model.eval()`'s (a torch.compile'd model or
+    submodule becomes plain, uncompiled modules: compile the result again where wanted).
 
     Raises a clear error if the model holds gated layers that no enclosing module knows how to compact."""
     _check_widths(model)
