@@ -11,6 +11,19 @@ from typing import Callable, IO
 PARTIAL_PREFIX = ".tmp-"  # the temporary files of atomic_write
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() within the block, then every module's own mode back: model.train(was_training) set them
+    all alike, which un-froze a BN put in eval mode on its own (bn.eval()) in a training model."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: a crash never leaves a
     half-written file at `path` (a killed process leaves the temporary one: remove_partial_writes)."""

@@ -273,3 +273,23 @@ def test_compacting_a_compiled_model_leaves_the_gated_model_alone():
     assert plain.a[0].out_channels == 5
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x))
+
+
+def test_compaction_and_counting_keep_every_modules_own_mode(tmp_path):
+    """compact, flop_count, save_compact and the cost's set-up ran the model in eval mode, then set every module
+    back to the root's mode: BN frozen by bn.eval() in a training model trained on its batch statistics."""
+    model = cadk.build_model("resnet20", 1, 10).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(1, 1, 12, 12)
+    cadk.ComplexityCost(model, x)
+    cadk.flop_count(model, x)
+    plain = cadk.compact(model)
+    assert [m.training for m in model.modules()] == modes
+    plain.train()
+    next(m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    plain_modes = [m.training for m in plain.modules()]
+    cadk.save_compact(plain, x, str(tmp_path / "net"))
+    assert [m.training for m in plain.modules()] == plain_modes

@@ -11,7 +11,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GatedLayer, UnitGate
-from ..utils import atomic_write
+from ..utils import atomic_write, eval_mode
 
 
 # The deepcopy memo of the compaction in progress: compact() methods (GatedSequential, GatedVGG, ...) call
@@ -62,12 +62,8 @@ def compact(model: nn.Module) -> nn.Module:
 
     Raises a clear error if the model holds gated layers that no enclosing module knows how to compact."""
     _check_widths(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         plain = compact_module(model).eval()
-    finally:
-        model.train(was_training)
     leftovers = [n for n, m in plain.named_modules() if isinstance(m, (GatedLayer, UnitGate))]
     if leftovers:
         raise TypeError(f"compaction left gated modules at {leftovers[:5]}: their parent has no compact(); "
@@ -94,13 +90,8 @@ def param_count(model: nn.Module) -> int:
 
 def flop_count(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward on `example` as torch.utils.flop_counter counts them (2 per multiply-add)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
     return counter.get_total_flops()
 
 
@@ -118,17 +109,13 @@ def save_compact(model: nn.Module, example: torch.Tensor, path_prefix: str) -> d
     paths = compact_paths(path_prefix)
     example = torch.cat([example[:1]] * 2)  # batch 2: a batch of 1 would be specialised as a constant
     batch = torch.export.Dim("batch", min=1)
-    was_training = model.training  # written in eval mode; a model being fine-tuned trains on afterwards
-    model.eval()
-    try:
+    with eval_mode(model):  # written in eval mode; a model being fine-tuned trains on afterwards
         with torch.no_grad():
             exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
             scripted = torch.jit.trace(model, example, check_trace=False)
         atomic_write(paths["exported"], lambda f: torch.export.save(exported, f))
         atomic_write(paths["torchscript"], lambda f: torch.jit.save(scripted, f))
         atomic_write(paths["checkpoint"], lambda f: torch.save({"model": model, "state_dict": model.state_dict()}, f))
-    finally:
-        model.train(was_training)
     return paths
 
 

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..nn import GatedConv2d, GatedLayer, GatedLinear, UnitGate
 from ..nn.layers import check_gates_registered
+from ..utils import eval_mode
 
 
 @dataclass
@@ -132,11 +133,9 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTe
     for name, m in model.named_modules():
         if isinstance(m, GatedLayer):
             hooks.append(m.register_forward_hook(_size_hook(name, out_sizes)))
-    was_training = model.training
     saved = {g: g.alive_mask.clone() for g in model.modules() if isinstance(g, UnitGate)}
     try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             for g in saved:  # record on the full network: pruned blocks still have shapes
                 g.alive_mask.fill_(True)
                 g.refresh()
@@ -148,7 +147,6 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTe
             for g, m in saved.items():
                 g.alive_mask.copy_(m)
                 g.refresh()
-        model.train(was_training)
     terms = []
     for name, m in model.named_modules():
         if not isinstance(m, GatedLayer):
@@ -177,10 +175,8 @@ def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
 
     hooks = [h for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)  # which take no hooks
              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for g in gates:
                 g.alive_mask[g.alive_idx[-1]] = False
                 g.refresh()
@@ -201,7 +197,6 @@ def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
             for g, m in saved.items():
                 g.alive_mask.copy_(m)
                 g.refresh()
-        model.train(was_training)
 
 
 def _size_hook(name, out_sizes):
