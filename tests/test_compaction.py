@@ -293,3 +293,20 @@ def test_compaction_and_counting_keep_every_modules_own_mode(tmp_path):
     plain_modes = [m.training for m in plain.modules()]
     cadk.save_compact(plain, x, str(tmp_path / "net"))
     assert [m.training for m in plain.modules()] == plain_modes
+
+
+@pytest.mark.parametrize("name,model,x", small_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_compacted_builder_models_share_no_module_with_the_gated_one(name, model, x, tmp_path):
+    """The builders' compact() put the gated model's pooling modules themselves into the compacted one: a hook
+    registered there (feature extraction) also ran in the gated model, and torch.save(gated) failed on it."""
+    model.eval()
+    plain = cadk.compact(model)
+    gated = {id(m) for m in model.modules()}
+    assert not [type(m).__name__ for m in plain.modules() if id(m) in gated]
+    seen = []
+    for m in plain.modules():
+        m.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        model(x)
+    assert not seen
+    torch.save(model, tmp_path / "gated.pt")

@@ -37,8 +37,10 @@ class GatedResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def compact(self) -> nn.Module:
-        return nn.Sequential(self.stem.compact(), self.pool0, *[b.compact() for b in self.blocks], self.pool,
-                             nn.Flatten(1), self.fc.compact())
+        from ..compaction import compact_module  # copies: the compacted model's pools have hooks of their own
+
+        return nn.Sequential(self.stem.compact(), compact_module(self.pool0), *[b.compact() for b in self.blocks],
+                             compact_module(self.pool), nn.Flatten(1), self.fc.compact())
 
 
 def _cifar(depth: int):

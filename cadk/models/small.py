@@ -58,7 +58,8 @@ class GatedVGG(nn.Module):
 
     def compact(self) -> nn.Module:
         from ..compaction import compact_module
-        return nn.Sequential(*[compact_module(m) for m in self.features], self.pool, nn.Flatten(1), self.fc.compact())
+        return nn.Sequential(*[compact_module(m) for m in self.features], compact_module(self.pool), nn.Flatten(1),
+                             self.fc.compact())
 
 
 def vgg11(in_channels: int = 3, num_classes: int = 10, **kw) -> GatedVGG:
