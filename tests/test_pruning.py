@@ -351,3 +351,20 @@ def test_a_gate_no_module_of_the_model_holds_is_refused():
         cadk.ComplexityCost(model, torch.randn(1, 4))
     model.gate = model.a.out_gate  # registered on the parent: trained, saved and pruned
     assert cadk.split_parameters(model)[1] == [model.gate] and "gate.theta" in model.state_dict()
+
+
+def test_pruner_takes_one_optimizer_as_well_as_a_list():
+    """pruner.step(opt) returned nothing until the first pruning event, which then failed with "'SGD' object is
+    not iterable" after pruning the gate, leaving its weights and momentum unzeroed."""
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    weights, gates = cadk.split_parameters(model)
+    opt = torch.optim.SGD(weights, lr=0.1, momentum=0.9)
+    F.cross_entropy(model(torch.randn(4, 1, 4, 4)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    pruner = cadk.Pruner(model, every=1, patience=1)
+    with torch.no_grad():
+        gates[0].theta[:2] = 0
+    assert pruner.step(opt) == ["pruned layers.0.gate: -2 (4 left)"]
+    layer = model.layers[0]
+    assert not layer.weight[:2].any() and not opt.state[layer.weight]["momentum_buffer"][:2].any()
+    pruner.settle(0.5, opt)

@@ -29,7 +29,8 @@ class Pruner:
 
     @torch.no_grad()
     def step(self, optimizers=()) -> list[str]:
-        """Call once per training step, after the theta update. Returns descriptions of what was pruned."""
+        """Call once per training step, after the theta update, with the optimizers (a list, or one) whose
+        state for pruned weights is zeroed. Returns descriptions of what was pruned."""
         self.steps += 1
         for g in self.gates:
             at_zero = (g.theta <= 0) & g.alive_mask
@@ -80,6 +81,8 @@ class Pruner:
     @torch.no_grad()
     def zero_pruned(self, optimizers=()) -> None:
         """Zero pruned weights and their optimizer state (momentum, Adam moments) in place."""
+        if isinstance(optimizers, torch.optim.Optimizer):  # one optimizer, as step(opt) reads
+            optimizers = [optimizers]
         for layer in self.layers:
             for tensor, keep in layer.prune_masks():
                 tensor.mul_(keep)
