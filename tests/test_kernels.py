@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -1124,6 +1127,41 @@ def test_one_channel_channels_last_conv_is_correct(backend):
                                 torch.arange(3, device=device), torch.tensor(0), (1, 2), (0, 0), (1, 1),
                                 "none", False)
         assert_close(y, want.to(device), "one-channel conv output", torch.float32)
+
+
+_ONE_COLUMN_DILATION_SCRIPT = """
+import sys
+import importlib
+import torch
+module = importlib.import_module(sys.argv[1])
+device = sys.argv[2]
+x = torch.randn(5, 2, 4, 1, dtype=torch.float64)
+w = torch.randn(6, 2, 3, 1, dtype=torch.float64)
+for pad_w, stride_w in ((1, 2), (2, 3)):
+    want = torch.nn.functional.conv2d(x, w, None, (2, stride_w), (0, pad_w))
+    for x_cl, w_cl in ((True, False), (False, True), (True, True)):
+        xs, ws = x.bfloat16(), w.bfloat16()
+        xs = xs.contiguous(memory_format=torch.channels_last) if x_cl else xs
+        ws = ws.contiguous(memory_format=torch.channels_last) if w_cl else ws
+        y = module.gated_conv2d(xs.to(device), ws.to(device), None, None, torch.arange(2, device=device),
+                                torch.arange(6, device=device), torch.tensor(0), (2, stride_w), (0, pad_w),
+                                (1, 2), "none", False)
+        torch.testing.assert_close(y.double().cpu(), want, rtol=3e-2, atol=1e-1)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("use_reference", [False, True], ids=["backend", "reference"])
+def test_dilation_of_a_one_column_kernel_runs(backend, use_reference):
+    """torch's CPU convolution (2.13) crashes the process in bfloat16 when an input one column wide, padded
+    and strided across, meets a one-column kernel with a dilation > 1 across and either operand has
+    channels-last strides. A dilation across a one-column kernel changes nothing, so every backend must
+    give the plain convolution's values. Run in a child process: the failure is a segmentation fault."""
+    module, device = backend
+    name = reference.__name__ if use_reference else module.__name__
+    run_ = subprocess.run([sys.executable, "-c", _ONE_COLUMN_DILATION_SCRIPT, name, str(device)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+    assert run_.returncode == 0 and run_.stdout.strip().endswith("ok"), (run_.returncode, run_.stderr[-2000:])
 
 
 @pytest.mark.parametrize("capability", ["avx2", "default"])

@@ -223,6 +223,14 @@ def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch
     return x, weight
 
 
+def conv_dilation(weight: torch.Tensor, dilation) -> list[int]:
+    """dilation with 1 along kernel dims of size 1, where it changes nothing: torch's CPU convolution
+    forward (2.13) crashes in bfloat16 when an input one column wide, padded and strided across, meets a
+    one-column kernel with a dilation > 1 across and an operand has channels-last strides
+    (csrc/cpu/gated_conv2d.cpp does the same)."""
+    return [1 if k == 1 else d for k, d in zip(weight.shape[-2:], conv_pair(dilation))]
+
+
 def _nchw_view(t: torch.Tensor) -> torch.Tensor:
     """t with NCHW strides; t must already be NCHW-contiguous up to the strides of size-1 dims."""
     return t.as_strided(t.shape, torch.empty(t.shape, device="meta").stride()) if t.is_contiguous() else t.contiguous()
@@ -241,7 +249,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
         x, alive_in = x.new_zeros((x.shape[0], 1, *x.shape[2:])) + x.sum(), alive_in.new_zeros(1)
     x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
     z = F.conv2d(x, w, _gather_bias(bias, alive_out),
-                 stride, padding, dilation)
+                 stride, padding, conv_dilation(w, dilation))
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
 

@@ -46,8 +46,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .philox import MAX_OFFSET
-from .reference import (as_runs, as_seed, check_activation, check_conv_geometry, check_residual, conv_pair,
-                        gather_weight, runs_format, safe_conv_args)
+from .reference import (as_runs, as_seed, check_activation, check_conv_geometry, check_residual, conv_dilation,
+                        conv_pair, gather_weight, runs_format, safe_conv_args)
 
 try:
     import triton
@@ -616,7 +616,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
     else:
         # The bias goes to the conv, which adds it before rounding to x's dtype as F.conv2d does.
         xs, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
-        z = F.conv2d(xs, w, b, stride, padding, dilation)
+        z = F.conv2d(xs, w, b, stride, padding, conv_dilation(w, dilation))
         shift = None
     if theta is None and not relu and shift is None:
         return z, z.new_empty(0)

@@ -392,6 +392,13 @@ inline std::pair<Tensor, Tensor> safe_conv_args(const Tensor& x, const Tensor& w
   if (x.size(1) != 1 || out_w != 1) return {x, weight};
   return {nchw_view(x), nchw_view(weight)};
 }
+// torch's CPU convolution forward (2.13) crashes in bfloat16 when an input one column wide, padded and
+// strided across, meets a one-column kernel with a dilation > 1 across and an operand has channels-last
+// strides. Dilation along a kernel dim of size 1 changes nothing, so it is passed as 1 there. Mirrors
+// conv_dilation in cadk/kernels/reference.py.
+inline std::vector<int64_t> conv_dilation(const Tensor& weight, at::IntArrayRef dilation) {
+  return {weight.size(2) == 1 ? 1 : dilation[0], weight.size(3) == 1 ? 1 : dilation[1]};
+}
 // torch's CPU convolution backward (2.13) corrupts the heap when it computes the weight gradient of a
 // 1x1 kernel with stride > 1 (a downsampling shortcut) and the input or the weight has channels-last
 // strides (model.to(memory_format=torch.channels_last) gives a 1x1 weight those): NCHW operands avoid

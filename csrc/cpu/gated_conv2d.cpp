@@ -84,7 +84,8 @@ std::tuple<Tensor, Tensor> gated_conv2d_fwd(const Tensor& x, const Tensor& weigh
       z = from_rows(z, x);
     } else {
       const auto [xs, ws] = safe_conv_args(x, w, geo.out_w);
-      z = in_format(at::convolution(xs, ws, b, stride, padding, dilation, false, {0, 0}, 1), geo.fmt);
+      z = in_format(at::convolution(xs, ws, b, stride, padding, conv_dilation(ws, dilation), false, {0, 0}, 1),
+                    geo.fmt);
     }
   }
   const Gates gates = make_gates(theta, alive_out, seed, x.size(0), training, x.scalar_type(), forward_pass());
