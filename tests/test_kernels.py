@@ -1164,6 +1164,35 @@ def test_dilation_of_a_one_column_kernel_runs(backend, use_reference):
     assert run_.returncode == 0 and run_.stdout.strip().endswith("ok"), (run_.returncode, run_.stderr[-2000:])
 
 
+@pytest.mark.parametrize("use_reference", [False, True], ids=["backend", "reference"])
+def test_bfloat16_channels_last_conv_into_one_strided_column_has_right_gradients(backend, use_reference):
+    """torch's CPU convolution backward (2.13) returns wrong input and weight gradients (stale memory, at
+    times NaN) in bfloat16 when either operand has channels-last strides and the output is one column
+    wide with a stride > 1 across; every backend must match a float64 NCHW convolution there."""
+    module, device = backend
+    module = reference if use_reference else module
+    gen = torch.Generator().manual_seed(0)
+    # (x, weight, stride, padding): outputs [.., 2, 1], [.., 1, 1] and [.., 3, 1]
+    shapes = (((2, 5, 3, 1), (3, 5, 3, 3), (2, 2), (1, 1)), ((2, 2, 3, 2), (3, 2, 3, 3), (1, 3), (1, 1)),
+              ((2, 5, 3, 1), (3, 5, 1, 3), (1, 3), (0, 1)))
+    for (x_shape, w_shape, stride, padding), x_cl, _ in itertools.product(shapes, (True, False), range(4)):
+        x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+        w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+        want = torch.nn.functional.conv2d(x.requires_grad_(), w.requires_grad_(), None, stride, padding)
+        grad_y = torch.randn(want.shape, generator=gen).bfloat16()
+        want_grads = torch.autograd.grad(want, (x, w), grad_y.double())
+        fmt = torch.channels_last
+        leaves = [x.detach().bfloat16(), w.detach().bfloat16()]
+        leaves[0 if x_cl else 1] = leaves[0 if x_cl else 1].contiguous(memory_format=fmt)
+        leaves = [t.to(device).requires_grad_() for t in leaves]
+        y = module.gated_conv2d(*leaves, None, None, torch.arange(x_shape[1], device=device),
+                                torch.arange(w_shape[0], device=device), torch.tensor(0), stride, padding, (1, 1),
+                                "none", True)
+        grads = torch.autograd.grad(y, leaves, grad_y.to(device))
+        for got, w_, name in zip(grads, want_grads, ("x", "weight")):
+            assert_close(got.float().cpu(), w_.float(), f"grad of {name}", torch.bfloat16)
+
+
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_cpu_vector_paths_this_cpu_skips(capability):
     """CADK_CPU_CAPABILITY caps the C++ CPU kernels' vector paths (Philox, weight gather, gradient

@@ -207,18 +207,23 @@ def gated_linear(x, weight, bias, theta, alive_in, alive_out, seed, activation: 
     return _epilogue(z, theta, alive_out, seed, activation, training)
 
 
-def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and weight laid out to dodge two bugs of torch's CPU convolution (seen with torch 2.13):
+def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding=(0, 0),
+                   dilation=(1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and weight laid out to dodge three bugs of torch's CPU convolution (seen with torch 2.13):
     - the forward returns wrong values when one input channel is stored with channels-last strides and
       the output is one column wide; with one channel both layouts are the same memory, so NCHW strides
       are a free view (csrc/cpu/gated_conv2d.cpp does the same);
     - the backward corrupts the heap for a 1x1 kernel with stride > 1 when the input or the weight has
-      channels-last strides; NCHW operands avoid that path (a 1x1 weight's NCHW strides are a free view)."""
+      channels-last strides; NCHW operands avoid that path (a 1x1 weight's NCHW strides are a free view);
+    - in bfloat16 the backward returns wrong gradients (stale memory, at times NaN) when the output is one
+      column wide with a stride > 1 across and an operand has channels-last strides: NCHW operands too."""
     if x.device.type != "cpu":
         return x, weight
+    stride = conv_pair(stride)  # an int stride as F.conv2d takes it
     if x.shape[1] == 1:
         x, weight = _nchw_view(x), _nchw_view(weight)
-    if tuple(weight.shape[-2:]) == (1, 1) and max(conv_pair(stride)) > 1:  # an int stride as F.conv2d takes it
+    span = x.shape[3] + 2 * conv_pair(padding)[1] - conv_pair(dilation)[1] * (weight.shape[3] - 1) - 1
+    if (tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1) or (stride[1] > 1 and span // stride[1] == 0):
         x, weight = x.contiguous(), _nchw_view(weight)
     return x, weight
 
@@ -247,7 +252,7 @@ def gated_conv2d(x, weight, bias, theta, alive_in, alive_out, seed, stride=(1, 1
                             dilation, activation, training)[:, :0]
     if alive_in.numel() == 0:  # nor an input without channels: one of zeros, still a function of x
         x, alive_in = x.new_zeros((x.shape[0], 1, *x.shape[2:])) + x.sum(), alive_in.new_zeros(1)
-    x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+    x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride, padding, dilation)
     z = F.conv2d(x, w, _gather_bias(bias, alive_out),
                  stride, padding, conv_dilation(w, dilation))
     return _epilogue(z, theta, alive_out, seed, activation, training)

@@ -615,7 +615,7 @@ def gated_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], theta: O
         shift = b
     else:
         # The bias goes to the conv, which adds it before rounding to x's dtype as F.conv2d does.
-        xs, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+        xs, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride, padding, dilation)
         z = F.conv2d(xs, w, b, stride, padding, conv_dilation(w, dilation))
         shift = None
     if theta is None and not relu and shift is None:
@@ -634,7 +634,7 @@ def gated_conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, the
     g, sums = _prologue(grad_y, pre, theta, alive_out, seed, training, _is_relu(activation), has_bias)
     grad_x = grad_wc = None
     if need_grad_x or need_grad_weight:  # a frozen layer on data needs only the sums above
-        x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride)
+        x, w = safe_conv_args(x, gather_weight(weight, alive_in, alive_out), stride, padding, dilation)
         if g.numel() == 0 or x.numel() == 0:
             grad_x, grad_wc = torch.zeros_like(x), torch.zeros_like(w)
         else:

@@ -403,10 +403,14 @@ inline std::vector<int64_t> conv_dilation(const Tensor& weight, at::IntArrayRef 
 // 1x1 kernel with stride > 1 (a downsampling shortcut) and the input or the weight has channels-last
 // strides (model.to(memory_format=torch.channels_last) gives a 1x1 weight those): NCHW operands avoid
 // that path. A 1x1 weight is NCHW-contiguous in either layout, so its NCHW strides are a free view.
+// In bfloat16 the same backward returns wrong input and weight gradients (stale memory, at times NaN)
+// when the output is one column wide with a stride > 1 across and an operand has channels-last
+// strides: NCHW operands again (a copy of tensors one or two columns wide).
 inline std::pair<Tensor, Tensor> safe_conv_backward_args(const Tensor& x, const Tensor& weight,
-                                                         at::IntArrayRef stride) {
+                                                         at::IntArrayRef stride, int64_t out_w) {
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1;
-  if (!pointwise || std::max(stride[0], stride[1]) == 1) return {x, weight};
+  const bool one_strided_column = out_w == 1 && stride[1] > 1;
+  if ((!pointwise || std::max(stride[0], stride[1]) == 1) && !one_strided_column) return {x, weight};
   return {x.contiguous(), nchw_view(weight)};
 }
 

@@ -134,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_conv2d_bwd(
       const std::vector<int64_t> bias_sizes{alive_out.numel()};
       Tensor grad_bc;
       Tensor gx;
-      const auto [xb, wb] = safe_conv_backward_args(x, w, stride);
+      const auto [xb, wb] = safe_conv_backward_args(x, w, stride, geo.out_w);
       std::tie(gx, grad_wc, grad_bc) = at::convolution_backward(
           g.grad_z, xb, wb, conv_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding, dilation,
           false, {0, 0}, 1, {need_grad_x, need_grad_weight, conv_bias});
