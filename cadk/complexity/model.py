@@ -133,20 +133,13 @@ def _record_terms(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerTe
     for name, m in model.named_modules():
         if isinstance(m, GatedLayer):
             hooks.append(m.register_forward_hook(_size_hook(name, out_sizes)))
-    saved = {g: g.alive_mask.clone() for g in model.modules() if isinstance(g, UnitGate)}
+    gates = [g for g in model.modules() if isinstance(g, UnitGate)]
     try:
-        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            for g in saved:  # record on the full network: pruned blocks still have shapes
-                g.alive_mask.fill_(True)
-                g.refresh()
-            model(example[:1])
+        with FlopCounterMode(display=False) as counter:  # on the full network: pruned blocks still have shapes
+            _run_with_masks(model, example, gates, lambda g: g.alive_mask.fill_(True))
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for g, m in saved.items():
-                g.alive_mask.copy_(m)
-                g.refresh()
     terms = []
     for name, m in model.named_modules():
         if not isinstance(m, GatedLayer):
@@ -164,7 +157,6 @@ def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
     fixed channel count (a plain nn.BatchNorm2d, nn.Conv2d, nn.Linear, or a gated layer whose in_gate is not
     wired) fails there now, not at the first pruning event, hours into training."""
     gates = [g for g in model.modules() if isinstance(g, UnitGate) and g.kind == "unit" and g.num_alive > 1]
-    saved = {g: g.alive_mask.clone() for g in gates}
     running: list[nn.Module] = []  # the modules whose forward is under way, innermost last
 
     def enter(module, args):
@@ -176,11 +168,7 @@ def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
     hooks = [h for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)  # which take no hooks
              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        with eval_mode(model), torch.no_grad():
-            for g in gates:
-                g.alive_mask[g.alive_idx[-1]] = False
-                g.refresh()
-            model(example[:1])
+        _run_with_masks(model, example, gates, lambda g: g.alive_mask.__setitem__(g.alive_idx[-1], False))
     except Exception as e:
         name = {m: n for n, m in model.named_modules()}[running[-1]] if running else ""
         where = f"module '{name}' ({type(running[-1]).__name__})" if name else "the model's own forward"
@@ -193,6 +181,19 @@ def _check_runs_pruned(model: nn.Module, example: torch.Tensor) -> None:
     finally:
         for h in hooks:
             h.remove()
+
+
+def _run_with_masks(model: nn.Module, example: torch.Tensor, gates: list[UnitGate], set_mask) -> None:
+    """Run the model on one example in eval mode without autograd, each gate's alive_mask changed in place by
+    set_mask(gate) for the run and restored after it, also when the run fails."""
+    saved = {g: g.alive_mask.clone() for g in gates}
+    try:
+        with eval_mode(model), torch.no_grad():
+            for g in gates:
+                set_mask(g)
+                g.refresh()
+            model(example[:1])
+    finally:
         with torch.no_grad():
             for g, m in saved.items():
                 g.alive_mask.copy_(m)
