@@ -397,6 +397,32 @@ def test_partial_assign_load_into_a_meta_built_model_takes_construction_defaults
     torch.testing.assert_close(lazy.eval()(x), m(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_layers_take_dtype_as_torch_layers(dtype):
+    """dtype= as nn.Linear and nn.Conv2d take it: weight, bias and BN in that dtype, the layer's own gate with
+    a float32 theta (as under autocast); the layers train, and compact into plain modules of that dtype."""
+    torch.manual_seed(0)
+    layers = [(GatedLinear(5, 7, activation="relu", dtype=dtype), (4, 5)),
+              (GatedConv2d(3, 6, 3, padding=1, batch_norm=True, activation="relu", dtype=dtype), (2, 3, 5, 5))]
+    for layer, shape in layers:
+        assert {t.dtype for n, t in layer.state_dict().items() if t.is_floating_point() and "gate" not in n} == {dtype}
+        assert layer.gate.theta.dtype == torch.float32
+        x = torch.randn(*shape, dtype=dtype)
+        layer(x).float().sum().backward()
+        assert layer.weight.grad.dtype == dtype and torch.isfinite(layer.gate.theta.grad).all()
+        layer.gate.prune([1])
+        layer.eval()
+        with torch.no_grad():
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=5e-2, atol=5e-2)
+            torch.testing.assert_close(cadk.compact(layer)(x), layer(x), **tol)
+
+
+def test_layers_take_the_meta_device_as_torch_layers():
+    """device="meta" as nn.Linear takes it: parameters, buffers and the own gate allocate nothing."""
+    for layer in (GatedLinear(5, 7, device="meta"), GatedConv2d(3, 6, 3, batch_norm=True, device="meta")):
+        assert all(t.is_meta for t in [*layer.parameters(), *layer.buffers(), layer.gate.alive_idx])
+
+
 def test_gates_drawn_under_inference_mode_leave_autograd_working():
     """A training-mode forward under inference mode (e.g. BN recalibration) draws the gates' seeds; a later
     eval forward with autograd (input gradients) saves them for backward, so they must not be inference

@@ -42,7 +42,7 @@ def _mask_token(mask: torch.Tensor) -> tuple:
 class UnitGate(nn.Module):
     """Gates for `num_units` units. kind="unit" for units/filters, "layer" for a block's layer gate."""
 
-    def __init__(self, num_units: int, theta_init: float = 1.0, kind: str = "unit", seed: int = 0):
+    def __init__(self, num_units: int, theta_init: float = 1.0, kind: str = "unit", seed: int = 0, device=None):
         super().__init__()
         if num_units < 1:
             raise ValueError(f"UnitGate needs at least one unit, got {num_units}")
@@ -51,14 +51,14 @@ class UnitGate(nn.Module):
         if kind not in ("unit", "layer"):
             raise ValueError(f"gate kind must be 'unit' or 'layer', got {kind!r}")
         self.kind = kind
-        self.theta = nn.Parameter(torch.full((num_units,), float(theta_init)))
-        self.register_buffer("alive_mask", torch.ones(num_units, dtype=torch.bool))
-        self.register_buffer("zero_steps", torch.zeros(num_units, dtype=torch.int32))
-        self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64))
+        self.theta = nn.Parameter(torch.full((num_units,), float(theta_init), device=device))
+        self.register_buffer("alive_mask", torch.ones(num_units, dtype=torch.bool, device=device))
+        self.register_buffer("zero_steps", torch.zeros(num_units, dtype=torch.int32, device=device))
+        self.register_buffer("seed", torch.tensor(_mix(seed), dtype=torch.int64, device=device))
         # The seed of the current sample (next_seed), for the layers that share the gate.
         self.register_buffer("sample_seed", self.seed.clone(), persistent=False)
         # alive_mask as 1/0 in theta's dtype, for the theta optimizers' masking (foreach ops need it)
-        self.register_buffer("alive_factor", torch.ones(num_units), persistent=False)
+        self.register_buffer("alive_factor", torch.ones(num_units, device=device), persistent=False)
         # Gates pruned along once every unit of this one is (a block's layer gate, for its inner gates): a
         # plain list, so they are not registered as submodules of this gate.
         self.prunes_with_it: list[UnitGate] = []

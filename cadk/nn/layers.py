@@ -30,8 +30,8 @@ class GatedLayer(nn.Module):
     def _init_gates(self, gate, in_gate, theta_init: float) -> None:
         self._refs: dict[str, UnitGate | None] = {"in": None, "out": None, "block": None}
         self._owns_gate = gate is True
-        if gate is True:
-            self.gate = UnitGate(self.out_units, theta_init)
+        if gate is True:  # on the weight's device; theta in float32 whatever the weight's dtype (see GatedLinear)
+            self.gate = UnitGate(self.out_units, theta_init, device=self.weight.device)
             self._refs["out"] = self.gate
         elif isinstance(gate, UnitGate):
             self._check_units(gate, self.out_units, "gate", "output")
@@ -43,8 +43,8 @@ class GatedLayer(nn.Module):
         if self._owns_gate:
             self._refs["out"].has_owner = True
         self.set_in_gate(in_gate)
-        self.register_buffer("_all_in", torch.arange(self.in_units), persistent=False)
-        self.register_buffer("_all_out", torch.arange(self.out_units), persistent=False)
+        self.register_buffer("_all_in", torch.arange(self.in_units, device=self.weight.device), persistent=False)
+        self.register_buffer("_all_out", torch.arange(self.out_units, device=self.weight.device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -170,16 +170,19 @@ class GatedLinear(GatedLayer):
     sums over them (docs/METHOD.md); the positions run as a 1x1 conv on a channels-last view, no copy.
 
     gate: True (own gate), False (no gate, e.g. a classifier), or a UnitGate to share.
-    in_gate: the gate of the layer producing the input (None: all inputs are always present)."""
+    in_gate: the gate of the layer producing the input (None: all inputs are always present).
+    device, dtype: as nn.Linear takes them, for the weight and bias; the layer's own gate is made on that
+    device with a float32 theta, as autocast keeps it (a bfloat16 theta rounds small steps away)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "none",
-                 gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0):
+                 gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0, device=None, dtype=None):
         super().__init__()
         check_activation(activation)
         self.in_units, self.out_units, self.activation = in_features, out_features, activation
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
         self._init_gates(gate, in_gate, theta_init)
 
@@ -228,12 +231,13 @@ class GatedConv2d(GatedLayer):
     """nn.Conv2d (groups=1) with a Bernoulli gate per output filter, optional BatchNorm2d in between.
 
     Computes xi * act(BN(conv(x))) (or xi * act(conv(x)) without BN) over alive channels only; the
-    BN entries of pruned filters go with them."""
+    BN entries of pruned filters go with them. device and dtype as nn.Conv2d takes them (the BN's too;
+    the own gate's theta stays float32, as in GatedLinear)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, batch_norm: bool = False, activation: str = "none",
                  gate=True, in_gate: UnitGate | None = None, theta_init: float = 1.0,
-                 bn_eps: float = 1e-5, bn_momentum: float | None = 0.1):
+                 bn_eps: float = 1e-5, bn_momentum: float | None = 0.1, device=None, dtype=None):
         super().__init__()
         if groups != 1:
             raise NotImplementedError(
@@ -246,10 +250,11 @@ class GatedConv2d(GatedLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum) if batch_norm else None
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum, **factory) if batch_norm else None
         self._init_gates(gate, in_gate, theta_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
