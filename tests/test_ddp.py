@@ -316,3 +316,20 @@ def test_block_pruning_with_default_ddp(ranks):
     runs = _values(ranks, "block_static")
     _assert_pruned_alike(runs)
     assert [k for k in _mismatches(runs[0]["state"], runs[1]["state"]) if not _is_bn_stat(k)] == []
+
+
+def test_compacting_a_wrapped_model_gives_the_plain_model(tmp_path):
+    """cadk.compact(DDP(model)) returned a copy of the DDP wrapper around the compacted modules, holding the
+    original's reducer and process group; the DDP and DataParallel wrappers are now left out."""
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
+    model.layers[0].gate.prune([1])
+    x = torch.randn(2, 1, 4, 4)
+    want = model.eval()(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapped in (DDP(model), torch.nn.DataParallel(model)):
+            plain = cadk.compact(wrapped)
+            assert not any(isinstance(m, (DDP, torch.nn.DataParallel)) for m in plain.modules())
+            torch.testing.assert_close(plain(x), want)
+    finally:
+        dist.destroy_process_group()

@@ -39,6 +39,8 @@ def compact_module(module: nn.Module) -> nn.Module:
 def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
     if isinstance(module, OptimizedModule):  # torch.compile's wrapper: its attribute writes (the copy's _modules,
         return _compact_module(module._orig_mod, memo)  # _parameters) reach the gated model; compact that, uncompiled
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):  # their reducer, process group
+        return _compact_module(module.module, memo)  # and replicas belong to the training run: the plain model alone
     if hasattr(module, "compact"):
         return module.compact()
     if isinstance(module, UnitGate):
@@ -58,7 +60,8 @@ def _compact_module(module: nn.Module, memo: dict) -> nn.Module:
 @torch.no_grad()
 def compact(model: nn.Module) -> nn.Module:
     """Return a plain, smaller model whose eval outputs equal `model.eval()`'s (a torch.compile'd model or
-    submodule becomes plain, uncompiled modules: compile the result again where wanted).
+    submodule becomes plain, uncompiled modules: compile the result again where wanted; a DDP or DataParallel
+    wrapper is left out: the plain model is what it wrapped).
 
     Raises a clear error if the model holds gated layers that no enclosing module knows how to compact."""
     _check_widths(model)
