@@ -37,6 +37,23 @@ def test_theta_optimizers_given_thetas_say_they_take_gates():
         cls(iter(gates))
 
 
+def test_theta_optimizers_refuse_low_precision_thetas():
+    """model.bfloat16() casts the thetas too, where steps of ~1e-3 near theta 1 rounded to nothing and the
+    gates silently never moved; the optimizers now refuse such gates, and take them back in float32."""
+    model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,)).bfloat16()
+    gates = cadk.split_parameters(model)[1]
+    for cls in (cadk.ThetaSGD, cadk.ThetaAdam):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}: a gate's theta is torch.bfloat16.*g.float\(\)"):
+            cls(gates)
+    for g in gates:
+        g.float()
+    opt = cadk.ThetaAdam(gates, lr=1e-3)
+    F.cross_entropy(model(torch.randn(4, 1, 4, 4, dtype=torch.bfloat16)).float(), torch.tensor([0, 1, 2, 0])).backward()
+    before = gates[0].theta.detach().clone()
+    opt.step()
+    assert (gates[0].theta - before).abs().max() > 5e-4
+
+
 def test_patience_eps_warmup_and_last_unit_guard():
     model = cadk.build_model("mlp", 1, 3, image_size=4, hidden=(6,))
     gate = model.layers[0].gate

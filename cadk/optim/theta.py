@@ -45,6 +45,12 @@ def _as_gates(gates, optimizer: str) -> list[UnitGate]:
     if wrong is not None:  # e.g. the thetas themselves, which cannot say which units are pruned
         raise TypeError(f"{optimizer} takes the model's gates (cadk.split_parameters(model)[1]), not "
                         f"{type(wrong).__name__}s: it masks and projects each gate's theta")
+    low = next((g for g in gates if g.theta.dtype in (torch.bfloat16, torch.float16)), None)
+    if low is not None:  # model.bfloat16() casts thetas too; theta steps of ~1e-3 near 1 would round to nothing
+        raise TypeError(f"{optimizer}: a gate's theta is {low.theta.dtype}, whose spacing near 1 (2^-8 or 2^-11) "
+                        "rounds the theta steps away, so the gates would never move: keep the gates in float32 "
+                        "(after model.to(dtype), call g.float() for each g in cadk.split_parameters(model)[1]; "
+                        "autocast keeps them float32)")
     return gates
 
 
