@@ -24,7 +24,7 @@ from .complexity import ComplexityCost
 from .models import build_model
 from .nn import GatedResidualBlock
 from .optim import Pruner, ThetaAdam, ThetaSGD, split_parameters
-from .utils import atomic_write, atomic_write_json, remove_partial_writes
+from .utils import atomic_write, atomic_write_json, eval_mode, remove_partial_writes
 
 
 @dataclass
@@ -371,13 +371,10 @@ def _smallest_batch_norm_map(model: nn.Module, example: torch.Tensor) -> int | N
     hooks = [m.register_forward_hook(lambda m, inputs, out: sizes.append(out.shape[2:].numel()))
              for m in model.modules()
              if isinstance(m, nn.BatchNorm2d) or isinstance(getattr(m, "bn", None), nn.BatchNorm2d)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example[:1])
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return min(sizes, default=None)
