@@ -223,7 +223,9 @@ def safe_conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding=(0, 0)
     if x.shape[1] == 1:
         x, weight = _nchw_view(x), _nchw_view(weight)
     span = x.shape[3] + 2 * conv_pair(padding)[1] - conv_pair(dilation)[1] * (weight.shape[3] - 1) - 1
-    if (tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1) or (stride[1] > 1 and span // stride[1] == 0):
+    out_w = span // stride[1] + 1
+    one_strided_column = out_w == 1 and stride[1] > 1  # as safe_conv_backward_args in csrc/cpu/common.h
+    if (tuple(weight.shape[-2:]) == (1, 1) and max(stride) > 1) or one_strided_column:
         x, weight = x.contiguous(), _nchw_view(weight)
     return x, weight
 
